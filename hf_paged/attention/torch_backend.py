@@ -1,0 +1,162 @@
+"""Reference executor in plain PyTorch: paged attention over FlashInfer-format metadata.
+
+Runs on any device and is the reference the FlashInfer executor is checked against. `plan()`
+turns the page tables into one gather index and one mask per forward; `run()` gathers a layer's
+K/V with a single `index_select` and calls SDPA (or an explicit softmax when logits are soft-capped).
+Grouped-query heads are packed into the query length, so K/V are never repeated.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..metadata import ForwardMetadata
+from .params import LayerParams
+
+
+@dataclass(slots=True)
+class TorchPlan:
+    """Derived once per forward and layer setting; read by every layer with that setting.
+
+    kv_rows:   [2 * rows * max_kv] int64 rows of `pool.view(-1, H_kv, D)` holding each row's keys
+               then values, padded with the pool's zero page.
+    mask:      [rows, 1, group * max_q or 1, max_kv] bool (True = attend), or None when every row
+               sees every gathered key.
+    q_rows:    [nnz] int64 positions of the new tokens in the `rows * max_q` padded layout, or
+               None when every row has exactly max_q new tokens.
+    """
+
+    kv_rows: torch.Tensor
+    mask: torch.Tensor | None
+    q_rows: torch.Tensor | None
+    num_rows: int
+    max_q: int
+    max_kv: int
+    params: LayerParams
+
+
+def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
+    """[rows] int64 KV length of each row from `kv_indptr` and `kv_last_page_len`."""
+    num_pages = (meta.kv_indptr[1:] - meta.kv_indptr[:-1]).long()
+    lengths = (num_pages - 1) * meta.page_size + meta.kv_last_page_len.long()
+    return torch.where(num_pages > 0, lengths, torch.zeros_like(lengths))
+
+
+def token_rows(meta: ForwardMetadata, max_kv: int, zero_row: int, first_token: int = 0) -> torch.Tensor:
+    """[rows, max_kv] int64 K rows of `pool.view(-1, H, D)` for tokens `first_token + j` of each row.
+
+    Positions past a row's length point at `zero_row`.
+    """
+    page_size = meta.page_size
+    device = meta.kv_indptr.device
+    positions = torch.arange(first_token, first_token + max_kv, device=device)  # (M,)
+    page_pos = meta.kv_indptr[:-1, None].long() + positions[None] // page_size  # (R, M)
+    valid = positions[None] < kv_lengths(meta)[:, None]
+    num_indices = meta.kv_indices.numel()
+    if num_indices == 0:
+        return torch.full(valid.shape, zero_row, dtype=torch.long, device=device)
+    page_ids = meta.kv_indices.long()[page_pos.clamp(max=num_indices - 1)]
+    rows = page_ids * (2 * page_size) + positions[None] % page_size
+    return torch.where(valid, rows, torch.full_like(rows, zero_row))
+
+
+def attention_mask(
+    meta: ForwardMetadata, max_q: int, max_kv: int, window_left: int, first_token: int = 0
+) -> torch.Tensor:
+    """[rows, max_q, max_kv] bool: query i of row r sees key `first_token + j`.
+
+    Bottom-right causal (a row's new tokens are the last of its KV), optional left window.
+    Padded queries (i >= qo_len) see every real key, so they never produce NaN.
+    """
+    device = meta.kv_indptr.device
+    kv_len = kv_lengths(meta)  # (R,)
+    qo_len = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).long()
+    keys = torch.arange(first_token, first_token + max_kv, device=device)[None, None]  # (1, 1, M)
+    query_pos = (kv_len - qo_len)[:, None] + torch.arange(max_q, device=device)[None]  # (R, Q)
+    query_pos = query_pos[:, :, None]
+    mask = (keys <= query_pos) & (keys < kv_len[:, None, None])
+    if window_left >= 0:
+        mask &= keys >= query_pos - window_left
+    return mask
+
+
+def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> TorchPlan:
+    """Gather indices and mask for one forward; no host sync beyond meta's host-side lists."""
+    rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
+    page_size = meta.page_size
+    k_rows = token_rows(meta, max_kv, zero_page_id * 2 * page_size)
+    kv_rows = torch.cat([k_rows.reshape(-1), k_rows.reshape(-1) + page_size])
+    uniform_q = all(n == max_q for n in meta.qo_lens)
+    q_rows = None
+    if not uniform_q:
+        qo_len = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).long()
+        row_of = torch.repeat_interleave(torch.arange(rows, device=qo_len.device), qo_len)
+        within = torch.arange(row_of.numel(), device=qo_len.device) - meta.qo_indptr[:-1].long()[row_of]
+        q_rows = row_of * max_q + within
+    needs_mask = (
+        params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
+    )
+    mask = None
+    if needs_mask:
+        mask = attention_mask(meta, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
+        if max_q > 1 and params.group_size > 1:
+            mask = mask.repeat(1, 1, params.group_size, 1)
+    return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params)
+
+
+def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
+    """[nnz, H_q, D] -> [rows, H_kv, group * max_q, D] (group-major within each KV head)."""
+    p = plan.params
+    rows, max_q = plan.num_rows, plan.max_q
+    if plan.q_rows is not None:
+        padded = q.new_zeros(rows * max_q, p.num_qo_heads, p.head_dim)
+        q = padded.index_copy_(0, plan.q_rows, q)
+    q = q.view(rows, max_q, p.num_kv_heads, p.group_size, p.head_dim)
+    return q.permute(0, 2, 3, 1, 4).reshape(rows, p.num_kv_heads, p.group_size * max_q, p.head_dim)
+
+
+def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
+    """Inverse of `pack_gqa`: [rows, H_kv, group * max_q, D] -> [nnz, H_q, D]."""
+    p = plan.params
+    rows, max_q = plan.num_rows, plan.max_q
+    o = o.view(rows, p.num_kv_heads, p.group_size, max_q, p.head_dim).permute(0, 3, 1, 2, 4)
+    o = o.reshape(rows * max_q, p.num_qo_heads, p.head_dim)
+    return o if plan.q_rows is None else o.index_select(0, plan.q_rows)
+
+
+def gather_kv(pool: torch.Tensor, kv_rows: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[rows, H_kv, length, D]` (views) from a layer pool."""
+    num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
+    kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_rows)
+    kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
+    return kv[0], kv[1]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, params: LayerParams,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dense attention of packed queries `[R, H_kv, G*Q, D]` on `[R, H_kv, M, D]` K/V.
+
+    Returns the output and, with `return_lse`, the natural-log LSE `[R, H_kv, G*Q]` float32.
+    """
+    if not return_lse and not params.logits_soft_cap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=params.sm_scale), None
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * params.sm_scale
+    if params.logits_soft_cap:
+        cap = params.logits_soft_cap
+        scores = torch.tanh(scores / cap) * cap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out, lse if return_lse else None
+
+
+def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
+    """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+    k, v = gather_kv(pool, plan.kv_rows, plan.num_rows, plan.max_kv)
+    out, _ = attend(pack_gqa(q, plan), k, v, plan.mask, plan.params)
+    return unpack_gqa(out, plan)

@@ -1,0 +1,248 @@
+"""PagedCache: the transformers `Cache` that generate() drives, backed by a KVPool."""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache
+
+from .attention import Executor, LayerParams
+from .metadata import ForwardMetadata, build_metadata
+from .pool import KVPool
+from .tables import PageTables
+
+
+@dataclass(slots=True)
+class ForwardState:
+    """Everything one forward shares across layers."""
+
+    meta: ForwardMetadata
+    batch_size: int
+    metas: dict[torch.device, ForwardMetadata] = field(default_factory=dict)
+    plans: dict[tuple, object] = field(default_factory=dict)
+
+
+class PagedCache(Cache):
+    """A paged KV cache: rows hold page tables into the model's pool; pages are shared by reference.
+
+    Pass it as `past_key_values=` to a wrapped model's forward or generate(), or let the wrapped
+    generate() create one. Pad tokens are never stored, but `get_seq_length()` reports the padded
+    length transformers expects. Call `release()` (or use it as a context manager) to give its
+    pages back; generate() does so for the caches it creates.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, *, pool: KVPool | None = None):
+        super().__init__(layers=[])
+        if pool is None:
+            runtime = getattr(model, "hf_paged_runtime", None)
+            if runtime is None:
+                raise ValueError("PagedCache(model) needs a model wrapped by hf_paged.wrap(model)")
+            pool = runtime.pool
+            self.executor: Executor = runtime.executor
+        else:
+            from .attention import select_executor
+
+            self.executor = select_executor("torch", pool)
+        self.pool = pool
+        self.tables = PageTables(pool.blocks, pool.page_size)
+        self.seq_length = 0
+        self.is_released = False
+        self.cascade = False
+        self._forward: ForwardState | None = None
+
+    # -- forward lifecycle -------------------------------------------------------------------
+
+    def begin_forward(self, batch_size: int, q_len: int, attention_mask: torch.Tensor | None, device: torch.device) -> None:
+        """Place this forward's new tokens and build its metadata. Called once per forward, before any layer.
+
+        attention_mask: the 2-D padding mask `[batch, past + q_len]` generate() passes (1 = token,
+        0 = pad), or None. Pad tokens among the new ones are not stored.
+        """
+        self._check_usable()
+        if self.tables.num_rows == 0 and self.seq_length == 0:
+            self.tables.add_rows(batch_size)
+        if batch_size != self.tables.num_rows:
+            raise ValueError(
+                f"this PagedCache holds {self.tables.num_rows} rows but the forward has batch size {batch_size}; "
+                "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
+            )
+        token_index = None
+        qo_lens = [q_len] * batch_size
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
+                raise ValueError(
+                    "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
+                    f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
+                )
+            new_mask = attention_mask[:, -q_len:].to(torch.bool)
+            if not bool(new_mask.all()):
+                qo_lens = new_mask.sum(dim=1).tolist()
+                token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
+        slots, copies = self.tables.append(qo_lens)
+        meta = build_metadata(self.tables, qo_lens, q_len, slots, copies, token_index, device)
+        self.seq_length += q_len
+        self._forward = ForwardState(meta, batch_size)
+        self._forward.metas[meta.slot_mapping.device] = meta
+
+    def end_forward(self) -> None:
+        self._forward = None
+
+    def _state(self) -> ForwardState:
+        if self._forward is None:
+            raise RuntimeError(
+                "PagedCache.update was called outside a forward of a wrapped model; "
+                "call hf_paged.wrap(model) first and pass the cache as past_key_values"
+            )
+        return self._forward
+
+    def _meta_on(self, device: torch.device) -> ForwardMetadata:
+        state = self._state()
+        meta = state.metas.get(device)
+        if meta is None:
+            meta = state.metas[device] = state.meta.to(device)
+        return meta
+
+    # -- the Cache interface -----------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write this forward's new K/V `[batch, H_kv, q_len, D]` into layer `layer_idx`'s pages.
+
+        Returns the inputs unchanged: the paged attention function reads the pool itself.
+        """
+        pool = self.pool.pools[layer_idx]
+        meta = self._meta_on(pool.device)
+        batch, num_kv_heads, q_len, head_dim = key_states.shape
+        if (num_kv_heads, head_dim) != tuple(pool.shape[-2:]):
+            raise ValueError(
+                f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
+                f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
+            )
+        flat = pool.view(-1, num_kv_heads, head_dim)  # (pages * 2 * page_size, H, D)
+        page_size = self.pool.page_size
+        if meta.copy_src is not None:
+            pages = pool.view(pool.shape[0], -1)
+            pages.index_copy_(0, meta.copy_dst, pages.index_select(0, meta.copy_src))
+        k_rows = meta.slot_mapping + (meta.slot_mapping // page_size) * page_size
+        flat.index_copy_(0, k_rows, _pack(key_states, meta.token_index, flat.dtype))
+        flat.index_copy_(0, k_rows + page_size, _pack(value_states, meta.token_index, flat.dtype))
+        return key_states, value_states
+
+    def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
+        """Paged attention of `query [batch, H_q, q_len, D]` for one layer; returns `[batch, q_len, H_q, D]`."""
+        state = self._state()
+        pool = self.pool.pools[layer_idx]
+        meta = self._meta_on(pool.device)
+        key = (pool.device, params)
+        plan = state.plans.get(key)
+        if plan is None:
+            plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
+        batch, num_heads, q_len, head_dim = query.shape
+        q = _pack(query, meta.token_index, query.dtype)
+        out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
+        if meta.token_index is None:
+            return out.view(batch, q_len, num_heads, head_dim)
+        full = out.new_zeros(batch * q_len, num_heads, head_dim)
+        return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seq_length + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: rows take the page tables of `beam_idx`. Moves no K/V."""
+        self._check_usable()
+        self.tables.select_rows(beam_idx.tolist())
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._check_usable()
+        self.tables.select_rows([row for row in range(self.tables.num_rows) for _ in range(repeats)])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._check_usable()
+        self.tables.select_rows(torch.as_tensor(indices).tolist())
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens (padded count); a negative value removes that many."""
+        self._check_usable()
+        num_remove = -max_length if max_length < 0 else max(0, self.seq_length - max_length)
+        if num_remove == 0:
+            return
+        self.tables.crop([num_remove] * self.tables.num_rows)
+        self.seq_length -= num_remove
+
+    def reset(self) -> None:
+        self.tables.release()
+        self.seq_length = 0
+
+    def release(self) -> None:
+        """Give every page back to the pool. The cache cannot be used afterwards."""
+        self.tables.release()
+        self.seq_length = 0
+        self._forward = None
+        self.is_released = True
+
+    def _check_usable(self) -> None:
+        if self.is_released:
+            raise RuntimeError(
+                "this PagedCache was released (generate() releases the caches it creates when it returns); "
+                "create your own PagedCache(model), pass it as past_key_values and release() it when done"
+            )
+
+    def activate_past_recording(self) -> None:  # the full history is always kept
+        pass
+
+    def __enter__(self) -> "PagedCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __len__(self) -> int:
+        return self.pool.num_layers
+
+    @property
+    def batch_size(self) -> int:
+        return self.tables.num_rows
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.tables.num_rows > 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.pool.num_layers
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * self.pool.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.pool.num_layers
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedCache(rows={self.tables.num_rows}, seq_length={self.seq_length}, "
+            f"pages_in_use={self.pool.blocks.num_used_pages}/{self.pool.num_pages})"
+        )
+
+
+def _pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the new tokens only, in row order."""
+    batch, heads, q_len, head_dim = states.shape
+    flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+    if token_index is not None:
+        flat = flat.index_select(0, token_index)
+    return flat.to(dtype)

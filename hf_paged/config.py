@@ -1,0 +1,63 @@
+"""PagedConfig: how big the page pool is, how pages are laid out, which executor runs."""
+
+from dataclasses import dataclass, fields, replace
+
+BACKENDS = ("auto", "torch", "flashinfer")
+
+# Defaults for the pool when neither num_pages nor max_memory is given. On CPU the pool is
+# allocated with torch.empty, so pages cost resident memory only once a request writes them;
+# on CUDA the whole pool is reserved up front, so leave room for activations and logits.
+DEFAULT_CPU_FRACTION = 0.2
+DEFAULT_CUDA_FRACTION = 0.5
+
+
+@dataclass(slots=True)
+class PagedConfig:
+    """Settings for `hf_paged.wrap`.
+
+    page_size: token slots per page (FlashInfer and vLLM use 16).
+    num_pages: pages in the pool. Takes precedence over `max_memory`.
+    max_memory: pool budget, in bytes (int > 1) or as a fraction of the device's free memory
+        (float in (0, 1], like vLLM's gpu_memory_utilization). None: 0.2 of available RAM on
+        CPU, 0.5 of free memory on CUDA.
+    backend: "auto" (FlashInfer for fp16/bf16 on CUDA when installed, else torch), "torch",
+        or "flashinfer".
+    cascade: attend a prefix shared by several rows once per group (shared-prefix attention).
+    compile: run decode steps through a compiled forward (see README, torch.compile).
+    """
+
+    page_size: int = 16
+    num_pages: int | None = None
+    max_memory: int | float | None = None
+    backend: str = "auto"
+    cascade: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ValueError(f"expected page_size to be an int >= 1, got {self.page_size!r}")
+        if self.num_pages is not None and (
+            isinstance(self.num_pages, bool) or not isinstance(self.num_pages, int) or self.num_pages < 1
+        ):
+            raise ValueError(f"expected num_pages to be an int >= 1 or None, got {self.num_pages!r}")
+        if self.max_memory is not None:
+            ok_fraction = isinstance(self.max_memory, float) and 0.0 < self.max_memory <= 1.0
+            ok_bytes = isinstance(self.max_memory, int) and not isinstance(self.max_memory, bool) and self.max_memory > 1
+            if not (ok_fraction or ok_bytes):
+                raise ValueError(
+                    "expected max_memory to be a byte count (int > 1) or a fraction of free memory "
+                    f"(float in (0, 1]), got {self.max_memory!r}"
+                )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"expected backend to be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("cascade", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"expected {name} to be True or False, got {getattr(self, name)!r}")
+
+    def with_overrides(self, **overrides) -> "PagedConfig":
+        """A copy with some fields replaced; unknown names raise TypeError listing the valid ones."""
+        valid = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise TypeError(f"unknown PagedConfig field(s) {unknown}; expected some of {sorted(valid)}")
+        return replace(self, **overrides)

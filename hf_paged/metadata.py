@@ -1,0 +1,115 @@
+"""Per-forward metadata in FlashInfer's paged format, built once and shared by every layer."""
+
+from dataclasses import dataclass
+
+import torch
+
+from .tables import PageTables
+
+
+@dataclass(slots=True)
+class ForwardMetadata:
+    """What every executor reads for one forward. Index tensors live on `device`.
+
+    Rows are the batch rows; `nnz` is the number of new (non-pad) tokens over all rows.
+    qo_indptr:        [rows + 1] int32, new tokens of row i are `qo_indptr[i]:qo_indptr[i+1]`.
+    kv_indptr:        [rows + 1] int32, pages of row i are `kv_indices[kv_indptr[i]:kv_indptr[i+1]]`.
+    kv_indices:       [num_table_pages] int32, page ids, rows concatenated in token order.
+    kv_last_page_len: [rows] int32, used slots of each row's last page, in [1, page_size]; 0 for
+                      a row that holds no token yet.
+    slot_mapping:     [nnz] int64, `page_id * page_size + offset` where each new token's K/V goes.
+    token_index:      [nnz] int64, position of each new token in the `rows * q_len` flattening of
+                      the layer inputs; None when every input token is new (no padding).
+    copy_src, copy_dst: [num_copies] int64 pages to copy (copy-on-write) before K/V are written;
+                      None when there is nothing to copy.
+    Host-side: qo_lens, kv_lens (per row, new tokens and tokens after this forward), q_len (the
+    padded number of input tokens per row), page_size.
+    """
+
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    slot_mapping: torch.Tensor
+    token_index: torch.Tensor | None
+    copy_src: torch.Tensor | None
+    copy_dst: torch.Tensor | None
+    qo_lens: list[int]
+    kv_lens: list[int]
+    q_len: int
+    page_size: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.qo_lens)
+
+    @property
+    def max_qo_len(self) -> int:
+        return max(self.qo_lens, default=0)
+
+    @property
+    def max_kv_len(self) -> int:
+        return max(self.kv_lens, default=0)
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token in every row and no padding: the decode wrappers' case."""
+        return self.q_len == 1 and self.token_index is None
+
+    def to(self, device: torch.device) -> "ForwardMetadata":
+        """The same metadata with its tensors on `device` (layers placed on another device)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return ForwardMetadata(
+            move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
+            move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
+            self.qo_lens, self.kv_lens, self.q_len, self.page_size,
+        )
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out = [0]
+    for value in values:
+        out.append(out[-1] + value)
+    return out
+
+
+def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy; pinned and asynchronous on CUDA."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def build_metadata(
+    tables: PageTables,
+    qo_lens: list[int],
+    q_len: int,
+    slots: list[int],
+    copies: list[tuple[int, int]],
+    token_index: torch.Tensor | None,
+    device: torch.device,
+) -> ForwardMetadata:
+    """Metadata for a forward whose new tokens `tables.append` has just placed at `slots`."""
+    page_size = tables.page_size
+    kv_lens = list(tables.num_tokens)
+    kv_indices: list[int] = []
+    for table in tables.page_tables:
+        kv_indices.extend(table)
+    last_page_len = [(n - 1) % page_size + 1 if n else 0 for n in kv_lens]
+    copy_src = _to_device([c[0] for c in copies], torch.int64, device) if copies else None
+    copy_dst = _to_device([c[1] for c in copies], torch.int64, device) if copies else None
+    return ForwardMetadata(
+        qo_indptr=_to_device(_cumsum(qo_lens), torch.int32, device),
+        kv_indptr=_to_device(_cumsum([len(t) for t in tables.page_tables]), torch.int32, device),
+        kv_indices=_to_device(kv_indices, torch.int32, device),
+        kv_last_page_len=_to_device(last_page_len, torch.int32, device),
+        slot_mapping=_to_device(slots, torch.int64, device),
+        token_index=token_index,
+        copy_src=copy_src,
+        copy_dst=copy_dst,
+        qo_lens=list(qo_lens),
+        kv_lens=kv_lens,
+        q_len=q_len,
+        page_size=page_size,
+    )

@@ -1,0 +1,92 @@
+"""KV page pools: one tensor per layer, on that layer's device, in FlashInfer's NHD layout."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import BlockManager
+from .config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
+
+
+@dataclass(slots=True)
+class LayerSpec:
+    """What one attention layer stores per token."""
+
+    num_kv_heads: int
+    head_dim: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of `device`: what the CUDA driver reports, or available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not Linux: assume a modest 8 GiB
+        return 8 << 30
+
+
+def choose_num_pages(config: PagedConfig, specs: list[LayerSpec]) -> int:
+    """Pages the pool gets: `num_pages`, else the budget divided by the bytes of one page."""
+    if config.num_pages is not None:
+        return config.num_pages
+    page_bytes = config.page_size * sum(spec.bytes_per_token for spec in specs)
+    budget = config.max_memory
+    if budget is None or isinstance(budget, float):
+        devices = {spec.device for spec in specs}
+        on_cuda = any(device.type == "cuda" for device in devices)
+        fraction = budget if budget is not None else (DEFAULT_CUDA_FRACTION if on_cuda else DEFAULT_CPU_FRACTION)
+        # The pool spreads over the layers' devices; the tightest device bounds it.
+        budget = min(
+            int(fraction * free_memory_bytes(device) * _share_of_device(device, specs)) for device in devices
+        )
+    return max(1, budget // page_bytes)
+
+
+def _share_of_device(device: torch.device, specs: list[LayerSpec]) -> float:
+    """Inverse of the fraction of a page's bytes that lands on `device` (>= 1)."""
+    total = sum(spec.bytes_per_token for spec in specs)
+    here = sum(spec.bytes_per_token for spec in specs if spec.device == device)
+    return total / here
+
+
+class KVPool:
+    """The page pools of one model and the BlockManager that hands out their pages.
+
+    `pools[i]` is `[num_pages + 1, 2, page_size, num_kv_heads, head_dim]` (NHD; `[:, 0]` keys,
+    `[:, 1]` values) in layer i's dtype on layer i's device. The extra last page is kept zero and
+    never handed out: padded reads of the torch executor point there.
+    """
+
+    def __init__(self, config: PagedConfig, specs: list[LayerSpec]):
+        self.page_size = config.page_size
+        self.specs = specs
+        self.num_pages = choose_num_pages(config, specs)
+        self.blocks = BlockManager(self.num_pages)
+        self.zero_page_id = self.num_pages
+        self.pools: list[torch.Tensor] = []
+        for spec in specs:
+            pool = torch.empty(
+                (self.num_pages + 1, 2, self.page_size, spec.num_kv_heads, spec.head_dim),
+                dtype=spec.dtype,
+                device=spec.device,
+            )
+            pool[self.zero_page_id].zero_()
+            self.pools.append(pool)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers, keys and values."""
+        return self.page_size * sum(spec.bytes_per_token for spec in self.specs)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.pools)

@@ -1,0 +1,134 @@
+"""Per-row page tables on a BlockManager: append, fork, reorder, crop, release. No torch.
+
+A row is one sequence of the batch (a beam, a sample). Its page table lists the pages that hold
+its tokens in order; every page but the last is full. Rows may share pages; a row about to write
+into a shared, partly filled last page first gets its own copy (copy-on-write), and the copy is
+returned to the caller as a (source, destination) pair so that the K/V move happens in one
+batched copy per step.
+"""
+
+from .blocks import BlockManager
+from .errors import OutOfPagesError
+
+
+def num_pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+class PageTables:
+    """The page tables and token counts of the rows of one cache."""
+
+    def __init__(self, blocks: BlockManager, page_size: int):
+        self.blocks = blocks
+        self.page_size = page_size
+        self.page_tables: list[list[int]] = []
+        self.num_tokens: list[int] = []
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.page_tables)
+
+    def add_rows(self, num_rows: int) -> None:
+        """Append `num_rows` empty rows."""
+        self.page_tables.extend([] for _ in range(num_rows))
+        self.num_tokens.extend([0] * num_rows)
+
+    def num_pages_to_append(self, num_new_tokens: list[int]) -> int:
+        """Pages `append(num_new_tokens)` takes from the pool, copies for copy-on-write included."""
+        page_size = self.page_size
+        ref_counts = self.blocks.ref_counts
+        # The last row to write into a shared partial page finds it unshared and writes in place.
+        remaining_refs: dict[int, int] = {}
+        num_needed = 0
+        for table, num_tokens, num_new in zip(self.page_tables, self.num_tokens, num_new_tokens):
+            if num_new == 0:
+                continue
+            if num_tokens % page_size:
+                last = table[-1]
+                refs = remaining_refs.get(last, ref_counts[last])
+                if refs > 1:
+                    num_needed += 1
+                    remaining_refs[last] = refs - 1
+            num_needed += num_pages_for(num_tokens + num_new, page_size) - len(table)
+        return num_needed
+
+    def can_append(self, num_new_tokens: list[int]) -> bool:
+        return self.blocks.can_allocate(self.num_pages_to_append(num_new_tokens))
+
+    def append(self, num_new_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Make room for `num_new_tokens[i]` more tokens in row i.
+
+        Returns the slot (`page_id * page_size + offset`) of every new token, row by row, and the
+        (source, destination) page copies to perform before anything is written. Raises
+        OutOfPagesError before changing anything when the pool is too small.
+        """
+        if len(num_new_tokens) != self.num_rows:
+            raise ValueError(f"expected {self.num_rows} token counts, got {len(num_new_tokens)}")
+        num_needed = self.num_pages_to_append(num_new_tokens)
+        if not self.blocks.can_allocate(num_needed):
+            raise OutOfPagesError(num_needed, self.blocks.num_free_pages, self.blocks.num_pages)
+        page_size = self.page_size
+        blocks = self.blocks
+        slots: list[int] = []
+        copies: list[tuple[int, int]] = []
+        for row, num_new in enumerate(num_new_tokens):
+            if num_new == 0:
+                continue
+            table = self.page_tables[row]
+            start = self.num_tokens[row]
+            if start % page_size and blocks.is_shared(table[-1]):
+                (own,) = blocks.allocate(1)
+                copies.append((table[-1], own))
+                blocks.free([table[-1]])
+                table[-1] = own
+            end = start + num_new
+            grow = num_pages_for(end, page_size) - len(table)
+            if grow:
+                table.extend(blocks.allocate(grow))
+            slots.extend(table[t // page_size] * page_size + t % page_size for t in range(start, end))
+            self.num_tokens[row] = end
+        return slots, copies
+
+    def select_rows(self, row_ids: list[int]) -> None:
+        """Replace the rows by `[row[i] for i in row_ids]`: reorder, repeat or drop rows, sharing pages."""
+        for row_id in row_ids:
+            if not 0 <= row_id < self.num_rows:
+                raise IndexError(f"row {row_id} out of range for {self.num_rows} rows")
+        new_tables = [list(self.page_tables[i]) for i in row_ids]
+        new_tokens = [self.num_tokens[i] for i in row_ids]
+        # Take the new references before dropping the old, so no kept page passes through zero.
+        for table in new_tables:
+            self.blocks.fork(table)
+        for table in reversed(self.page_tables):
+            self.blocks.free(table)
+        self.page_tables = new_tables
+        self.num_tokens = new_tokens
+
+    def crop(self, num_tokens_to_remove: list[int]) -> None:
+        """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end."""
+        for row, num_remove in enumerate(num_tokens_to_remove):
+            if num_remove <= 0:
+                continue
+            table = self.page_tables[row]
+            remaining = max(0, self.num_tokens[row] - num_remove)
+            keep = num_pages_for(remaining, self.page_size)
+            self.blocks.free(table[keep:])
+            del table[keep:]
+            self.num_tokens[row] = remaining
+
+    def release(self) -> None:
+        """Return every page of every row, last row and last page first."""
+        for table in reversed(self.page_tables):
+            self.blocks.free(table)
+        self.page_tables = []
+        self.num_tokens = []
+
+    def num_unique_tokens(self) -> int:
+        """Tokens stored once however many rows share them (for the memory bound)."""
+        page_size = self.page_size
+        filled: dict[int, int] = {}
+        for table, num_tokens in zip(self.page_tables, self.num_tokens):
+            for index, page_id in enumerate(table):
+                used = min(page_size, num_tokens - index * page_size)
+                filled[page_id] = max(filled.get(page_id, 0), used)
+        return sum(filled.values())
