@@ -165,10 +165,18 @@ class PagedCache(Cache):
         self._check_usable()
         self.tables.select_rows(torch.as_tensor(indices).tolist())
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first `max_length` tokens (padded count); a negative value removes that many."""
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens of every row (`tokens_to_remove <= 0`, as stock).
+
+        Pages past the new end go back to the pool (shared ones lose a reference); a shared page
+        that becomes the partly filled last page is copied on the next write.
+        """
         self._check_usable()
-        num_remove = -max_length if max_length < 0 else max(0, self.seq_length - max_length)
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes the number of tokens to remove as a negative int (as DynamicCache), got {tokens_to_remove}"
+            )
+        num_remove = min(-tokens_to_remove, self.seq_length)
         if num_remove == 0:
             return
         self.tables.crop([num_remove] * self.tables.num_rows)

@@ -35,6 +35,8 @@ class Runtime:
     handles: list = field(default_factory=list)
     attention_modules: list[torch.nn.Module] = field(default_factory=list)
     cache: PagedCache | None = None
+    decoder: torch.nn.Module | None = None  # the hooked module; compile.py compiles its forward
+    compiled: object | None = None  # hf_paged.compile.CompiledDecode, made on first compiled generate()
     last_peak_pages: int = 0
     last_peak_shared_pages: int = 0
 
@@ -154,6 +156,32 @@ def check_supported(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return modules
 
 
+def _find_decoder(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """The innermost module that takes `past_key_values` and the 2-D mask and holds every attention layer.
+
+    Its forward is where one forward of the model begins (OPTForCausalLM calls `model.decoder`
+    directly, so hooking `model.base_model` would miss it).
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    layer_names = [names[id(module)] for module in modules.values()]
+    best, best_depth = None, -1
+    for name, module in model.named_modules():
+        try:
+            parameters = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        takes_inputs = "input_ids" in parameters or "inputs_embeds" in parameters
+        if not ("past_key_values" in parameters and "attention_mask" in parameters and takes_inputs):
+            continue
+        prefix = f"{name}." if name else ""
+        depth = name.count(".") + 1 if name else 0
+        if all(layer.startswith(prefix) for layer in layer_names) and depth > best_depth:
+            best, best_depth = module, depth
+    if best is None:
+        raise UnsupportedModelError(type(model).__name__, "no module takes past_key_values and an attention mask")
+    return best
+
+
 def _layer_specs(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> list[LayerSpec]:
     text_config = model.config.get_text_config()
     num_heads = text_config.num_attention_heads
@@ -185,7 +213,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     executor = select_executor(config.backend, pool)
     _register_functions()
     text_config = model.config.get_text_config()
-    base = model.base_model
+    base = _find_decoder(model, modules)
     runtime = Runtime(
         config=config,
         pool=pool,
@@ -200,6 +228,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         model.set_attn_implementation(runtime.original_attn_implementation)
         raise UnsupportedModelError(type(model).__name__, "its attention implementation cannot be replaced")
     runtime.attention_modules = list(modules.values())
+    runtime.decoder = base
     for module in runtime.attention_modules:
         module.hf_paged_runtime = runtime
     runtime.handles = [

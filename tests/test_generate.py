@@ -1,0 +1,141 @@
+"""The wrapped model's generate() returns exactly the tokens of the unwrapped model (fp32, CPU)."""
+
+import pytest
+import torch
+
+import hf_paged
+
+from tiny import CONFIGS, padded_prompts, tiny_model
+
+MODES = {
+    "greedy": dict(),
+    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
+    "beam": dict(num_beams=4, num_return_sequences=2),
+    "beam_sample": dict(num_beams=3, do_sample=True),
+}
+
+
+def generate(model, input_ids, mask, seed=5, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("max_new_tokens", 10)
+    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_every_family_every_mode_matches_stock(family):
+    model = tiny_model(family)
+    input_ids, mask = padded_prompts()
+    kwargs = {mode: dict(min_new_tokens=10, **kw) for mode, kw in MODES.items()}
+    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in kwargs.items()}
+    hf_paged.wrap(model, num_pages=128, page_size=4)
+    for mode, kw in kwargs.items():
+        assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), f"{family} {mode}"
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+BEAM_CASES = {
+    "beams2": dict(num_beams=2),
+    "beams16": dict(num_beams=16, num_return_sequences=16),
+    "length_penalty": dict(num_beams=4, length_penalty=0.5, num_return_sequences=3),
+    "early_true": dict(num_beams=4, early_stopping=True),
+    "early_false": dict(num_beams=4, early_stopping=False),
+    "early_never": dict(num_beams=4, early_stopping="never"),
+    "no_repeat_ngram": dict(num_beams=4, no_repeat_ngram_size=2),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_with_eos():
+    """A Llama whose EOS is a token greedy decoding emits mid-sequence, so beams finish early."""
+    model = tiny_model("llama")
+    input_ids, mask = padded_prompts(batch=3, pads=(0, 4, 7))
+    greedy = generate(model, input_ids, mask, max_new_tokens=12, min_new_tokens=12)
+    model.generation_config.eos_token_id = int(greedy[0, input_ids.shape[1] + 3])
+    return model, input_ids, mask
+
+
+@pytest.mark.parametrize("case", sorted(BEAM_CASES))
+def test_beam_search_variants_with_eos_mid_sequence(llama_with_eos, case):
+    model, input_ids, mask = llama_with_eos
+    kwargs = dict(BEAM_CASES[case], max_new_tokens=12)
+    expected = generate(model, input_ids, mask, **kwargs)
+    hf_paged.wrap(model, num_pages=512, page_size=4)
+    try:
+        got = generate(model, input_ids, mask, **kwargs)
+    finally:
+        hf_paged.unwrap(model)
+    assert torch.equal(got, expected)
+    assert (expected == model.generation_config.eos_token_id).any(), "the case must exercise an EOS"
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_scores_and_sequences_match_with_return_dict(page_size):
+    model = tiny_model("llama")
+    input_ids, mask = padded_prompts(batch=2, pads=(0, 5))
+    kwargs = dict(num_beams=3, num_return_sequences=2, output_scores=True, return_dict_in_generate=True)
+    expected = generate(model, input_ids, mask, **kwargs)
+    hf_paged.wrap(model, num_pages=256, page_size=page_size)
+    got = generate(model, input_ids, mask, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(got.sequences_scores, expected.sequences_scores)
+    for ours, theirs in zip(got.scores, expected.scores):
+        finite = torch.isfinite(theirs)
+        assert torch.equal(finite, torch.isfinite(ours))
+        torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_scores_match():
+    model = tiny_model("qwen2")
+    input_ids, mask = padded_prompts(batch=2, pads=(3, 0))
+    kwargs = dict(do_sample=True, num_return_sequences=4, output_scores=True, return_dict_in_generate=True)
+    expected = generate(model, input_ids, mask, **kwargs)
+    hf_paged.wrap(model, num_pages=128, page_size=8)
+    got = generate(model, input_ids, mask, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_uneven_prompt_lengths_in_one_batch():
+    model = tiny_model("mistral")
+    input_ids, mask = padded_prompts(batch=4, length=20, pads=(0, 3, 11, 18))
+    expected = generate(model, input_ids, mask, max_new_tokens=15)
+    hf_paged.wrap(model, num_pages=128, page_size=4)
+    assert torch.equal(generate(model, input_ids, mask, max_new_tokens=15), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_prompt_lookup_decoding(family):
+    model = tiny_model(family)
+    # A prompt that repeats itself, so lookup proposes candidates and some are accepted.
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]])
+    kwargs = dict(prompt_lookup_num_tokens=3, max_new_tokens=12, min_new_tokens=12)
+    expected = model.generate(input_ids, pad_token_id=0, **kwargs)
+    hf_paged.wrap(model, num_pages=64, page_size=4)
+    assert torch.equal(model.generate(input_ids, pad_token_id=0, **kwargs), expected)
+
+
+def test_assisted_decoding_with_an_unwrapped_assistant():
+    model = tiny_model("llama", seed=0)
+    assistant = tiny_model("llama", seed=1)
+    input_ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(assistant_model=assistant, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    expected = model.generate(input_ids, **kwargs)
+    hf_paged.wrap(model, num_pages=64, page_size=4)
+    assert torch.equal(model.generate(input_ids, **kwargs), expected)
+
+
+def test_prefill_runs_once_per_input_not_once_per_beam():
+    model = tiny_model("llama")
+    input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 2))
+    hf_paged.wrap(model, num_pages=128, page_size=4)
+    seen = []
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        generate(model, input_ids, mask, num_beams=4, max_new_tokens=3)
+    finally:
+        handle.remove()
+    assert seen[0] == (2, 10), "the prompt minus its last token, once per input"
+    assert seen[1:] == [(8, 1)] * 3, "then one token per beam per step"

@@ -1,0 +1,70 @@
+"""Property tests: random append/fork/reorder/crop/release sequences keep the page invariants."""
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_paged import OutOfPagesError
+from hf_paged.blocks import BlockManager
+from hf_paged.tables import PageTables, num_pages_for
+
+operation = st.one_of(
+    st.tuples(st.just("append"), st.lists(st.integers(0, 7), min_size=1, max_size=8)),
+    st.tuples(st.just("select"), st.lists(st.integers(0, 100), min_size=1, max_size=8)),
+    st.tuples(st.just("crop"), st.integers(0, 6)),
+    st.tuples(st.just("release"), st.none()),
+)
+
+
+def check_invariants(blocks: BlockManager, tables: PageTables) -> None:
+    holders = Counter(page for table in tables.page_tables for page in table)
+    for page in range(blocks.num_pages):
+        assert blocks.ref_counts[page] == holders.get(page, 0), f"page {page}"
+    assert blocks.num_free_pages + len(holders) == blocks.num_pages
+    assert not set(blocks.free_page_ids) & set(holders), "a free page is still referenced"
+    assert len(set(blocks.free_page_ids)) == len(blocks.free_page_ids)
+    assert blocks.num_shared_pages == sum(1 for count in holders.values() if count > 1)
+    for table, num_tokens in zip(tables.page_tables, tables.num_tokens):
+        assert len(table) == num_pages_for(num_tokens, tables.page_size)
+        assert len(set(table)) == len(table)
+    # Memory bound: pages in use <= pages for the unique tokens + one partial page per row.
+    bound = num_pages_for(tables.num_unique_tokens(), tables.page_size) + tables.num_rows
+    assert blocks.num_used_pages <= bound
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    page_size=st.sampled_from([1, 2, 3, 4]),
+    num_pages=st.integers(4, 40),
+    num_rows=st.integers(1, 4),
+    operations=st.lists(operation, max_size=25),
+)
+def test_random_operations_keep_invariants(page_size, num_pages, num_rows, operations):
+    blocks = BlockManager(num_pages)
+    tables = PageTables(blocks, page_size)
+    tables.add_rows(num_rows)
+    for name, argument in operations:
+        if name == "append":
+            counts = (argument * tables.num_rows)[: tables.num_rows]
+            before = ([list(t) for t in tables.page_tables], list(blocks.free_page_ids), list(blocks.ref_counts))
+            try:
+                slots, copies = tables.append(counts)
+            except OutOfPagesError:
+                after = ([list(t) for t in tables.page_tables], list(blocks.free_page_ids), list(blocks.ref_counts))
+                assert after == before, "a failed append changed state"
+            else:
+                assert len(slots) == sum(counts) and len(set(slots)) == len(slots)
+                assert all(blocks.ref_counts[dst] == 1 for _, dst in copies)
+                # Copy-on-write: a row only ever writes into a page no other row holds.
+                assert all(blocks.ref_counts[slot // page_size] == 1 for slot in slots)
+        elif name == "select" and tables.num_rows:
+            tables.select_rows([i % tables.num_rows for i in argument])
+        elif name == "crop":
+            tables.crop([argument] * tables.num_rows)
+        elif name == "release":
+            tables.release()
+            tables.add_rows(num_rows)
+        check_invariants(blocks, tables)
+    tables.release()
+    assert blocks.num_free_pages == num_pages

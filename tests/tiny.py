@@ -1,0 +1,44 @@
+"""Tiny random models of every family the tests claim, built from configs (no hub)."""
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL, **COMMON),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=5, **COMMON),
+    "qwen2": lambda: transformers.Qwen2Config(
+        **SMALL, use_sliding_window=True, sliding_window=6, max_window_layers=1, **COMMON
+    ),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **SMALL, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **COMMON
+    ),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, **COMMON),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, **COMMON),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **COMMON
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64, **COMMON
+    ),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+
+
+def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0, 4), seed: int = 1):
+    """Left-padded prompts `[batch, length]` int64 and their mask; row i has `pads[i]` pads."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(input_ids)
+    for row, num_pads in enumerate(pads[:batch]):
+        input_ids[row, :num_pads] = 0
+        mask[row, :num_pads] = 0
+    return input_ids, mask
