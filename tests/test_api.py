@@ -219,3 +219,24 @@ def test_a_model_saved_and_loaded_from_a_local_folder(tmp_path):
     hf_paged.wrap(model, num_pages=64)
     got = model.generate(input_ids, attention_mask=mask, num_beams=3, max_new_tokens=6, pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+def test_batch_repeat_interleave_and_select_indices_match_dynamic_cache():
+    model = tiny_model("gpt_neox")
+    input_ids, mask = padded_prompts(batch=2, length=7, pads=(0, 2))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(cache):
+        with torch.no_grad():
+            model(input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache)
+            cache.batch_repeat_interleave(3)
+            cache.batch_select_indices(torch.tensor([5, 0, 3]))
+            rows = torch.tensor([1, 0, 1])
+            token = torch.tensor([[9], [10], [11]])
+            attention = torch.cat([mask[rows], torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            return model(token, attention_mask=attention, position_ids=position_ids[rows, -1:] + 1, past_key_values=cache).logits
+
+    expected = run(DynamicCache())
+    hf_paged.wrap(model, num_pages=32, page_size=2)
+    with PagedCache(model) as cache:
+        torch.testing.assert_close(run(cache), expected, rtol=1e-5, atol=1e-5)
