@@ -1,0 +1,103 @@
+"""Evaluation samples through `datasets`: a hub dataset, local files, or the bundled tiny dataset."""
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import EvalError
+
+BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "tiny_summaries.jsonl"
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+DEFAULT_TEMPLATE = "{text}\nSummary:"
+
+
+@dataclass(slots=True)
+class Sample:
+    """One prompt to generate from. `index` is the row's position in the selection (output order)."""
+
+    index: int
+    id: str
+    prompt: str
+    reference: str | None
+
+
+def file_format(paths: list[str]) -> str:
+    """The `datasets` builder for local files ("json", "csv" or "parquet"), from their extensions."""
+    kinds = set()
+    for path in paths:
+        suffix = Path(path).suffix.lower()
+        if suffix not in FORMATS:
+            raise EvalError(f"cannot read {path!r}: expected a file ending in one of {sorted(FORMATS)}")
+        if not Path(path).exists():
+            raise EvalError(f"data file {path!r} does not exist")
+        kinds.add(FORMATS[suffix])
+    if len(kinds) != 1:
+        raise EvalError(f"--data-files mixes formats {sorted(kinds)}; pass files of one format")
+    return kinds.pop()
+
+
+def load_rows(dataset: str | None, config: str | None, split: str | None, data_files: list[str] | None):
+    """A `datasets.Dataset`: local files (split "train" unless given), else a hub dataset (split "test")."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if data_files:
+            return datasets.load_dataset(file_format(data_files), data_files=data_files, split=split or "train")
+        return datasets.load_dataset(dataset, config, split=split or "test")
+    except EvalError:
+        raise
+    except Exception as error:  # datasets raises many types (offline, missing config, bad split, parse errors)
+        what = ", ".join(data_files) if data_files else f"{dataset!r}" + (f" ({config})" if config else "")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "corresponds to no data" in first_line:  # datasets' own check of a slice like "train[:0]"
+            raise EvalError(f"the selection is empty: split {split!r} has no rows; check --split and --limit") from error
+        hint = "; check the name and config, or that it is cached when offline, or pass --data-files" if not data_files else ""
+        raise EvalError(f"could not load {what} split {split or ('train' if data_files else 'test')!r}: {first_line}{hint}") from error
+
+
+def template_fields(template: str) -> list[str]:
+    """Names between braces in a prompt template, e.g. ["text"] for "{text}\\nSummary:"."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise EvalError(f"bad --prompt-template {template!r}: {error}") from error
+
+
+def make_samples(rows, text_column: str, reference_column: str | None, template: str, limit: int | None) -> list[Sample]:
+    """Check the columns, apply --limit and the template; returns one Sample per row, in order.
+
+    The template may name `{text}` (the text column) and any column of the dataset.
+    """
+    columns = list(rows.column_names)
+    if limit is not None:
+        if limit < 1:
+            raise EvalError(f"--limit must be >= 1, got {limit}")
+        rows = rows.select(range(min(limit, len(rows))))
+    if len(rows) == 0:
+        raise EvalError("the selection is empty (0 rows); check --split and --limit")
+    wanted = {"--text-column": text_column}
+    if reference_column is not None:
+        wanted["--reference-column"] = reference_column
+    for name in template_fields(template):
+        if name != "text":
+            wanted[f"--prompt-template field {{{name}}}"] = name
+    for flag, column in wanted.items():
+        if column not in columns:
+            raise EvalError(f"{flag} {column!r} is not a column; the dataset has columns {columns}")
+    samples = []
+    for index, row in enumerate(rows):
+        values = {name: "" if value is None else str(value) for name, value in row.items()}
+        prompt = template.format_map({**values, "text": values[text_column]})
+        reference = values[reference_column] if reference_column is not None else None
+        sample_id = values["id"] if "id" in values and values["id"] else str(index)
+        samples.append(Sample(index=index, id=sample_id, prompt=prompt, reference=reference))
+    return samples
+
+
+def bundled_data_files() -> list[str]:
+    """The bundled tiny dataset (written for hf_paged: short documents with one-sentence summaries)."""
+    if not BUNDLED_DATA.exists():
+        raise EvalError(f"the bundled dataset {os.fspath(BUNDLED_DATA)} is missing; reinstall hf_paged")
+    return [os.fspath(BUNDLED_DATA)]

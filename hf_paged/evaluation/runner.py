@@ -1,0 +1,179 @@
+"""Batched generation for an evaluation: prompts batched by length, timed, KV memory measured."""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, set_seed
+
+from . import EvalError
+from .data import Sample
+
+
+@dataclass(slots=True)
+class Batch:
+    """Prompts generated together. `number` is the batch's index in the whole run: it seeds sampling,
+    so a batch gives the same tokens whichever process runs it."""
+
+    number: int
+    samples: list[Sample]
+    prompt_ids: list[list[int]]
+
+
+@dataclass(slots=True)
+class RunStats:
+    """What one process measured over its batches (summed or maxed over batches)."""
+
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: list[float] = field(default_factory=list)
+    peak_kv_bytes: int = 0
+    peak_shared_pages: int = 0
+    peak_pages_in_use: int = 0
+
+
+class FirstTokenTimer(LogitsProcessor):
+    """Records when generate() first asks for next-token scores: the prompt has been processed
+    (prefill done) and the first token is about to be chosen. Synchronizes CUDA once, at that call."""
+
+    def __init__(self) -> None:
+        self.first_call: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first_call is None:
+            if scores.device.type == "cuda":
+                torch.cuda.synchronize(scores.device)
+            self.first_call = time.perf_counter()
+        return scores
+
+
+def encode_prompts(tokenizer, samples: list[Sample], context: int | None, max_new_tokens: int, truncate: bool) -> list[list[int]]:
+    """Token ids of each prompt. A prompt that does not fit the context with max_new_tokens raises
+    EvalError, or with `truncate` keeps its last tokens (and its BOS token, if it starts with one)."""
+    encoded = tokenizer([sample.prompt for sample in samples], add_special_tokens=True)["input_ids"]
+    if context is None:
+        return encoded
+    budget = context - max_new_tokens
+    if budget < 1:
+        raise EvalError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context}")
+    bos = tokenizer.bos_token_id
+    for i, (sample, ids) in enumerate(zip(samples, encoded)):
+        if len(ids) <= budget:
+            continue
+        if not truncate:
+            raise EvalError(
+                f"sample {sample.id!r}: its prompt has {len(ids)} tokens, and with --max-new-tokens {max_new_tokens} "
+                f"it exceeds the model's context of {context}; pass --truncate to keep its last {budget} tokens"
+            )
+        encoded[i] = [bos] + ids[len(ids) - budget + 1 :] if bos is not None and ids[0] == bos else ids[-budget:]
+    return encoded
+
+
+def make_batches(samples: list[Sample], prompt_ids: list[list[int]], batch_size: int) -> list[Batch]:
+    """Batches of prompts of similar length (longest first), to limit padding."""
+    order = sorted(range(len(samples)), key=lambda i: (-len(prompt_ids[i]), samples[i].index))
+    batches = []
+    for number, start in enumerate(range(0, len(order), batch_size)):
+        chosen = order[start : start + batch_size]
+        batches.append(Batch(number, [samples[i] for i in chosen], [prompt_ids[i] for i in chosen]))
+    return batches
+
+
+def _pad_left(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both `[batch, longest]` int64, pads on the left."""
+    longest = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, longest - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _trim(row: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated ids up to and including the first EOS (what follows it is padding)."""
+    for position, token in enumerate(row):
+        if token in eos_ids:
+            return row[: position + 1]
+    return row
+
+
+def _stock_kv_bytes(cache) -> int:
+    """Bytes of keys and values held by a stock cache at the end of generate() (its peak: it only grows)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, seed: int, device: torch.device, label: str, show_progress: bool) -> tuple[list[dict], RunStats]:
+    """Generate every batch; returns one record per sample and the stats of this process.
+
+    Works for a wrapped model (KV peaks from hf_paged.memory_stats) and a stock one (KV bytes of
+    the cache generate() returns). Each batch reseeds with `seed + batch.number` before generate().
+    """
+    import hf_paged
+
+    paged = hasattr(model, "hf_paged_runtime")
+    num_return = generate_kwargs.get("num_return_sequences", 1)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    stats = RunStats()
+    records = []
+    for batch in tqdm(batches, desc=label, unit="batch", disable=not show_progress):
+        input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
+        timer = FirstTokenTimer()
+        set_seed(seed + batch.number)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_processor=LogitsProcessorList([timer]),
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        stats.seconds += seconds
+        stats.first_token_seconds.append(timer.first_call - start if timer.first_call is not None else seconds)
+        if paged:
+            memory = hf_paged.memory_stats(model)
+            kv_bytes, shared, pages = memory["peak_kv_bytes"], memory["peak_shared_pages"], memory["peak_pages_in_use"]
+        else:
+            kv_bytes, shared, pages = _stock_kv_bytes(output.past_key_values), 0, 0
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, kv_bytes)
+        stats.peak_shared_pages = max(stats.peak_shared_pages, shared)
+        stats.peak_pages_in_use = max(stats.peak_pages_in_use, pages)
+        generated = output.sequences[:, input_ids.shape[1] :].tolist()
+        for i, sample in enumerate(batch.samples):
+            rows = [_trim(row, eos_ids) for row in generated[i * num_return : (i + 1) * num_return]]
+            stats.generated_tokens += sum(len(row) for row in rows)
+            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+            records.append(
+                {
+                    "index": sample.index,
+                    "id": sample.id,
+                    "prompt_tokens": len(batch.prompt_ids[i]),
+                    "output_text": texts[0],
+                    "output_texts": texts,
+                    "output_ids": rows,
+                    "generated_tokens": sum(len(row) for row in rows),
+                    "reference": sample.reference,
+                    "seconds": seconds,
+                    "batch": batch.number,
+                }
+            )
+    return records, stats
+
+
+def warm_up(model, tokenizer, batch: Batch, generate_kwargs: dict, device: torch.device) -> None:
+    """One untimed short generate() so one-time costs (allocator, lazy init) stay out of the timings."""
+    input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
+    model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**generate_kwargs, "max_new_tokens": 2})

@@ -1,0 +1,221 @@
+"""Evaluate a model with and without hf_paged on a dataset: quality, speed, time to first token, KV memory.
+
+    python scripts/eval.py                                    # built-in tiny model + bundled data, no network
+    python scripts/eval.py --model gpt2 --dataset cnn_dailymail --dataset-config 3.0.0 \
+        --split "test[:200]" --text-column article --reference-column highlights --compare --num-beams 4
+    accelerate launch --num_processes 2 scripts/eval.py --model ... --compare   # data parallel
+    python scripts/eval.py --model ... --device-map auto      # one model across GPUs
+
+Writes samples.jsonl and summary.json to --output-dir and prints a table. Bad input exits with code 2.
+"""
+
+import argparse
+import gc
+import re
+import sys
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
+
+import hf_paged
+from hf_paged.evaluation import EvalError
+from hf_paged.evaluation.data import DEFAULT_TEMPLATE, bundled_data_files, load_rows, make_samples
+from hf_paged.evaluation.metrics import check_available, parse_metrics
+from hf_paged.evaluation.model import DTYPES, context_length, input_device, load_model, parse_device_map, pool_placement
+from hf_paged.evaluation.report import agreement, ratios, summarize, table, write_outputs
+from hf_paged.evaluation.runner import RunStats, encode_prompts, make_batches, run_batches, warm_up
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data (default: the bundled tiny summarization set)")
+    data.add_argument("--dataset", help="hub dataset name, e.g. cnn_dailymail")
+    data.add_argument("--dataset-config", help="hub dataset config, e.g. 3.0.0")
+    data.add_argument("--split", help='split or slice, e.g. "test[:200]" (default: test; train for --data-files)')
+    data.add_argument("--data-files", nargs="+", metavar="FILE", help="local .json/.jsonl/.csv/.parquet files")
+    data.add_argument("--text-column", default="document", help="column holding the input text (default: document)")
+    data.add_argument("--reference-column", default="summary", help="column holding the reference output ('' for none)")
+    data.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="format string; {text} and any column (default: %(default)r)")
+    data.add_argument("--limit", type=int, help="use only the first N rows")
+    data.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts too long for the context")
+    model = parser.add_argument_group("model (default: a seeded random tiny Llama with a byte tokenizer)")
+    model.add_argument("--model", help="local folder or hub name (AutoModelForCausalLM + AutoTokenizer)")
+    model.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (default: auto)")
+    model.add_argument("--device", help="e.g. cpu, cuda:0 (default: this process's accelerate device)")
+    model.add_argument("--device-map", help='auto, balanced, sequential, a device, or JSON {"module": device}')
+    model.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 for the built-in model)")
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--num-return-sequences", type=int, default=1)
+    gen.add_argument("--do-sample", action="store_true")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--length-penalty", type=float, default=1.0)
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call, batched by length")
+    gen.add_argument("--seed", type=int, default=0, help="batch i samples with seed + i")
+    paging = parser.add_argument_group("paging")
+    paging.add_argument("--page-size", type=int, default=16)
+    paging.add_argument("--num-pages", type=int, help="pages in the pool (overrides --max-memory)")
+    paging.add_argument("--max-memory", help="pool budget: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
+    paging.add_argument("--backend", default="auto", choices=("auto", "torch", "flashinfer"))
+    paging.add_argument("--no-cascade", action="store_true", help="disable shared-prefix attention")
+    paging.add_argument("--compile", action="store_true", help="compile decode steps")
+    report = parser.add_argument_group("report")
+    report.add_argument("--compare", action="store_true", help="also run the unwrapped model and report agreement")
+    report.add_argument("--metric", default="rouge", help="rouge, bleu, chrf, sacrebleu (= bleu,chrf), comma-separated")
+    report.add_argument("--output-dir", help="write samples.jsonl and summary.json here")
+    report.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up generate()")
+    return parser
+
+
+def parse_memory(text: str | None) -> int | float | None:
+    """`--max-memory`: "0.5" (fraction of free memory), "2GiB", "500MB" or a byte count."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in UNITS:
+        raise EvalError(f"--max-memory {text!r}: expected bytes like 2GiB or 500MB, or a fraction like 0.5")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if not unit and "." in match.group(1):
+        return number
+    return int(number * UNITS[unit])
+
+
+def check_args(args: argparse.Namespace, state: PartialState) -> None:
+    """Validate what argparse cannot: raise EvalError naming the flag."""
+    for flag in ("max_new_tokens", "num_beams", "num_return_sequences", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise EvalError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not args.do_sample and args.num_return_sequences > args.num_beams:
+        raise EvalError("--num-return-sequences must be <= --num-beams without --do-sample")
+    if args.dataset and args.data_files:
+        raise EvalError("pass either --dataset (hub) or --data-files (local), not both")
+    if args.device_map is not None and state.num_processes > 1:
+        raise EvalError("--device-map spreads one model over devices; run it in one process, not with --num_processes > 1")
+
+
+def generate_kwargs(args: argparse.Namespace, tokenizer) -> dict:
+    """Keyword arguments of every generate() call (only those that apply to the chosen mode)."""
+    kwargs = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "num_return_sequences": args.num_return_sequences,
+        "do_sample": args.do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    if args.num_beams > 1:
+        kwargs["length_penalty"] = args.length_penalty
+    return kwargs
+
+
+def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
+    """Run the evaluation in this process; returns the summary on the main process, None elsewhere."""
+    check_args(args, state)
+    metrics = parse_metrics(args.metric)
+    check_available(metrics)
+    try:
+        config = hf_paged.PagedConfig(
+            page_size=args.page_size, num_pages=args.num_pages, max_memory=parse_memory(args.max_memory),
+            backend=args.backend, cascade=not args.no_cascade, compile=args.compile,
+        )
+    except ValueError as error:
+        raise EvalError(f"bad paging flag (--page-size, --num-pages, --max-memory, --backend): {error}") from error
+    data_files = args.data_files or (None if args.dataset else bundled_data_files())
+    with state.main_process_first():
+        rows = load_rows(args.dataset, args.dataset_config, args.split, data_files)
+    samples = make_samples(rows, args.text_column, args.reference_column or None, args.prompt_template, args.limit)
+    device = torch.device(args.device) if args.device else state.device
+    if args.threads is not None or args.model is None:
+        # The built-in model's matmuls are too small to gain from threads; on a busy CPU they lose a lot.
+        torch.set_num_threads(args.threads or 1)
+    model, tokenizer, model_name = load_model(args.model, args.dtype, device, parse_device_map(args.device_map), seed=0)
+    device = input_device(model)
+    prompt_ids = encode_prompts(tokenizer, samples, context_length(model), args.max_new_tokens, args.truncate)
+    batches = make_batches(samples, prompt_ids, args.batch_size)
+    kwargs = generate_kwargs(args, tokenizer)
+    with state.split_between_processes(batches) as my_batches:
+        my_batches = list(my_batches)
+    show = state.is_local_main_process
+
+    try:
+        hf_paged.wrap(model, config)
+    except (hf_paged.UnsupportedModelError, ValueError) as error:  # ValueError: --backend cannot serve it
+        raise EvalError(str(error)) from error
+    geometry = hf_paged.memory_stats(model)
+    placement = pool_placement(model)
+    try:
+        if my_batches and not args.no_warmup:
+            warm_up(model, tokenizer, my_batches[0], kwargs, device)
+        paged_records, paged_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "paged", show)
+        stock_records, stock_stats = [], RunStats()
+        if args.compare:
+            hf_paged.unwrap(model)
+            if device.type == "cuda":  # hand the page pool's memory back before the stock run
+                gc.collect()
+                torch.cuda.empty_cache()
+            if my_batches and not args.no_warmup:
+                warm_up(model, tokenizer, my_batches[0], kwargs, device)
+            stock_records, stock_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "stock", show)
+    except hf_paged.OutOfPagesError as error:
+        failure = f"out of pages: {error} (flags: --num-pages, --max-memory, --batch-size, --max-new-tokens)"
+    else:
+        failure = None
+    # A failure may hit one shard only: every process learns of it before gathering results, so all
+    # exit 2 together (the main process prints it) instead of leaving the others in a collective.
+    failures = [(index, message) for index, message in enumerate(gather_object([failure])) if message]
+    if failures:
+        index, message = failures[0]
+        raise EvalError(f"[process {index}] {message}" if state.num_processes > 1 else message)
+
+    paged_records = sorted(gather_object(paged_records), key=lambda record: record["index"])
+    stock_records = sorted(gather_object(stock_records), key=lambda record: record["index"])
+    paged_stats, stock_stats = gather_object([paged_stats]), gather_object([stock_stats])
+    if not state.is_main_process:
+        return None
+    summary = summarize(paged_records, paged_stats, metrics)
+    summary.update(
+        model=model_name,
+        data={"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split, "data_files": data_files},
+        num_processes=state.num_processes,
+        generation=kwargs,
+        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")} | {"backend": args.backend},
+        pool_placement=placement,
+    )
+    if args.compare:
+        summary["stock"] = summarize(stock_records, stock_stats, metrics)
+        summary["ratios"] = ratios(summary, summary["stock"])
+        summary["agreement"] = agreement(paged_records, stock_records)
+        for record, stock in zip(paged_records, stock_records):
+            record.update(stock_output_text=stock["output_text"], stock_output_ids=stock["output_ids"],
+                          stock_seconds=stock["seconds"], match=record["output_ids"] == stock["output_ids"])
+    print(table(summary))
+    if args.output_dir:
+        samples_path, summary_path = write_outputs(args.output_dir, paged_records, summary)
+        print(f"wrote {samples_path} and {summary_path}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with a one-line message on stderr)."""
+    args = build_parser().parse_args(argv)
+    # On CPU, processes started by `accelerate launch --multi_gpu` (torchrun) join through gloo only
+    # when PartialState is told it runs on CPU.
+    on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=on_cpu)
+    try:
+        evaluate(args, state)
+    except EvalError as error:
+        if state.is_main_process:
+            print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
