@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from .attention import Executor, LayerParams
+from .attention import Executor, LayerParams, ops
 from .metadata import ForwardMetadata, build_metadata
 from .pool import KVPool
 from .tables import PageTables
@@ -46,7 +46,9 @@ class PagedCache(Cache):
         self.tables = PageTables(pool.blocks, pool.page_size)
         self.seq_length = 0
         self.is_released = False
-        self.cascade = False
+        # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
+        runtime = getattr(model, "hf_paged_runtime", None)
+        self.cascade = bool(runtime is not None and runtime.config.cascade)
         self._forward: ForwardState | None = None
 
     # -- forward lifecycle -------------------------------------------------------------------
@@ -78,7 +80,7 @@ class PagedCache(Cache):
                 qo_lens = new_mask.sum(dim=1).tolist()
                 token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
         slots, copies = self.tables.append(qo_lens)
-        meta = build_metadata(self.tables, qo_lens, q_len, slots, copies, token_index, device)
+        meta = build_metadata(self.tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade)
         self.seq_length += q_len
         self._forward = ForwardState(meta, batch_size)
         self._forward.metas[meta.slot_mapping.device] = meta
@@ -116,14 +118,11 @@ class PagedCache(Cache):
                 f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
-        flat = pool.view(-1, num_kv_heads, head_dim)  # (pages * 2 * page_size, H, D)
-        page_size = self.pool.page_size
         if meta.copy_src is not None:
             pages = pool.view(pool.shape[0], -1)
             pages.index_copy_(0, meta.copy_dst, pages.index_select(0, meta.copy_src))
-        k_rows = meta.slot_mapping + (meta.slot_mapping // page_size) * page_size
-        flat.index_copy_(0, k_rows, _pack(key_states, meta.token_index, flat.dtype))
-        flat.index_copy_(0, k_rows + page_size, _pack(value_states, meta.token_index, flat.dtype))
+        key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
+        ops.store_kv(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
@@ -144,10 +143,13 @@ class PagedCache(Cache):
         return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens per row before the current forward (pads included), as transformers expects."""
+        if self._forward is not None:  # begin_forward has already placed this forward's tokens
+            return self.seq_length - self._forward.meta.q_len
         return self.seq_length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seq_length + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1

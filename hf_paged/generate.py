@@ -6,6 +6,7 @@ import inspect
 import torch
 
 from .cache import PagedCache
+from .compile import maybe_compiled_decode
 
 
 def _expand_size(model, generation_config, kwargs: dict) -> int:
@@ -75,7 +76,8 @@ def make_generate(model):
             if expand > 1 and _can_prefill_once(model, input_ids, generation_config, kwargs):
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
                 cache.batch_repeat_interleave(expand)
-            return original(model, inputs, generation_config, past_key_values=cache, **kwargs)
+            with maybe_compiled_decode(model, inputs, generation_config, kwargs):  # PagedConfig(compile=True)
+                return original(model, inputs, generation_config, past_key_values=cache, **kwargs)
         finally:
             cache.release()
             runtime.last_peak_pages = blocks.peak_used_pages

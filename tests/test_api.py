@@ -240,3 +240,18 @@ def test_batch_repeat_interleave_and_select_indices_match_dynamic_cache():
     hf_paged.wrap(model, num_pages=32, page_size=2)
     with PagedCache(model) as cache:
         torch.testing.assert_close(run(cache), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_without_attention_mask_matches_stock():
+    """Positions come from get_seq_length() when no mask is given: it must exclude the current forward."""
+    model = tiny_model("llama")
+    input_ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(4))
+    expected = model.generate(input_ids, num_beams=3, max_new_tokens=6, pad_token_id=0)
+    hf_paged.wrap(model, num_pages=64, page_size=4)
+    assert torch.equal(model.generate(input_ids, num_beams=3, max_new_tokens=6, pad_token_id=0), expected)
+    with PagedCache(model) as cache, torch.no_grad():
+        model(input_ids[:, :5], past_key_values=cache)
+        logits = model(input_ids[:, 5:], past_key_values=cache).logits
+    hf_paged.unwrap(model)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(input_ids).logits[:, 5:], rtol=1e-5, atol=1e-5)

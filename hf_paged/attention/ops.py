@@ -1,0 +1,165 @@
+"""The paged executors as `torch.library` custom ops, so compiled, exported and scripted code can call them.
+
+Two ops, both opaque to torch.compile (dynamo records a call, never traces inside):
+
+* `torch.ops.hf_paged.paged_attention(q, kv_pool, qo_indptr, kv_indptr, kv_indices,
+  kv_last_page_len, max_q, max_kv, sm_scale, window_left, logits_soft_cap, backend) -> out`
+* `torch.ops.hf_paged.write_kv(kv_pool, key, value, slot_mapping) -> None` (mutates `kv_pool`)
+
+They take tensors in FlashInfer's paged format and plain scalars; nothing else. `max_q` and `max_kv`
+are upper bounds (any value >= the real maxima gives the same result), so a caller may pass fixed
+capacities and fixed-shape index buffers: that is how a compiled decode step keeps one graph while
+sequences grow (see hf_paged/compile.py). `kv_indices` may be longer than `kv_indptr[-1]`; the tail
+is never used.
+
+`backend` picks the runner. "torch" is built in: it derives the gather indices and the mask from
+the index tensors on every call (cheap next to the K/V gather) and runs the reference executor.
+Other executors register theirs with `register_runner`; a runner may use state it planned earlier,
+outside any compiled or captured region (FlashInfer: the wrapper planned on the same buffers), but
+must not plan inside the op.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from . import torch_backend
+from .params import LayerParams
+
+Runner = Callable[..., torch.Tensor]
+_RUNNERS: dict[str, Runner] = {}
+
+
+def register_runner(backend: str, runner: Runner) -> None:
+    """Make `paged_attention(..., backend=backend)` call `runner` with the op's other arguments, in order."""
+    _RUNNERS[backend] = runner
+
+
+def has_runner(backend: str) -> bool:
+    return backend == "torch" or backend in _RUNNERS
+
+
+@dataclass(slots=True)
+class PagedIndex:
+    """The index tensors of a ForwardMetadata that `torch_backend.token_rows`/`attention_mask` read."""
+
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    page_size: int
+
+
+@torch.library.custom_op("hf_paged::paged_attention", mutates_args=())
+def paged_attention(
+    q: torch.Tensor,
+    kv_pool: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    max_q: int,
+    max_kv: int,
+    sm_scale: float,
+    window_left: int,
+    logits_soft_cap: float,
+    backend: str,
+) -> torch.Tensor:
+    """Paged attention of the new tokens of every row; returns `[nnz, H_q, D]` in q's dtype.
+
+    q:                [nnz, H_q, D] new tokens, rows concatenated (row i: `qo_indptr[i]:qo_indptr[i+1]`).
+    kv_pool:          [num_pages + 1, 2, page_size, H_kv, D] one layer's pool (NHD); its last page is
+                      all zeros (KVPool keeps it so): padded reads of the torch runner point there.
+    qo_indptr:        [rows + 1] int32.
+    kv_indptr:        [rows + 1] int32, pages of row i are `kv_indices[kv_indptr[i]:kv_indptr[i+1]]`.
+    kv_indices:       [>= kv_indptr[-1]] int32 page ids.
+    kv_last_page_len: [rows] int32 used slots of each row's last page (0 for an empty row).
+    max_q, max_kv:    upper bounds of the new tokens and of the KV length of any row.
+    sm_scale, window_left, logits_soft_cap: as in LayerParams (-1 / 0.0 for none).
+    Causal attention is bottom-right aligned: a row's new tokens are the last tokens of its KV.
+    """
+    if backend == "torch":
+        return _run_torch(
+            q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv,
+            sm_scale, window_left, logits_soft_cap,
+        )
+    runner = _RUNNERS.get(backend)
+    if runner is None:
+        raise ValueError(
+            f"no paged_attention runner for backend {backend!r} (known: {['torch', *sorted(_RUNNERS)]}); "
+            "the executor must call hf_paged.attention.ops.register_runner before its first run"
+        )
+    return runner(
+        q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv,
+        sm_scale, window_left, logits_soft_cap,
+    )
+
+
+@paged_attention.register_fake
+def _(q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv, sm_scale,
+      window_left, logits_soft_cap, backend):
+    return q.new_empty(q.shape)
+
+
+def _run_torch(
+    q: torch.Tensor, kv_pool: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, max_q: int, max_kv: int,
+    sm_scale: float, window_left: int, logits_soft_cap: float,
+) -> torch.Tensor:
+    """The reference executor on index tensors alone: no host sync, shapes from the bounds only."""
+    page_size, num_kv_heads, head_dim = kv_pool.shape[2], kv_pool.shape[3], kv_pool.shape[4]
+    nnz, num_qo_heads = q.shape[0], q.shape[1]
+    rows = kv_last_page_len.shape[0]
+    index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
+    zero_row = (kv_pool.shape[0] - 1) * 2 * page_size
+    k_rows = torch_backend.token_rows(index, max_kv, zero_row).reshape(-1)  # (R * M,)
+    kv_rows = torch.cat([k_rows, k_rows + page_size])
+    params = LayerParams(num_qo_heads, num_kv_heads, head_dim, sm_scale, window_left, logits_soft_cap)
+    q_rows = None
+    if nnz != rows * max_q:  # some row has fewer than max_q new tokens: scatter into a padded layout
+        qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
+        row_of = torch.repeat_interleave(torch.arange(rows, device=q.device), qo_len, output_size=nnz)
+        within = torch.arange(nnz, device=q.device) - qo_indptr[:-1].long()[row_of]
+        q_rows = row_of * max_q + within
+    mask = torch_backend.attention_mask(index, max_q, max_kv, window_left)[:, None]  # (R, 1, Q, M)
+    if max_q > 1 and params.group_size > 1:
+        mask = mask.repeat(1, 1, params.group_size, 1)
+    plan = torch_backend.TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params)
+    return torch_backend.run(q, kv_pool, plan).to(q.dtype)
+
+
+def store_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """`write_kv` for callers that run both eagerly and compiled (PagedCache.update).
+
+    Compiling or exporting, it calls the custom op (dynamo records it, as it must for a mutation of
+    the pool); eagerly it runs the same code directly, skipping the op dispatch (tens of µs per call).
+    """
+    if torch.compiler.is_compiling():
+        torch.ops.hf_paged.write_kv(kv_pool, key, value, slot_mapping)
+    else:
+        _write_kv(kv_pool, key, value, slot_mapping)
+
+
+def _write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    page_size, num_kv_heads, head_dim = kv_pool.shape[2], kv_pool.shape[3], kv_pool.shape[4]
+    flat = kv_pool.view(-1, num_kv_heads, head_dim)  # (pages * 2 * page_size, H, D)
+    k_rows = slot_mapping + (slot_mapping // page_size) * page_size
+    flat.index_copy_(0, k_rows, key.to(flat.dtype))
+    flat.index_copy_(0, k_rows + page_size, value.to(flat.dtype))
+
+
+@torch.library.custom_op("hf_paged::write_kv", mutates_args=("kv_pool",))
+def write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write new tokens' K/V into their slots of one layer's pool.
+
+    kv_pool:      [num_pages + 1, 2, page_size, H_kv, D], written in place.
+    key, value:   [nnz, H_kv, D], cast to the pool's dtype.
+    slot_mapping: [nnz] int64 `page_id * page_size + offset` of each token.
+    """
+    _write_kv(kv_pool, key, value, slot_mapping)
+
+
+@write_kv.register_fake
+def _(kv_pool, key, value, slot_mapping):
+    return None
