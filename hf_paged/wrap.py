@@ -203,17 +203,17 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     """
     config = (config or PagedConfig()).with_overrides(**overrides) if overrides else (config or PagedConfig())
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
-    if runtime is not None:
-        if runtime.config == config:
-            return model
-        unwrap(model)
+    if runtime is not None and runtime.config == config:
+        return model
     modules = check_supported(model)
+    base = _find_decoder(model, modules)
     specs = _layer_specs(model, modules)
+    executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
+    if runtime is not None:
+        unwrap(model)
     pool = KVPool(config, specs)
-    executor = select_executor(config.backend, pool)
     _register_functions()
     text_config = model.config.get_text_config()
-    base = _find_decoder(model, modules)
     runtime = Runtime(
         config=config,
         pool=pool,

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from ..metadata import ForwardMetadata
-from ..pool import KVPool
+from ..pool import KVPool, LayerSpec
 from . import torch_backend
 from .params import LayerParams
 
@@ -37,8 +37,26 @@ class TorchExecutor:
         return torch_backend.run(q, layer_pool, plan)
 
 
-def select_executor(backend: str, pool: KVPool) -> Executor:
-    """The executor for `backend` ("auto", "torch", "flashinfer") on this pool's devices and dtypes."""
-    if backend in ("auto", "torch"):
+def select_executor(backend: str, specs: list[LayerSpec]) -> Executor:
+    """The executor for `backend` ("auto", "torch", "flashinfer") for layers of these devices and dtypes.
+
+    "auto" picks FlashInfer for float16/bfloat16 models on CUDA with a head dim of 64, 128 or 256
+    when flashinfer imports, else torch. "flashinfer" raises ValueError naming every reason it
+    cannot serve the model (fp32, CPU, head dim, not installed). Allocates nothing.
+    """
+    if backend == "torch":
         return TorchExecutor()
-    raise ValueError(f"backend {backend!r} is not available yet; use backend='torch'")
+    if backend not in ("auto", "flashinfer"):
+        raise ValueError(f"expected backend to be 'auto', 'torch' or 'flashinfer', got {backend!r}")
+    from . import flashinfer_support
+
+    reasons = flashinfer_support.unsupported_reasons(specs)
+    if backend == "flashinfer" or not reasons:  # "auto" imports FlashInfer only when it would use it
+        reasons += flashinfer_support.import_reasons()
+    if not reasons:
+        from .flashinfer_backend import FlashInferExecutor
+
+        return FlashInferExecutor()
+    if backend == "flashinfer":
+        raise ValueError("backend='flashinfer' cannot serve this model: " + "; ".join(reasons))
+    return TorchExecutor()

@@ -1,0 +1,395 @@
+"""The FlashInfer executor on CPU: its arguments, bound against the installed FlashInfer.
+
+No FlashInfer kernel runs without a GPU. What can be checked here is everything the executor
+hands to FlashInfer: the plan()/run()/constructor arguments are bound against the real
+signatures (an API change fails here), the index tensors are int32 and equal to the metadata the
+torch executor consumes, and a stand-in for FlashInfer that computes attention from nothing but
+those arguments, with FlashInfer's documented semantics, reproduces the torch executor on every
+forward of real generate() calls (padded prompts, beams sharing pages, windows, soft-caps).
+"""
+
+import inspect
+import math
+import subprocess
+import sys
+import types
+
+import flashinfer
+import pytest
+import torch
+
+import hf_paged
+from hf_paged.attention import TorchExecutor, select_executor
+from hf_paged.attention import flashinfer_backend as fb
+from hf_paged.attention import flashinfer_support
+from hf_paged.pool import LayerSpec
+
+from tiny import padded_prompts, tiny_model
+
+DECODE = flashinfer.BatchDecodeWithPagedKVCacheWrapper
+PREFILL = flashinfer.BatchPrefillWithPagedKVCacheWrapper
+
+
+def bind(cls, method: str, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """Bind a call of `cls.method` strictly: no argument may fall into *args or **kwargs.
+
+    `BatchDecodeWithPagedKVCacheWrapper.plan` takes `**kwargs` and forwards them to
+    `_plan_impl`, so keywords are bound against the implementation too.
+    """
+    function = getattr(cls, method)
+    bound = inspect.signature(function).bind(None, *args, **kwargs)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            assert not bound.arguments.get(name), f"{cls.__name__}.{method} got extra positional arguments"
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and bound.arguments.get(name):
+            impl = getattr(cls, f"_{method}_impl", None)
+            assert impl is not None, f"{cls.__name__}.{method} takes **kwargs and has no _{method}_impl to check"
+            bound = inspect.signature(impl).bind(None, *args, **kwargs)
+    return bound
+
+
+class Recorder(TorchExecutor):
+    """The torch executor, recording every (metadata, params) it plans for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, meta, params, pool):
+        self.calls.append((meta, params, pool))
+        return super().plan(meta, params, pool)
+
+
+def recorded_forwards(family: str, page_size: int, pads: tuple[int, ...], **generate_kwargs):
+    model = tiny_model(family)
+    input_ids, mask = padded_prompts(batch=len(pads), length=11, pads=pads)
+    hf_paged.wrap(model, num_pages=256, page_size=page_size, backend="torch")
+    recorder = model.hf_paged_runtime.executor = Recorder()
+    model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=6, min_new_tokens=6,
+                   **generate_kwargs)
+    return recorder.calls
+
+
+@pytest.fixture(scope="module")
+def beam_forwards():
+    # The third prompt is one real token: prefilled once without its last token, its row has no
+    # token and no page (kv_last_page_len 0) in that forward.
+    return recorded_forwards("llama", page_size=4, pads=(0, 5, 10), num_beams=3, num_return_sequences=2)
+
+
+def test_plan_arguments_bind_and_carry_the_torch_executors_metadata(beam_forwards):
+    kinds = set()
+    for meta, params, pool in beam_forwards:
+        host = fb.host_indices(meta)
+        for name in ("qo_indptr", "kv_indptr", "kv_last_page_len"):
+            host_tensor, device_tensor = getattr(host, name), getattr(meta, name)
+            assert host_tensor.dtype == torch.int32 and device_tensor.dtype == torch.int32, name
+            assert host_tensor.device.type == "cpu"
+            assert torch.equal(host_tensor, device_tensor.cpu()), name
+        assert meta.kv_indices.dtype == torch.int32
+        # FlashInfer's host planner sees the KV lengths the torch executor attends over.
+        seq_lens = flashinfer.get_seq_lens(host.kv_indptr, host.kv_last_page_len, meta.page_size)
+        assert seq_lens.tolist() == meta.kv_lens
+
+        dtype = torch.bfloat16
+        kind, cls = ("decode", DECODE) if meta.is_decode else ("prefill", PREFILL)
+        kinds.add(kind)
+        build = fb.decode_plan_args if meta.is_decode else fb.prefill_plan_args
+        args, kwargs = build(meta, params, dtype, host)
+        bound = bind(cls, "plan", args, kwargs).arguments
+        bind(cls, "workspace_size", args, kwargs)
+        indptr = bound["indptr"] if meta.is_decode else bound["paged_kv_indptr"]
+        indices = bound["indices"] if meta.is_decode else bound["paged_kv_indices"]
+        last = bound["last_page_len"] if meta.is_decode else bound["paged_kv_last_page_len"]
+        assert indptr is host.kv_indptr and last is host.kv_last_page_len and indices is meta.kv_indices
+        assert bound["num_qo_heads"] == params.num_qo_heads and bound["num_kv_heads"] == params.num_kv_heads
+        assert bound["head_dim" if meta.is_decode else "head_dim_qk"] == params.head_dim
+        assert bound["page_size"] == meta.page_size
+        assert bound["q_data_type"] == dtype and bound["kv_data_type"] == dtype
+        assert bound["sm_scale"] == params.sm_scale and bound["window_left"] == params.window_left
+        assert bound["logits_soft_cap"] == params.logits_soft_cap and bound["pos_encoding_mode"] == "NONE"
+        if not meta.is_decode:
+            assert bound["qo_indptr"] is host.qo_indptr and bound["causal"] is True
+
+        wrapper_args, wrapper_kwargs = fb.wrapper_args(kind, torch.zeros(16, dtype=torch.uint8))
+        bound = bind(cls, "__init__", wrapper_args, wrapper_kwargs).arguments
+        assert bound["kv_layout"] == "NHD" and bound["backend"] == "fa2"
+        assert bound.get("use_tensor_cores", False) is (kind == "decode")
+
+        q = torch.randn(sum(meta.qo_lens), params.num_qo_heads, params.head_dim)
+        run_args, run_kwargs = fb.run_args(q, pool.pools[0], dtype)
+        bound = bind(cls, "run", run_args, run_kwargs).arguments
+        assert bound["q"].dtype == dtype and bound["q"].shape == q.shape
+        assert bound["paged_kv_cache"] is pool.pools[0]
+    assert kinds == {"decode", "prefill"}
+    assert any(0 in meta.kv_lens for meta, _, _ in beam_forwards)  # the empty-row case is covered
+
+
+def test_workspace_growth_uses_flashinfers_private_int_buffer():
+    """`_grow_workspace` reuses each wrapper's own int workspace: fail loudly if FlashInfer renames it."""
+    for cls in (DECODE, PREFILL):
+        assert "self._int_workspace_buffer" in inspect.getsource(cls.__init__)
+        assert list(inspect.signature(cls.reset_workspace_buffer).parameters)[1:] == [
+            "float_workspace_buffer", "int_workspace_buffer"
+        ]
+
+
+# -- a stand-in FlashInfer: the real signatures, FlashInfer's semantics, torch arithmetic ------
+
+
+def reference_paged_attention(q, cache, plan) -> torch.Tensor:
+    """FlashInfer's paged attention, spelled out per row (fp32).
+
+    KV length of a row: 0 with no pages, else `(pages - 1) * page_size + last_page_len`
+    (page.cuh `get_length`). Query i of a row with qo_len new tokens sits at
+    `kv_len - qo_len + i` (bottom-right causal) and sees keys `j <= pos` (causal) with
+    `j >= pos - window_left` when window_left >= 0; scores are soft-capped before masking.
+    """
+    qo_indptr, kv_indptr = plan["qo_indptr"].tolist(), plan["indptr"].tolist()
+    indices, last = plan["indices"].tolist(), plan["last_page_len"].tolist()
+    page_size, window, cap = plan["page_size"], plan["window_left"], plan["logits_soft_cap"]
+    group = plan["num_qo_heads"] // plan["num_kv_heads"]
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    lse = torch.full(q.shape[:2], float("-inf"))
+    for row in range(len(kv_indptr) - 1):
+        pages = indices[kv_indptr[row]:kv_indptr[row + 1]]
+        kv_len = 0 if not pages else (len(pages) - 1) * page_size + last[row]
+        q_start, q_end = qo_indptr[row], qo_indptr[row + 1]
+        if q_end == q_start:
+            continue
+        kv = cache[pages].float().transpose(0, 1).reshape(2, -1, *cache.shape[-2:])[:, :kv_len]  # (2, M, H, D)
+        k = kv[0].repeat_interleave(group, dim=1)
+        v = kv[1].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * plan["sm_scale"]
+        if cap > 0:
+            scores = cap * torch.tanh(scores / cap)
+        pos = kv_len - (q_end - q_start) + torch.arange(q_end - q_start)[:, None]
+        keys = torch.arange(kv_len)[None]
+        mask = keys <= pos if plan["causal"] else torch.ones_like(keys <= pos)
+        if window >= 0:
+            mask &= keys >= pos - window
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        lse[q_start:q_end] = scores.logsumexp(-1).T / math.log(2)  # FlashInfer's LSE is base 2
+    return out, lse
+
+
+class FakeWrapper:
+    """Binds every call against `REAL`'s signature and computes attention from the bound arguments."""
+
+    REAL: type
+
+    def __init__(self, *args, **kwargs):
+        self.init = bind(self.REAL, "__init__", args, kwargs).arguments
+        self.plans = self.runs = 0
+
+    def plan(self, *args, **kwargs):
+        bound = dict(bind(self.REAL, "plan", args, kwargs).arguments)
+        if self.REAL is PREFILL:
+            bound["indptr"], bound["indices"] = bound["paged_kv_indptr"], bound["paged_kv_indices"]
+            bound["last_page_len"], bound["head_dim"] = bound["paged_kv_last_page_len"], bound["head_dim_qk"]
+        else:  # one query per row, attending to its whole (windowed) KV
+            bound["qo_indptr"] = torch.arange(len(bound["last_page_len"]) + 1, dtype=torch.int32)
+            bound["causal"] = True
+        for name in ("qo_indptr", "indptr", "last_page_len"):
+            assert bound[name].dtype == torch.int32 and bound[name].device.type == "cpu", name
+        assert bound["indices"].dtype == torch.int32
+        self.planned = bound
+        self.plans += 1
+
+    def run(self, *args, **kwargs):
+        bound = bind(self.REAL, "run", args, kwargs).arguments
+        self.runs += 1
+        q, cache = bound["q"], bound["paged_kv_cache"]
+        assert q.dtype == self.planned["q_data_type"] and cache.dtype == self.planned["kv_data_type"]
+        assert q.shape == (int(self.planned["qo_indptr"][-1]), self.planned["num_qo_heads"], self.planned["head_dim"])
+        out, lse = reference_paged_attention(q, cache, self.planned)
+        return (out.to(q.dtype), lse) if bound.get("return_lse") else out.to(q.dtype)
+
+
+def fake_merge_state(*args, **kwargs):
+    """flashinfer.merge_state on base-2 LSEs, bound against the real signature."""
+    bound = inspect.signature(flashinfer.merge_state).bind(*args, **kwargs).arguments
+    v_a, s_a, v_b, s_b = bound["v_a"], bound["s_a"], bound["v_b"], bound["s_b"]
+    assert s_a.dtype == s_b.dtype == torch.float32 and v_a.shape == v_b.shape and s_a.shape == v_a.shape[:2]
+    top = torch.maximum(s_a, s_b)
+    w_a, w_b = torch.exp2(s_a - top), torch.exp2(s_b - top)
+    merged = (v_a.float() * w_a[..., None] + v_b.float() * w_b[..., None]) / (w_a + w_b)[..., None]
+    return merged.to(v_a.dtype), top + torch.log2(w_a + w_b)
+
+
+def fake_flashinfer() -> types.ModuleType:
+    module = types.ModuleType("flashinfer")
+    module.BatchDecodeWithPagedKVCacheWrapper = type("FakeDecode", (FakeWrapper,), {"REAL": DECODE})
+    module.BatchPrefillWithPagedKVCacheWrapper = type("FakePrefill", (FakeWrapper,), {"REAL": PREFILL})
+    module.merge_state = fake_merge_state
+    return module
+
+
+class Comparer(TorchExecutor):
+    """Runs the torch executor and the FlashInfer executor (on the stand-in) on each forward."""
+
+    def __init__(self):
+        self.flashinfer = fb.FlashInferExecutor()
+        self.num_compared = 0
+        self.plan_types = []
+
+    def plan(self, meta, params, pool):
+        plan = self.flashinfer.plan(meta, params, pool)
+        self.plan_types.append(type(plan).__name__)
+        return super().plan(meta, params, pool), plan
+
+    def run(self, q, layer_pool, plan):
+        torch_plan, flashinfer_plan = plan
+        expected = super().run(q, layer_pool, torch_plan)
+        actual = self.flashinfer.run(q, layer_pool, flashinfer_plan)
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        self.num_compared += 1
+        return expected
+
+
+@pytest.mark.parametrize(
+    "family, page_size, pads, kwargs",
+    [
+        ("llama", 2, (0, 3), dict(num_beams=4, cascade=True)),  # beams attend the prompt once (cascade)
+        ("llama", 1, (0, 10), dict(num_beams=3, num_return_sequences=2)),  # an empty row at prefill
+        ("llama", 4, (0, 5), dict(do_sample=True, num_return_sequences=3)),
+        ("gemma2", 3, (0, 5), dict(num_beams=2)),  # sliding window 5 on alternate layers, soft-capped scores
+    ],
+)
+def test_executor_matches_torch_executor_through_flashinfer_api(monkeypatch, family, page_size, pads, kwargs):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    model = tiny_model(family)
+    input_ids, mask = padded_prompts(batch=2, length=11, pads=pads)
+    kwargs = dict(kwargs)
+    cascade = kwargs.pop("cascade", False)
+    hf_paged.wrap(model, num_pages=256, page_size=page_size, backend="torch", cascade=cascade)
+    comparer = model.hf_paged_runtime.executor = Comparer()
+    torch.manual_seed(0)
+    model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=6, min_new_tokens=6, **kwargs)
+    assert ("FlashInferCascadePlan" in comparer.plan_types) == cascade
+    wrappers = comparer.flashinfer._devices[torch.device("cpu")].wrappers
+    assert {kind for kind, _ in wrappers} == {"decode", "prefill"} | ({"prefix"} if cascade else set())
+    settings = {params for _, params in wrappers}
+    assert len(settings) == (2 if family == "gemma2" else 1)  # one wrapper per distinct layer setting
+    if family == "gemma2":
+        assert {p.window_left for p in settings} == {-1, 4} and all(p.logits_soft_cap == 5.0 for p in settings)
+    assert comparer.num_compared >= 2 * 7  # every layer of every forward
+
+
+def test_compiled_decode_steps_run_graph_wrappers_planned_outside_the_graph(monkeypatch):
+    """compile=True: each decode step plans CUDA-graph decode wrappers on the fixed buffers (eagerly)
+    and the compiled graph runs them through torch.ops.hf_paged.paged_attention(backend="flashinfer")."""
+    from hf_paged.compile import compile_decode
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    model = tiny_model("llama")
+    input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
+    modes = {"greedy": {}, "beam": dict(num_beams=3)}
+    kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=8, min_new_tokens=8)
+    expected = {mode: model.generate(input_ids, **kwargs, **extra) for mode, extra in modes.items()}
+    hf_paged.wrap(model, num_pages=128, page_size=4, compile=True, backend="torch")
+    executor = model.hf_paged_runtime.executor = fb.FlashInferExecutor()
+    compiled = compile_decode(model, backend="eager")
+    assert compiled.backend == "flashinfer"
+    for mode, extra in modes.items():
+        assert torch.equal(model.generate(input_ids, **kwargs, **extra), expected[mode]), mode
+    assert compiled.num_compiled_steps > 0
+    wrappers = executor._devices[torch.device("cpu")].wrappers
+    graph = {key: record for key, record in wrappers.items() if key[0] == "graph"}
+    assert len(graph) == 2  # one per row count (2, then 6 beams); one layer setting
+    for record in graph.values():
+        assert record.wrapper.init["use_cuda_graph"] is True and record.wrapper.init["use_tensor_cores"] is True
+        assert record.wrapper.runs == 2 * record.wrapper.plans  # 2 layers per planned step
+    assert sum(record.wrapper.plans for record in graph.values()) == compiled.num_compiled_steps
+
+
+# -- which backend runs ------------------------------------------------------------------------
+
+
+def layer_specs(*specs: LayerSpec) -> list[LayerSpec]:
+    return list(specs)
+
+
+def spec(device="cuda:0", dtype=torch.bfloat16, head_dim=128) -> LayerSpec:
+    return LayerSpec(num_kv_heads=2, head_dim=head_dim, device=torch.device(device), dtype=dtype)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of compute capability 9.0 as far as the backend checks can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_explicit_flashinfer_on_fp32_cpu_model_raises_before_touching_the_model():
+    model = tiny_model("llama")
+    implementation = model.config._attn_implementation
+    with pytest.raises(ValueError) as error:
+        hf_paged.wrap(model, num_pages=8, backend="flashinfer")
+    message = str(error.value)
+    assert "FlashInfer has no fp32 kernels; use backend='torch' or load the model in bfloat16/float16" in message
+    assert "cpu" in message and "CUDA" in message
+    assert not hasattr(model, "hf_paged_runtime") and model.config._attn_implementation == implementation
+    assert "generate" not in model.__dict__
+
+
+def test_explicit_flashinfer_on_bf16_cpu_model_names_the_device_only():
+    with pytest.raises(ValueError, match="layers on cpu; FlashInfer runs on CUDA GPUs only") as error:
+        select_executor("flashinfer", layer_specs(spec("cpu")))
+    assert "fp32" not in str(error.value) and "head dim" not in str(error.value)
+
+
+def test_explicit_flashinfer_with_unsupported_head_dim_raises(fake_gpu):
+    with pytest.raises(ValueError, match=r"head dim 80 is not supported .*64, 128, 256") as error:
+        select_executor("flashinfer", layer_specs(spec(head_dim=128), spec(head_dim=80)))
+    assert "fp32" not in str(error.value) and "cpu" not in str(error.value)
+
+
+def test_explicit_flashinfer_without_flashinfer_installed_raises(monkeypatch, fake_gpu):
+    monkeypatch.setitem(sys.modules, "flashinfer", None)  # makes `import flashinfer` fail
+    with pytest.raises(ValueError, match="pip install flashinfer-python"):
+        select_executor("flashinfer", layer_specs(spec()))
+    assert isinstance(select_executor("auto", layer_specs(spec())), TorchExecutor)
+
+
+def test_bfloat16_needs_compute_capability_8(monkeypatch, fake_gpu):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="compute capability 7.5"):
+        select_executor("flashinfer", layer_specs(spec(dtype=torch.bfloat16)))
+    assert isinstance(select_executor("auto", layer_specs(spec(dtype=torch.bfloat16))), TorchExecutor)
+    assert isinstance(select_executor("auto", layer_specs(spec(dtype=torch.float16))), fb.FlashInferExecutor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_auto_picks_flashinfer_for_16_bit_cuda_models(monkeypatch, fake_gpu, dtype, head_dim):
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    specs = layer_specs(spec(dtype=dtype, head_dim=head_dim))
+    assert isinstance(select_executor("auto", specs), fb.FlashInferExecutor)
+    assert isinstance(select_executor("flashinfer", specs), fb.FlashInferExecutor)
+    assert isinstance(select_executor("torch", specs), TorchExecutor)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [layer_specs(spec(dtype=torch.float32)), layer_specs(spec(head_dim=96)), layer_specs(spec("cpu")),
+     layer_specs(spec(), spec("cpu"))],
+    ids=["fp32", "head_dim_96", "cpu", "partly_offloaded"],
+)
+def test_auto_falls_back_to_torch_without_importing_flashinfer(monkeypatch, fake_gpu, specs):
+    def no_import():
+        raise AssertionError("auto imported flashinfer although it cannot be used")
+
+    monkeypatch.setattr(flashinfer_support, "import_reasons", no_import)
+    assert isinstance(select_executor("auto", specs), TorchExecutor)
+
+
+def test_auto_on_a_cpu_model_wraps_with_the_torch_executor():
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=8)
+    assert model.hf_paged_runtime.executor.name == "torch"
+
+
+def test_import_hf_paged_does_not_import_flashinfer():
+    code = "import sys, hf_paged; assert 'flashinfer' not in sys.modules, 'flashinfer imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
