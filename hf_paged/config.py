@@ -23,6 +23,8 @@ class PagedConfig:
     backend: "auto" (FlashInfer for fp16/bf16 on CUDA when installed, else torch), "torch",
         or "flashinfer".
     cascade: attend a prefix shared by several rows once per group (shared-prefix attention).
+        None: on for the torch executor (measured on CPU), off for FlashInfer (its cascade path
+        has not been run on a GPU yet; pass True to use it).
     compile: run decode steps through a compiled forward (see README, torch.compile).
     """
 
@@ -30,7 +32,7 @@ class PagedConfig:
     num_pages: int | None = None
     max_memory: int | float | None = None
     backend: str = "auto"
-    cascade: bool = True
+    cascade: bool | None = None
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -50,9 +52,10 @@ class PagedConfig:
                 )
         if self.backend not in BACKENDS:
             raise ValueError(f"expected backend to be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("cascade", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"expected {name} to be True or False, got {getattr(self, name)!r}")
+        if self.cascade is not None and not isinstance(self.cascade, bool):
+            raise ValueError(f"expected cascade to be True, False or None, got {self.cascade!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"expected compile to be True or False, got {self.compile!r}")
 
     def with_overrides(self, **overrides) -> "PagedConfig":
         """A copy with some fields replaced; unknown names raise TypeError listing the valid ones."""

@@ -122,7 +122,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     try:
         config = hf_paged.PagedConfig(
             page_size=args.page_size, num_pages=args.num_pages, max_memory=parse_memory(args.max_memory),
-            backend=args.backend, cascade=not args.no_cascade, compile=args.compile,
+            backend=args.backend, cascade=False if args.no_cascade else None, compile=args.compile,
         )
     except ValueError as error:
         raise EvalError(f"bad paging flag (--page-size, --num-pages, --max-memory, --backend): {error}") from error

@@ -21,8 +21,8 @@ the first plan), so `import hf_paged` stays fast and works without it or without
   (sliding-window and full layers) get one wrapper per setting and kind.
 - Compiled decode steps (`PagedConfig(compile=True)`): `plan_decode` plans CUDA-graph decode
   wrappers on compile.py's fixed buffers, run inside the graph by the op runner of flashinfer_graph.py.
-- Not here: shared-prefix (cascade) attention. `PagedConfig.cascade` is ignored by this executor:
-  every row attends its whole page table.
+- Shared-prefix (cascade) attention lives in flashinfer_cascade.py and runs when `meta.cascade`;
+  for this executor that needs an explicit `PagedConfig(cascade=True)` (not yet run on a GPU).
 """
 
 import contextlib
