@@ -41,14 +41,15 @@ class PagedCache(Cache):
         else:
             from .attention import select_executor
 
-            self.executor = select_executor("torch", pool)
+            self.executor = select_executor("torch", pool.specs)
         self.pool = pool
         self.tables = PageTables(pool.blocks, pool.page_size)
         self.seq_length = 0
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
         runtime = getattr(model, "hf_paged_runtime", None)
-        self.cascade = bool(runtime is not None and runtime.config.cascade)
+        cascade = runtime.config.cascade if runtime is not None else False
+        self.cascade = self.executor.name == "torch" if cascade is None else cascade
         self._forward: ForwardState | None = None
 
     # -- forward lifecycle -------------------------------------------------------------------

@@ -23,7 +23,9 @@ class ForwardMetadata:
     copy_src, copy_dst: [num_copies] int64 pages to copy (copy-on-write) before K/V are written;
                       None when there is nothing to copy.
     Host-side: qo_lens, kv_lens (per row, new tokens and tokens after this forward), q_len (the
-    padded number of input tokens per row), page_size.
+    padded number of input tokens per row), page_size; with `cascade` (shared-prefix attention
+    allowed) also kv_indptr_host and kv_indices_host, the same lists as the tensors, which an
+    executor reads to find the rows whose page tables share a prefix without a device sync.
     """
 
     qo_indptr: torch.Tensor
@@ -38,6 +40,9 @@ class ForwardMetadata:
     kv_lens: list[int]
     q_len: int
     page_size: int
+    cascade: bool = False
+    kv_indptr_host: list[int] | None = None
+    kv_indices_host: list[int] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -63,6 +68,7 @@ class ForwardMetadata:
             move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
             self.qo_lens, self.kv_lens, self.q_len, self.page_size,
+            self.cascade, self.kv_indptr_host, self.kv_indices_host,
         )
 
 
@@ -89,8 +95,12 @@ def build_metadata(
     copies: list[tuple[int, int]],
     token_index: torch.Tensor | None,
     device: torch.device,
+    cascade: bool = False,
 ) -> ForwardMetadata:
-    """Metadata for a forward whose new tokens `tables.append` has just placed at `slots`."""
+    """Metadata for a forward whose new tokens `tables.append` has just placed at `slots`.
+
+    cascade: keep the host page lists in the metadata so the executor may attend shared prefixes once.
+    """
     page_size = tables.page_size
     kv_lens = list(tables.num_tokens)
     kv_indices: list[int] = []
@@ -99,9 +109,10 @@ def build_metadata(
     last_page_len = [(n - 1) % page_size + 1 if n else 0 for n in kv_lens]
     copy_src = _to_device([c[0] for c in copies], torch.int64, device) if copies else None
     copy_dst = _to_device([c[1] for c in copies], torch.int64, device) if copies else None
+    kv_indptr = _cumsum([len(t) for t in tables.page_tables])
     return ForwardMetadata(
         qo_indptr=_to_device(_cumsum(qo_lens), torch.int32, device),
-        kv_indptr=_to_device(_cumsum([len(t) for t in tables.page_tables]), torch.int32, device),
+        kv_indptr=_to_device(kv_indptr, torch.int32, device),
         kv_indices=_to_device(kv_indices, torch.int32, device),
         kv_last_page_len=_to_device(last_page_len, torch.int32, device),
         slot_mapping=_to_device(slots, torch.int64, device),
@@ -112,4 +123,7 @@ def build_metadata(
         kv_lens=kv_lens,
         q_len=q_len,
         page_size=page_size,
+        cascade=cascade,
+        kv_indptr_host=kv_indptr if cascade else None,
+        kv_indices_host=kv_indices if cascade else None,
     )

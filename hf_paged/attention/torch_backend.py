@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metadata import ForwardMetadata
+from . import cascade
 from .params import LayerParams
 
 
@@ -25,6 +26,9 @@ class TorchPlan:
                sees every gathered key.
     q_rows:    [nnz] int64 positions of the new tokens in the `rows * max_q` padded layout, or
                None when every row has exactly max_q new tokens.
+    causal:    every row is a fresh prompt of max_q tokens (no past, no padding, no window or
+               soft cap): plain causal attention, which SDPA runs without a mask, skipping the
+               blocks above the diagonal.
     """
 
     kv_rows: torch.Tensor
@@ -34,6 +38,7 @@ class TorchPlan:
     max_q: int
     max_kv: int
     params: LayerParams
+    causal: bool = False
 
 
 def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
@@ -81,8 +86,15 @@ def attention_mask(
     return mask
 
 
-def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> TorchPlan:
-    """Gather indices and mask for one forward; no host sync beyond meta's host-side lists."""
+def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "TorchPlan | cascade.CascadePlan":
+    """Gather indices and mask for one forward; no host sync beyond meta's host-side lists.
+
+    With `meta.cascade`, rows sharing a page-aligned prefix get a CascadePlan (see cascade.py).
+    """
+    if meta.cascade:
+        shared = cascade.plan(meta, params, zero_page_id)
+        if shared is not None:
+            return shared
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
     page_size = meta.page_size
     k_rows = token_rows(meta, max_kv, zero_page_id * 2 * page_size)
@@ -94,7 +106,11 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Torch
         row_of = torch.repeat_interleave(torch.arange(rows, device=qo_len.device), qo_len)
         within = torch.arange(row_of.numel(), device=qo_len.device) - meta.qo_indptr[:-1].long()[row_of]
         q_rows = row_of * max_q + within
-    needs_mask = (
+    causal = (
+        max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
+        and all(n == max_q for n in meta.kv_lens)
+    )
+    needs_mask = not causal and (
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
     mask = None
@@ -102,7 +118,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Torch
         mask = attention_mask(meta, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
         if max_q > 1 and params.group_size > 1:
             mask = mask.repeat(1, 1, params.group_size, 1)
-    return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params)
+    return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params, causal)
 
 
 def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
@@ -143,6 +159,15 @@ def attend(
     """
     if not return_lse and not params.logits_soft_cap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=params.sm_scale), None
+    if q.device.type == "cpu" and not params.logits_soft_cap:
+        # The fused CPU kernel SDPA itself dispatches to, which also returns the natural-log LSE.
+        float_mask = None
+        if mask is not None:
+            float_mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=float_mask, scale=params.sm_scale
+        )
+        return out, lse.float()
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * params.sm_scale
     if params.logits_soft_cap:
         cap = params.logits_soft_cap
@@ -155,8 +180,17 @@ def attend(
     return out, lse if return_lse else None
 
 
-def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
+def run(q: torch.Tensor, pool: torch.Tensor, plan: "TorchPlan | cascade.CascadePlan") -> torch.Tensor:
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+    if isinstance(plan, cascade.CascadePlan):
+        return cascade.run(q, pool, plan)
     k, v = gather_kv(pool, plan.kv_rows, plan.num_rows, plan.max_kv)
+    if plan.causal:
+        p = plan.params
+        q = q.view(plan.num_rows, plan.max_q, p.num_qo_heads, p.head_dim).transpose(1, 2)  # (R, H_q, Q, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=p.sm_scale, enable_gqa=p.group_size > 1
+        )
+        return out.transpose(1, 2).reshape(-1, p.num_qo_heads, p.head_dim)
     out, _ = attend(pack_gqa(q, plan), k, v, plan.mask, plan.params)
     return unpack_gqa(out, plan)

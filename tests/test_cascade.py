@@ -1,0 +1,169 @@
+"""Shared-prefix (cascade) attention: the same output as the plain path, the same tokens in generate().
+
+Also the executor's unmasked causal path for fresh prompts (added with the cascade work).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import hf_paged
+from hf_paged.attention import LayerParams, cascade, torch_backend
+from hf_paged.blocks import BlockManager
+from hf_paged.metadata import build_metadata
+from hf_paged.tables import PageTables
+from tiny import padded_prompts, tiny_model
+
+HEAD_DIM = 8
+
+
+@pytest.fixture
+def always_cascade(monkeypatch):
+    """Take the cascade path whenever a shared prefix exists, however little it saves."""
+    monkeypatch.setattr(cascade, "MIN_SAVED_FRACTION", 0.0)
+
+
+def grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_heads, seed=0):
+    """Rows forked from `len(prefix_lens)` parents (parent i holds `prefix_lens[i]` tokens).
+
+    `fork[r]` is row r's parent; then row r appends `private_lens[r]` and finally `new_lens[r]`
+    tokens. Pool contents are random (both paths read the same pool). Returns (pool, meta, zero page).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_pages = 512
+    pool = torch.randn(num_pages + 1, 2, page_size, num_kv_heads, HEAD_DIM, generator=generator)
+    pool[num_pages].zero_()
+    tables = PageTables(BlockManager(num_pages), page_size)
+    tables.add_rows(len(prefix_lens))
+    tables.append(list(prefix_lens))
+    tables.select_rows(list(fork))
+    tables.append(list(private_lens))
+    slots, copies = tables.append(list(new_lens))
+    meta = build_metadata(tables, list(new_lens), max(new_lens), slots, copies, None, torch.device("cpu"), cascade=True)
+    return pool, meta, num_pages
+
+
+CASES = [
+    # page_size, parents' prefix lens, parent of each row, private lens, new lens
+    (1, [7], [0, 0, 0, 0], [0, 2, 5, 1], [1, 1, 1, 1]),
+    (8, [13, 40], [0, 0, 1, 1, 1], [3, 0, 9, 1, 4], [1, 1, 1, 1, 1]),
+    (16, [17, 33, 16], [0, 0, 0, 1, 1, 2, 2, 2], [0, 4, 15, 1, 30, 2, 0, 17], [1, 1, 1, 1, 1, 1, 1, 1]),
+    (16, [48, 5], [1, 0, 1, 0, 0], [3, 1, 2, 20, 0], [1, 1, 1, 1, 1]),  # interleaved groups + a short one
+    (8, [24, 9], [0, 1, 0, 0], [5, 3, 1, 7], [3, 1, 2, 4]),  # several new tokens per row
+    (1, [3, 11], [0, 0, 1], [0, 0, 0], [2, 1, 5]),
+]
+
+
+@pytest.mark.parametrize("page_size,prefix_lens,fork,private_lens,new_lens", CASES)
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(2, 2), (8, 2), (7, 1)])
+@pytest.mark.parametrize("soft_cap", [0.0, 3.0])
+def test_cascade_matches_plain_path(always_cascade, page_size, prefix_lens, fork, private_lens, new_lens,
+                                    num_qo_heads, num_kv_heads, soft_cap):
+    pool, meta, zero_page = grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_heads)
+    params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3, -1, soft_cap)
+    q = torch.randn(sum(new_lens), num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(9))
+    shared_plan = torch_backend.plan(meta, params, zero_page)
+    assert isinstance(shared_plan, cascade.CascadePlan), "these rows share full pages: cascade must run"
+    plain_plan = torch_backend.plan(dataclasses.replace(meta, cascade=False), params, zero_page)
+    assert isinstance(plain_plan, torch_backend.TorchPlan)
+    expected = torch_backend.run(q, pool, plain_plan)
+    torch.testing.assert_close(torch_backend.run(q, pool, shared_plan), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_groups_are_page_aligned_and_exclude_new_tokens():
+    # Parent 0: 20 tokens at page size 8 -> 2 full pages shared; parent 1: 5 tokens, no full page.
+    _, meta, _ = grouped_case(8, [20, 5], [0, 0, 0, 1, 1], [4, 0, 12, 3, 0], [1, 1, 1, 1, 1], 1)
+    assert cascade.find_groups(meta) == [([0, 1, 2], 2)]
+    # Row 1 holds exactly the 2 full pages plus its new token: the prefix stops before that token.
+    _, meta, _ = grouped_case(8, [16], [0, 0], [0, 0], [1, 1], 1)
+    assert cascade.find_groups(meta) == [([0, 1], 2)]
+    # A shared, partly filled page is copied on write: only the full page before it is shared.
+    _, meta, _ = grouped_case(8, [12], [0, 0], [0, 0], [3, 1], 1)
+    assert cascade.find_groups(meta) == [([0, 1], 1)]
+
+
+def test_plain_path_without_sharing_window_or_flag(always_cascade):
+    pool, meta, zero_page = grouped_case(4, [9, 9], [0, 1], [2, 3], [1, 1], 2)
+    params = LayerParams(4, 2, HEAD_DIM, 0.3)
+    assert isinstance(torch_backend.plan(meta, params, zero_page), torch_backend.TorchPlan), "no shared pages"
+    pool, meta, zero_page = grouped_case(4, [9], [0, 0], [2, 3], [1, 1], 2)
+    windowed = LayerParams(4, 2, HEAD_DIM, 0.3, window_left=3)
+    assert isinstance(torch_backend.plan(meta, windowed, zero_page), torch_backend.TorchPlan)
+    off = dataclasses.replace(meta, cascade=False)
+    assert isinstance(torch_backend.plan(off, params, zero_page), torch_backend.TorchPlan)
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 16])
+@pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(2, 2), (8, 2), (7, 1)])
+def test_fresh_prompts_take_causal_path_equal_to_masked(page_size, num_qo_heads, num_kv_heads):
+    """The executor's other shortcut: prompts with no past run unmasked causal SDPA."""
+    pool, meta, zero_page = grouped_case(page_size, [0, 0, 0], [0, 1, 2], [0, 0, 0], [13, 13, 13], num_kv_heads)
+    params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3)
+    plan = torch_backend.plan(meta, params, zero_page)
+    assert plan.causal and plan.mask is None
+    mask = torch_backend.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
+    masked = dataclasses.replace(plan, causal=False, mask=mask)
+    q = torch.randn(39, num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(torch_backend.run(q, pool, plan), torch_backend.run(q, pool, masked))
+    padded = build_metadata(tables_with_past(page_size), [13, 13], 13, [], [], None,
+                            torch.device("cpu"))
+    assert not torch_backend.plan(padded, params, zero_page).causal, "rows with a past need the mask"
+
+
+def tables_with_past(page_size):
+    """Two rows, one with 3 tokens of past, each then given 13 new tokens."""
+    tables = PageTables(BlockManager(64), page_size)
+    tables.add_rows(2)
+    tables.append([3, 0])
+    tables.append([13, 13])
+    return tables
+
+
+def test_merge_of_split_softmax_equals_softmax():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(5, 12, generator=generator)
+    values = torch.randn(12, 4, generator=generator)
+    parts = []
+    for keys in (slice(0, 7), slice(7, 12)):
+        part = scores[:, keys]
+        parts.append((part.softmax(-1) @ values[keys], torch.logsumexp(part, -1)))
+    (out_a, lse_a), (out_b, lse_b) = parts
+    torch.testing.assert_close(cascade.merge(out_a, lse_a, out_b, lse_b), scores.softmax(-1) @ values)
+    empty = torch.full_like(lse_a, float("-inf"))
+    torch.testing.assert_close(cascade.merge(torch.zeros_like(out_a), empty, out_b, lse_b), out_b)
+
+
+def _generate(model, cascade_on: bool, **kwargs):
+    hf_paged.wrap(model, page_size=4, num_pages=512, cascade=cascade_on)
+    torch.manual_seed(0)
+    out = model.generate(**kwargs)
+    hf_paged.unwrap(model)
+    return out
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        dict(num_beams=4, do_sample=False),
+        dict(num_beams=3, num_return_sequences=2, do_sample=False),
+        dict(do_sample=True, num_return_sequences=3),
+    ],
+    ids=["beams", "beams-return-2", "sampling"],
+)
+def test_generate_same_tokens_with_and_without_cascade(always_cascade, monkeypatch, decoding):
+    model = tiny_model("llama")
+    input_ids, attention_mask = padded_prompts(batch=2, length=14, pads=(0, 5))
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=9, min_new_tokens=9,
+                  pad_token_id=0, **decoding)
+    calls = []
+    real_run = cascade.run
+    monkeypatch.setattr(cascade, "run", lambda *a: calls.append(1) or real_run(*a))
+    with_cascade = _generate(model, True, **kwargs)
+    assert calls, "the cascade path never ran"
+    calls.clear()
+    without = _generate(model, False, **kwargs)
+    assert not calls
+    assert torch.equal(with_cascade, without)
+    torch.manual_seed(0)
+    assert torch.equal(with_cascade, model.generate(**kwargs)), "unwrapped (stock) generate() differs"
