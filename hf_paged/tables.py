@@ -52,9 +52,6 @@ class PageTables:
             num_needed += num_pages_for(num_tokens + num_new, page_size) - len(table)
         return num_needed
 
-    def can_append(self, num_new_tokens: list[int]) -> bool:
-        return self.blocks.can_allocate(self.num_pages_to_append(num_new_tokens))
-
     def append(self, num_new_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         """Make room for `num_new_tokens[i]` more tokens in row i.
 

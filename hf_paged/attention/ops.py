@@ -112,19 +112,11 @@ def _run_torch(
     nnz, num_qo_heads = q.shape[0], q.shape[1]
     rows = kv_last_page_len.shape[0]
     index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
-    zero_row = (kv_pool.shape[0] - 1) * 2 * page_size
-    k_rows = torch_backend.token_rows(index, max_kv, zero_row).reshape(-1)  # (R * M,)
-    kv_rows = torch.cat([k_rows, k_rows + page_size])
+    kv_rows = torch_backend.kv_gather_rows(index, max_kv, zero_page_id=kv_pool.shape[0] - 1)
     params = LayerParams(num_qo_heads, num_kv_heads, head_dim, sm_scale, window_left, logits_soft_cap)
-    q_rows = None
-    if nnz != rows * max_q:  # some row has fewer than max_q new tokens: scatter into a padded layout
-        qo_len = (qo_indptr[1:] - qo_indptr[:-1]).long()
-        row_of = torch.repeat_interleave(torch.arange(rows, device=q.device), qo_len, output_size=nnz)
-        within = torch.arange(nnz, device=q.device) - qo_indptr[:-1].long()[row_of]
-        q_rows = row_of * max_q + within
-    mask = torch_backend.attention_mask(index, max_q, max_kv, window_left)[:, None]  # (R, 1, Q, M)
-    if max_q > 1 and params.group_size > 1:
-        mask = mask.repeat(1, 1, params.group_size, 1)
+    # Some row has fewer than max_q new tokens: scatter into a padded layout.
+    q_rows = torch_backend.padded_query_rows(index, max_q, nnz) if nnz != rows * max_q else None
+    mask = torch_backend.packed_mask(index, max_q, max_kv, params)
     plan = torch_backend.TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params)
     return torch_backend.run(q, kv_pool, plan).to(q.dtype)
 

@@ -86,6 +86,33 @@ def attention_mask(
     return mask
 
 
+def kv_gather_rows(index, max_kv: int, zero_page_id: int) -> torch.Tensor:
+    """[2 * rows * max_kv] int64 rows of `pool.view(-1, H, D)`: every row's keys, then its values.
+
+    `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex).
+    """
+    page_size = index.page_size
+    k_rows = token_rows(index, max_kv, zero_page_id * 2 * page_size).reshape(-1)
+    return torch.cat([k_rows, k_rows + page_size])
+
+
+def padded_query_rows(index, max_q: int, nnz: int) -> torch.Tensor:
+    """[nnz] int64 position of each new token in the `rows * max_q` padded layout."""
+    qo_len = (index.qo_indptr[1:] - index.qo_indptr[:-1]).long()
+    device = qo_len.device
+    row_of = torch.repeat_interleave(torch.arange(qo_len.numel(), device=device), qo_len, output_size=nnz)
+    within = torch.arange(nnz, device=device) - index.qo_indptr[:-1].long()[row_of]
+    return row_of * max_q + within
+
+
+def packed_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Tensor:
+    """[rows, 1, group * max_q (or 1), max_kv] bool mask for `pack_gqa`-packed queries."""
+    mask = attention_mask(index, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
+    if max_q > 1 and params.group_size > 1:
+        mask = mask.repeat(1, 1, params.group_size, 1)
+    return mask
+
+
 def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "TorchPlan | cascade.CascadePlan":
     """Gather indices and mask for one forward; no host sync beyond meta's host-side lists.
 
@@ -96,16 +123,9 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "Torc
         if shared is not None:
             return shared
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
-    page_size = meta.page_size
-    k_rows = token_rows(meta, max_kv, zero_page_id * 2 * page_size)
-    kv_rows = torch.cat([k_rows.reshape(-1), k_rows.reshape(-1) + page_size])
+    kv_rows = kv_gather_rows(meta, max_kv, zero_page_id)
     uniform_q = all(n == max_q for n in meta.qo_lens)
-    q_rows = None
-    if not uniform_q:
-        qo_len = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).long()
-        row_of = torch.repeat_interleave(torch.arange(rows, device=qo_len.device), qo_len)
-        within = torch.arange(row_of.numel(), device=qo_len.device) - meta.qo_indptr[:-1].long()[row_of]
-        q_rows = row_of * max_q + within
+    q_rows = None if uniform_q else padded_query_rows(meta, max_q, sum(meta.qo_lens))
     causal = (
         max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
         and all(n == max_q for n in meta.kv_lens)
@@ -113,11 +133,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "Torc
     needs_mask = not causal and (
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
-    mask = None
-    if needs_mask:
-        mask = attention_mask(meta, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
-        if max_q > 1 and params.group_size > 1:
-            mask = mask.repeat(1, 1, params.group_size, 1)
+    mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
     return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params, causal)
 
 
