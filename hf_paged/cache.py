@@ -7,7 +7,7 @@ from transformers.cache_utils import Cache
 
 from .attention import Executor, LayerParams, ops
 from .metadata import ForwardMetadata, build_metadata
-from .pool import KVPool
+from .pool import KVPool, copy_pages
 from .tables import PageTables
 
 
@@ -120,8 +120,7 @@ class PagedCache(Cache):
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
         if meta.copy_src is not None:
-            pages = pool.view(pool.shape[0], -1)
-            pages.index_copy_(0, meta.copy_dst, pages.index_select(0, meta.copy_src))
+            copy_pages(pool, meta.copy_src, meta.copy_dst)
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
         ops.store_kv(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
         return key_states, value_states

@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache
 from .attention import ops  # registers torch.ops.hf_paged.*
 from .attention.params import LayerParams
 from .metadata import ForwardMetadata
+from .pool import copy_pages
 
 
 class DecodeBuffers:
@@ -192,8 +193,7 @@ class CompiledDecode:
         static.buffers.load(meta, paged.get_seq_length())
         if meta.copy_src is not None:  # copy-on-write for every layer, before any K/V is written
             for pool in static.pools:
-                pages = pool.view(pool.shape[0], -1)
-                pages.index_copy_(0, meta.copy_dst, pages.index_select(0, meta.copy_src))
+                copy_pages(pool, meta.copy_src, meta.copy_dst)
         plan_decode = getattr(self.runtime.executor, "plan_decode", None)
         if plan_decode is not None:
             plan_decode(meta, static)  # host lists in meta; fixed device buffers in static.buffers

@@ -1,4 +1,10 @@
-"""KV page pools: one tensor per layer, on that layer's device, in FlashInfer's NHD layout."""
+"""KV page pools: one tensor per layer, on that layer's device: a key plane and a value plane.
+
+Each plane is `[num_pages + 1, page_size, H_kv, D]`, FlashInfer's NHD layout (FlashInfer takes
+the pair as a `(k_cache, v_cache)` tuple). Keeping keys apart from values makes the keys of
+consecutive pages one contiguous run of tokens: a row whose pages are consecutive is a plain
+view of the pool, read with no gather (see PageTables.reserve and the torch executor).
+"""
 
 import os
 from dataclasses import dataclass
@@ -61,8 +67,8 @@ def _share_of_device(device: torch.device, specs: list[LayerSpec]) -> float:
 class KVPool:
     """The page pools of one model and the BlockManager that hands out their pages.
 
-    `pools[i]` is `[num_pages + 1, 2, page_size, num_kv_heads, head_dim]` (NHD; `[:, 0]` keys,
-    `[:, 1]` values) in layer i's dtype on layer i's device. The extra last page is kept zero and
+    `pools[i]` is `[2, num_pages + 1, page_size, num_kv_heads, head_dim]` (`[0]` keys, `[1]`
+    values, each NHD) in layer i's dtype on layer i's device. The extra last page is kept zero and
     never handed out: padded reads of the torch executor point there.
     """
 
@@ -75,11 +81,11 @@ class KVPool:
         self.pools: list[torch.Tensor] = []
         for spec in specs:
             pool = torch.empty(
-                (self.num_pages + 1, 2, self.page_size, spec.num_kv_heads, spec.head_dim),
+                (2, self.num_pages + 1, self.page_size, spec.num_kv_heads, spec.head_dim),
                 dtype=spec.dtype,
                 device=spec.device,
             )
-            pool[self.zero_page_id].zero_()
+            pool[:, self.zero_page_id].zero_()
             self.pools.append(pool)
 
     @property
@@ -90,3 +96,9 @@ class KVPool:
     @property
     def num_layers(self) -> int:
         return len(self.pools)
+
+
+def copy_pages(layer_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy pages `src[i]` to `dst[i]` (keys and values) in one indexed copy: copy-on-write."""
+    pages = layer_pool.view(2, layer_pool.shape[1], -1)
+    pages.index_copy_(1, dst, pages.index_select(1, src))

@@ -72,7 +72,7 @@ def test_pool_sizing_from_a_byte_budget():
     assert stats["page_bytes"] == 2 * 2 * 8 * 2 * 16 * 4
     assert stats["num_pages"] == (1 << 20) // stats["page_bytes"]
     pool = model.hf_paged_runtime.pool.pools[0]
-    assert pool.shape == (stats["num_pages"] + 1, 2, 8, 2, 16) and pool.dtype == torch.float32
+    assert pool.shape == (2, stats["num_pages"] + 1, 8, 2, 16) and pool.dtype == torch.float32
 
 
 def unsupported_models():

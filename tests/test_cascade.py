@@ -32,8 +32,8 @@ def grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_he
     """
     generator = torch.Generator().manual_seed(seed)
     num_pages = 512
-    pool = torch.randn(num_pages + 1, 2, page_size, num_kv_heads, HEAD_DIM, generator=generator)
-    pool[num_pages].zero_()
+    pool = torch.randn(2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM, generator=generator)
+    pool[:, num_pages].zero_()
     tables = PageTables(BlockManager(num_pages), page_size)
     tables.add_rows(len(prefix_lens))
     tables.append(list(prefix_lens))

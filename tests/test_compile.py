@@ -43,8 +43,8 @@ def paged_inputs(page_size: int, kv_lens: list[int], qo_lens: list[int], num_kv_
     garbage tail, queries, and the dense K/V of each row for the reference."""
     generator = torch.Generator().manual_seed(seed)
     num_pages = sum(-(-n // page_size) for n in kv_lens) + 3
-    pool = torch.full((num_pages + 1, 2, page_size, num_kv_heads, head_dim), float("nan"))
-    pool[num_pages].zero_()  # the zero page
+    pool = torch.full((2, num_pages + 1, page_size, num_kv_heads, head_dim), float("nan"))
+    pool[:, num_pages].zero_()  # the zero page
     page_ids = torch.randperm(num_pages, generator=generator).tolist()
     kv_indices, kv_indptr, dense = [], [0], []
     for kv_len in kv_lens:
@@ -52,8 +52,8 @@ def paged_inputs(page_size: int, kv_lens: list[int], qo_lens: list[int], num_kv_
         v = torch.randn(kv_len, num_kv_heads, head_dim, generator=generator)
         table = [page_ids.pop() for _ in range(-(-kv_len // page_size))]
         for t in range(kv_len):
-            pool[table[t // page_size], 0, t % page_size] = k[t]
-            pool[table[t // page_size], 1, t % page_size] = v[t]
+            pool[0, table[t // page_size], t % page_size] = k[t]
+            pool[1, table[t // page_size], t % page_size] = v[t]
         kv_indices += table
         kv_indptr.append(len(kv_indices))
         dense.append((k, v))
@@ -118,13 +118,13 @@ def test_paged_attention_op_unknown_backend_says_what_to_do():
 
 @pytest.mark.parametrize("write", [torch.ops.hf_paged.write_kv, ops.store_kv])
 def test_write_kv_writes_keys_and_values_by_slot(write):
-    page_size, pool = 4, torch.zeros(6, 2, 4, 2, 3)
+    page_size, pool = 4, torch.zeros(2, 6, 4, 2, 3)
     key, value = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
     slots = torch.tensor([0, 7, 13])  # page 0 slot 0, page 1 slot 3, page 3 slot 1
     write(pool, key, value, slots)
     for i, slot in enumerate(slots.tolist()):
-        assert torch.equal(pool[slot // page_size, 0, slot % page_size], key[i])
-        assert torch.equal(pool[slot // page_size, 1, slot % page_size], value[i])
+        assert torch.equal(pool[0, slot // page_size, slot % page_size], key[i])
+        assert torch.equal(pool[1, slot // page_size, slot % page_size], value[i])
     assert int((pool != 0).any(-1).any(-1).sum()) == 6  # nothing else written
 
 
@@ -156,7 +156,7 @@ def test_op_traces_in_a_fullgraph_compile_without_breaks():
     slots = torch.tensor([int(inputs[4][0]) * 4 + 1, int(inputs[4][2]) * 4 + 2])  # tokens 5 of row 0, 2 of row 1
     step(*inputs, key, slots)
     assert backend.num_graphs == 1
-    assert torch.equal(inputs[1][int(inputs[4][0]), 0, 1, :, :], key[0])
+    assert torch.equal(inputs[1][0, int(inputs[4][0]), 1, :, :], key[0])
 
 
 # -- compiled generate() -----------------------------------------------------------------------

@@ -119,7 +119,9 @@ def test_plan_arguments_bind_and_carry_the_torch_executors_metadata(beam_forward
         run_args, run_kwargs = fb.run_args(q, pool.pools[0], dtype)
         bound = bind(cls, "run", run_args, run_kwargs).arguments
         assert bound["q"].dtype == dtype and bound["q"].shape == q.shape
-        assert bound["paged_kv_cache"] is pool.pools[0]
+        k_cache, v_cache = bound["paged_kv_cache"]
+        assert torch.equal(k_cache, pool.pools[0][0]) and k_cache.data_ptr() == pool.pools[0].data_ptr()
+        assert v_cache.shape == k_cache.shape and v_cache.data_ptr() == pool.pools[0][1].data_ptr()
     assert kinds == {"decode", "prefill"}
     assert any(0 in meta.kv_lens for meta, _, _ in beam_forwards)  # the empty-row case is covered
 
@@ -156,7 +158,9 @@ def reference_paged_attention(q, cache, plan) -> torch.Tensor:
         q_start, q_end = qo_indptr[row], qo_indptr[row + 1]
         if q_end == q_start:
             continue
-        kv = cache[pages].float().transpose(0, 1).reshape(2, -1, *cache.shape[-2:])[:, :kv_len]  # (2, M, H, D)
+        k_cache, v_cache = cache  # (k_cache, v_cache), each [pages, page_size, H, D]
+        kv = torch.stack([k_cache[pages], v_cache[pages]]).float()
+        kv = kv.reshape(2, -1, *k_cache.shape[-2:])[:, :kv_len]  # (2, M, H, D)
         k = kv[0].repeat_interleave(group, dim=1)
         v = kv[1].repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * plan["sm_scale"]
@@ -200,7 +204,8 @@ class FakeWrapper:
         bound = bind(self.REAL, "run", args, kwargs).arguments
         self.runs += 1
         q, cache = bound["q"], bound["paged_kv_cache"]
-        assert q.dtype == self.planned["q_data_type"] and cache.dtype == self.planned["kv_data_type"]
+        assert isinstance(cache, tuple) and all(c.dtype == self.planned["kv_data_type"] for c in cache)
+        assert q.dtype == self.planned["q_data_type"]
         assert q.shape == (int(self.planned["qo_indptr"][-1]), self.planned["num_qo_heads"], self.planned["head_dim"])
         out, lse = reference_paged_attention(q, cache, self.planned)
         return (out.to(q.dtype), lse) if bound.get("return_lse") else out.to(q.dtype)

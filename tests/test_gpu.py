@@ -19,7 +19,7 @@ from hf_paged.attention import LayerParams, TorchExecutor
 from hf_paged.attention.flashinfer_backend import FlashInferExecutor
 from hf_paged.config import PagedConfig
 from hf_paged.metadata import ForwardMetadata, build_metadata
-from hf_paged.pool import KVPool, LayerSpec
+from hf_paged.pool import KVPool, LayerSpec, copy_pages
 from hf_paged.tables import PageTables
 
 pytestmark = pytest.mark.gpu
@@ -32,13 +32,12 @@ ATOL = RTOL = 2e-2  # bf16 inputs (eps 2^-8), outputs of magnitude <= ~3
 def write_tokens(pool: KVPool, slots: list[int], generator: torch.Generator) -> None:
     """Random K/V (N(0, 1)) for the tokens at `slots` of the single layer's pool, as the cache writes them."""
     layer = pool.pools[0]
-    page_size, (num_kv_heads, head_dim) = pool.page_size, layer.shape[-2:]
+    num_kv_heads, head_dim = layer.shape[-2:]
     slot = torch.tensor(slots, dtype=torch.int64, device=layer.device)
-    k_rows = slot + (slot // page_size) * page_size
-    flat = layer.view(-1, num_kv_heads, head_dim)
-    for rows in (k_rows, k_rows + page_size):
+    flat = layer.view(2, -1, num_kv_heads, head_dim)
+    for plane in (0, 1):
         values = torch.randn(len(slots), num_kv_heads, head_dim, generator=generator, device=layer.device)
-        flat.index_copy_(0, rows, values.to(layer.dtype))
+        flat[plane].index_copy_(0, slot, values.to(layer.dtype))
 
 
 def build_forward(
@@ -58,8 +57,7 @@ def build_forward(
     layer = pool.pools[0]
     if copies:  # copy-on-write of shared partly filled pages, as the cache does before writing
         src, dst = (torch.tensor(c, device=layer.device) for c in zip(*copies))
-        pages = layer.view(layer.shape[0], -1)
-        pages.index_copy_(0, dst, pages.index_select(0, src))
+        copy_pages(layer, src, dst)
     write_tokens(pool, slots, generator)
     q_len = max(qo_lens)
     ragged = any(n != q_len for n in qo_lens)

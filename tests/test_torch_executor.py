@@ -36,9 +36,9 @@ def paged_case(page_size, past_lens, new_lens, shared_prefix, num_kv_heads, seed
     """
     generator = torch.Generator().manual_seed(seed)
     num_pages = 256
-    pool = torch.randn(num_pages + 1, 2, page_size, num_kv_heads, HEAD_DIM, generator=generator)
-    pool[num_pages].zero_()
-    flat = pool.view(-1, num_kv_heads, HEAD_DIM)
+    pool = torch.randn(2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM, generator=generator)
+    pool[:, num_pages].zero_()
+    flat = pool.view(2, -1, num_kv_heads, HEAD_DIM)
     tables = PageTables(BlockManager(num_pages), page_size)
     num_rows = len(past_lens)
     prefix_k = torch.randn(shared_prefix, num_kv_heads, HEAD_DIM, generator=generator)
@@ -47,11 +47,10 @@ def paged_case(page_size, past_lens, new_lens, shared_prefix, num_kv_heads, seed
 
     def write(slots, copies, k, v):
         for src, dst in copies:
-            pool[dst] = pool[src]
+            pool[:, dst] = pool[:, src]
         slots = torch.tensor(slots, dtype=torch.long)
-        rows = slots + slots // page_size * page_size
-        flat[rows] = k
-        flat[rows + page_size] = v
+        flat[0, slots] = k
+        flat[1, slots] = v
 
     tables.add_rows(1)
     slots, copies = tables.append([shared_prefix])

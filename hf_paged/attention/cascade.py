@@ -124,8 +124,8 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
         page_ids.append(indices[start:start + pages] + [zero_page_id] * (max_pages - pages))
     page_ids_t = _to_device(page_ids, torch.int64, device)  # (G, P)
     offsets = torch.arange(page_size, device=device)
-    k_rows = (page_ids_t[:, :, None] * (2 * page_size) + offsets).reshape(-1)  # (G * P * page_size,)
-    prefix_rows = torch.cat([k_rows, k_rows + page_size])
+    k_rows = (page_ids_t[:, :, None] * page_size + offsets).reshape(-1)  # (G * P * page_size,)
+    prefix_rows = torch.cat([k_rows, k_rows + (zero_page_id + 1) * page_size])  # values: the second plane
     max_prefix = max_pages * page_size
     prefix_mask = None
     if any(pages != max_pages for _, pages in groups):

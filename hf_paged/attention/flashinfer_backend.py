@@ -112,9 +112,14 @@ def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:
 
 
 def run_args(q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype) -> Args:
-    """Arguments of `wrapper.run`: q `[nnz, H_q, D]` in the planned dtype, the layer's pool
-    `[num_pages + 1, 2, page_size, H_kv, D]` (NHD; FlashInfer reads `[:, 0]` as K, `[:, 1]` as V)."""
-    return (q.to(dtype).contiguous(), layer_pool), {}
+    """Arguments of `wrapper.run`: q `[nnz, H_q, D]` in the planned dtype, and the layer's pool
+    `[2, num_pages + 1, page_size, H_kv, D]` as FlashInfer's `(k_cache, v_cache)` pair (each NHD)."""
+    return (q.to(dtype).contiguous(), kv_planes(layer_pool)), {}
+
+
+def kv_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value planes `[num_pages + 1, page_size, H_kv, D]` of a layer pool."""
+    return layer_pool[0], layer_pool[1]
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:

@@ -21,7 +21,7 @@ import torch
 
 from ..metadata import ForwardMetadata
 from . import cascade
-from .flashinfer_backend import Args, _common_kwargs, decode_plan_args, host_indices, prefill_plan_args
+from .flashinfer_backend import Args, _common_kwargs, decode_plan_args, host_indices, kv_planes, prefill_plan_args
 from .flashinfer_support import import_flashinfer
 from .params import LayerParams
 
@@ -107,9 +107,9 @@ def plan(
 def run(q: torch.Tensor, layer_pool: torch.Tensor, plan: FlashInferCascadePlan) -> torch.Tensor:
     """Cascade attention of `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]` in q's dtype."""
     q = q.to(plan.dtype).contiguous()
-    out, lse = plan.suffix.run(q, layer_pool, return_lse=True)  # (nnz, H_q, D), (nnz, H_q) base 2
+    out, lse = plan.suffix.run(q, kv_planes(layer_pool), return_lse=True)  # (nnz, H_q, D), (nnz, H_q) base 2
     order = plan.token_order
-    prefix_out, prefix_lse = plan.prefix.run(q.index_select(0, order), layer_pool, return_lse=True)
+    prefix_out, prefix_lse = plan.prefix.run(q.index_select(0, order), kv_planes(layer_pool), return_lse=True)
     suffix_out, suffix_lse = out.index_select(0, order), lse.index_select(0, order)
     merged, _ = import_flashinfer().merge_state(prefix_out, prefix_lse, suffix_out, suffix_lse)
     return out.index_copy(0, order, merged.to(out.dtype))

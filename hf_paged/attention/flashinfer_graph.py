@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .flashinfer_backend import KERNEL_BACKEND, Args
+from .flashinfer_backend import KERNEL_BACKEND, Args, kv_planes
 from .params import LayerParams
 
 # (address of the buffers' kv_indptr, layer setting) -> the planned _Wrapper record. Weak: the
@@ -59,7 +59,7 @@ def run_planned(
             f"no FlashInfer decode wrapper is planned for these buffers and {params}; "
             "FlashInferExecutor.plan_decode(meta, cache) must run before each compiled decode step"
         )
-    return record.wrapper.run(q.to(record.dtype), kv_pool).to(q.dtype)
+    return record.wrapper.run(q.to(record.dtype), kv_planes(kv_pool)).to(q.dtype)
 
 
 ops.register_runner("flashinfer", run_planned)

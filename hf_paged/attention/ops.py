@@ -69,8 +69,9 @@ def paged_attention(
     """Paged attention of the new tokens of every row; returns `[nnz, H_q, D]` in q's dtype.
 
     q:                [nnz, H_q, D] new tokens, rows concatenated (row i: `qo_indptr[i]:qo_indptr[i+1]`).
-    kv_pool:          [num_pages + 1, 2, page_size, H_kv, D] one layer's pool (NHD); its last page is
-                      all zeros (KVPool keeps it so): padded reads of the torch runner point there.
+    kv_pool:          [2, num_pages + 1, page_size, H_kv, D] one layer's pool (key and value planes,
+                      NHD); its last page is all zeros (KVPool keeps it so): padded reads of the
+                      torch runner point there.
     qo_indptr:        [rows + 1] int32.
     kv_indptr:        [rows + 1] int32, pages of row i are `kv_indices[kv_indptr[i]:kv_indptr[i+1]]`.
     kv_indices:       [>= kv_indptr[-1]] int32 page ids.
@@ -112,7 +113,7 @@ def _run_torch(
     nnz, num_qo_heads = q.shape[0], q.shape[1]
     rows = kv_last_page_len.shape[0]
     index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
-    kv_rows = torch_backend.kv_gather_rows(index, max_kv, zero_page_id=kv_pool.shape[0] - 1)
+    kv_rows = torch_backend.kv_gather_rows(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
     params = LayerParams(num_qo_heads, num_kv_heads, head_dim, sm_scale, window_left, logits_soft_cap)
     # Some row has fewer than max_q new tokens: scatter into a padded layout.
     q_rows = torch_backend.padded_query_rows(index, max_q, nnz) if nnz != rows * max_q else None
@@ -134,18 +135,16 @@ def store_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot
 
 
 def _write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    page_size, num_kv_heads, head_dim = kv_pool.shape[2], kv_pool.shape[3], kv_pool.shape[4]
-    flat = kv_pool.view(-1, num_kv_heads, head_dim)  # (pages * 2 * page_size, H, D)
-    k_rows = slot_mapping + (slot_mapping // page_size) * page_size
-    flat.index_copy_(0, k_rows, key.to(flat.dtype))
-    flat.index_copy_(0, k_rows + page_size, value.to(flat.dtype))
+    flat = kv_pool.view(2, -1, kv_pool.shape[3], kv_pool.shape[4])  # (2, pages * page_size, H, D)
+    flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
 
 
 @torch.library.custom_op("hf_paged::write_kv", mutates_args=("kv_pool",))
 def write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write new tokens' K/V into their slots of one layer's pool.
 
-    kv_pool:      [num_pages + 1, 2, page_size, H_kv, D], written in place.
+    kv_pool:      [2, num_pages + 1, page_size, H_kv, D], written in place.
     key, value:   [nnz, H_kv, D], cast to the pool's dtype.
     slot_mapping: [nnz] int64 `page_id * page_size + offset` of each token.
     """

@@ -62,7 +62,7 @@ def token_rows(meta: ForwardMetadata, max_kv: int, zero_row: int, first_token: i
     if num_indices == 0:
         return torch.full(valid.shape, zero_row, dtype=torch.long, device=device)
     page_ids = meta.kv_indices.long()[page_pos.clamp(max=num_indices - 1)]
-    rows = page_ids * (2 * page_size) + positions[None] % page_size
+    rows = page_ids * page_size + positions[None] % page_size
     return torch.where(valid, rows, torch.full_like(rows, zero_row))
 
 
@@ -89,11 +89,12 @@ def attention_mask(
 def kv_gather_rows(index, max_kv: int, zero_page_id: int) -> torch.Tensor:
     """[2 * rows * max_kv] int64 rows of `pool.view(-1, H, D)`: every row's keys, then its values.
 
-    `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex).
+    `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex). The zero page
+    is the last page of each plane, so a plane holds `(zero_page_id + 1) * page_size` rows.
     """
     page_size = index.page_size
-    k_rows = token_rows(index, max_kv, zero_page_id * 2 * page_size).reshape(-1)
-    return torch.cat([k_rows, k_rows + page_size])
+    k_rows = token_rows(index, max_kv, zero_page_id * page_size).reshape(-1)
+    return torch.cat([k_rows, k_rows + (zero_page_id + 1) * page_size])
 
 
 def padded_query_rows(index, max_q: int, nnz: int) -> torch.Tensor:
