@@ -28,9 +28,16 @@ class PagedCache(Cache):
     generate() create one. Pad tokens are never stored, but `get_seq_length()` reports the padded
     length transformers expects. Call `release()` (or use it as a context manager) to give its
     pages back; generate() does so for the caches it creates.
+
+    `max_tokens_per_row` (optional, the prompt plus the new tokens): on the torch executor, the
+    rows of the first forward then reserve consecutive pages (PageTables.reserve), so that while
+    they share nothing their K/V are read in place instead of gathered. Rows that outgrow it, or
+    a pool without such a free run, only lose that shortcut.
     """
 
-    def __init__(self, model: torch.nn.Module | None = None, *, pool: KVPool | None = None):
+    def __init__(
+        self, model: torch.nn.Module | None = None, *, pool: KVPool | None = None, max_tokens_per_row: int | None = None
+    ):
         super().__init__(layers=[])
         if pool is None:
             runtime = getattr(model, "hf_paged_runtime", None)
@@ -51,6 +58,7 @@ class PagedCache(Cache):
         cascade = runtime.config.cascade if runtime is not None else False
         self.cascade = self.executor.name == "torch" if cascade is None else cascade
         self._forward: ForwardState | None = None
+        self.max_tokens_per_row = max_tokens_per_row if self.executor.name == "torch" else None
 
     # -- forward lifecycle -------------------------------------------------------------------
 
@@ -63,6 +71,8 @@ class PagedCache(Cache):
         self._check_usable()
         if self.tables.num_rows == 0 and self.seq_length == 0:
             self.tables.add_rows(batch_size)
+            if self.max_tokens_per_row:
+                self.tables.reserve(self.max_tokens_per_row)
         if batch_size != self.tables.num_rows:
             raise ValueError(
                 f"this PagedCache holds {self.tables.num_rows} rows but the forward has batch size {batch_size}; "

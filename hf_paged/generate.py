@@ -17,6 +17,25 @@ def _expand_size(model, generation_config, kwargs: dict) -> int:
     return max(num_beams, num_return)
 
 
+def _max_tokens_per_row(model, input_ids, generation_config, kwargs: dict) -> int | None:
+    """Prompt plus the most new tokens generate() may add (None when the prompt is not plain ids).
+
+    Only a hint for PagedCache's page reservation: a wrong value costs speed, never correctness.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return None
+    config = generation_config if generation_config is not None else model.generation_config
+    prompt = input_ids.shape[1]
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None and kwargs.get("max_length") is not None:
+        return int(kwargs["max_length"])
+    if max_new is None:
+        max_new = config.max_new_tokens
+    if max_new is None:
+        return max(int(config.max_length or 0), prompt + 1)
+    return prompt + int(max_new)
+
+
 def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool:
     """Whether the prompt can be prefilled outside generate() exactly as generate() would."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -69,10 +88,11 @@ def make_generate(model):
             return original(model, inputs, generation_config, **kwargs)
         blocks = runtime.pool.blocks
         blocks.reset_peaks()
-        cache = PagedCache(model)
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        expand = _expand_size(model, generation_config, kwargs)
+        reserve = _max_tokens_per_row(model, input_ids, generation_config, kwargs) if expand == 1 else None
+        cache = PagedCache(model, max_tokens_per_row=reserve)
         try:
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            expand = _expand_size(model, generation_config, kwargs)
             if expand > 1 and _can_prefill_once(model, input_ids, generation_config, kwargs):
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
                 cache.batch_repeat_interleave(expand)

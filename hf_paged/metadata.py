@@ -26,6 +26,8 @@ class ForwardMetadata:
     padded number of input tokens per row), page_size; with `cascade` (shared-prefix attention
     allowed) also kv_indptr_host and kv_indices_host, the same lists as the tensors, which an
     executor reads to find the rows whose page tables share a prefix without a device sync.
+    row_run: (first page, pages per row) when row i's pages are exactly `first + i * stride + k`
+    (PageTables.contiguous_run): the torch executor then reads the rows as a view of the pool.
     """
 
     qo_indptr: torch.Tensor
@@ -43,6 +45,7 @@ class ForwardMetadata:
     cascade: bool = False
     kv_indptr_host: list[int] | None = None
     kv_indices_host: list[int] | None = None
+    row_run: tuple[int, int] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -68,7 +71,7 @@ class ForwardMetadata:
             move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
             self.qo_lens, self.kv_lens, self.q_len, self.page_size,
-            self.cascade, self.kv_indptr_host, self.kv_indices_host,
+            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.row_run,
         )
 
 
@@ -126,4 +129,5 @@ def build_metadata(
         cascade=cascade,
         kv_indptr_host=kv_indptr if cascade else None,
         kv_indices_host=kv_indices if cascade else None,
+        row_run=tables.contiguous_run(),
     )

@@ -5,6 +5,13 @@ its tokens in order; every page but the last is full. Rows may share pages; a ro
 into a shared, partly filled last page first gets its own copy (copy-on-write), and the copy is
 returned to the caller as a (source, destination) pair so that the K/V move happens in one
 batched copy per step.
+
+Rows that will share nothing (greedy or sampled decoding of distinct prompts) can `reserve` a run
+of consecutive free pages each, at a fixed stride: each then takes its pages in order from its
+run as it grows, so its tokens lie contiguously in every layer's pool and the torch executor reads
+all rows as one strided view instead of gathering them (see `contiguous_run`). A reservation holds
+no page: a page is taken only when a token needs it, and a page someone else holds meanwhile is
+simply allocated elsewhere (the row then reads through the gather path).
 """
 
 from .blocks import BlockManager
@@ -23,6 +30,10 @@ class PageTables:
         self.page_size = page_size
         self.page_tables: list[list[int]] = []
         self.num_tokens: list[int] = []
+        # Reservation: row i's pages are to be `home[i] + k`, k < stride; `in_place[i]` while they are.
+        self.home: list[int] = []
+        self.in_place: list[bool] = []
+        self.stride = 0
 
     @property
     def num_rows(self) -> int:
@@ -32,6 +43,31 @@ class PageTables:
         """Append `num_rows` empty rows."""
         self.page_tables.extend([] for _ in range(num_rows))
         self.num_tokens.extend([0] * num_rows)
+        self.home.extend([-1] * num_rows)
+        self.in_place.extend([False] * num_rows)
+
+    def reserve(self, tokens_per_row: int) -> bool:
+        """Give every (empty) row a run of pages for `tokens_per_row` tokens, rows back to back.
+
+        Returns False, changing nothing, when some row already holds tokens or the pool has no free
+        run of `rows * pages_per_row` pages.
+        """
+        stride = num_pages_for(tokens_per_row, self.page_size)
+        if not self.num_rows or stride < 1 or any(self.num_tokens):
+            return False
+        first = self.blocks.find_free_run(self.num_rows * stride)
+        if first is None:
+            return False
+        self.home = [first + row * stride for row in range(self.num_rows)]
+        self.in_place = [True] * self.num_rows
+        self.stride = stride
+        return True
+
+    def contiguous_run(self) -> tuple[int, int] | None:
+        """(first page, pages per row) when row i's pages are exactly `first + i * stride + k`."""
+        if self.num_rows and all(self.in_place):
+            return self.home[0], self.stride
+        return None
 
     def num_pages_to_append(self, num_new_tokens: list[int]) -> int:
         """Pages `append(num_new_tokens)` takes from the pool, copies for copy-on-write included."""
@@ -78,13 +114,26 @@ class PageTables:
                 copies.append((table[-1], own))
                 blocks.free([table[-1]])
                 table[-1] = own
+                self.in_place[row] = False
             end = start + num_new
             grow = num_pages_for(end, page_size) - len(table)
+            if grow and self.in_place[row]:
+                grow = self._grow_in_place(row, grow)
             if grow:
                 table.extend(blocks.allocate(grow))
             slots.extend(table[t // page_size] * page_size + t % page_size for t in range(start, end))
             self.num_tokens[row] = end
         return slots, copies
+
+    def _grow_in_place(self, row: int, grow: int) -> int:
+        """Take the row's next reserved pages; returns how many pages are still to allocate."""
+        table = self.page_tables[row]
+        while grow and len(table) < self.stride and self.blocks.take(self.home[row] + len(table)):
+            table.append(self.home[row] + len(table))
+            grow -= 1
+        if grow:
+            self.in_place[row] = False
+        return grow
 
     def select_rows(self, row_ids: list[int]) -> None:
         """Replace the rows by `[row[i] for i in row_ids]`: reorder, repeat or drop rows, sharing pages."""
@@ -100,6 +149,8 @@ class PageTables:
             self.blocks.free(table)
         self.page_tables = new_tables
         self.num_tokens = new_tokens
+        self.home = [-1] * len(row_ids)  # rows now share pages: reservations end
+        self.in_place = [False] * len(row_ids)
 
     def crop(self, num_tokens_to_remove: list[int]) -> None:
         """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end."""
@@ -119,6 +170,8 @@ class PageTables:
             self.blocks.free(table)
         self.page_tables = []
         self.num_tokens = []
+        self.home = []
+        self.in_place = []
 
     def num_unique_tokens(self) -> int:
         """Tokens stored once however many rows share them (for the memory bound)."""

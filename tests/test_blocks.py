@@ -116,3 +116,81 @@ def test_release_returns_every_page():
     tables.select_rows([0, 1, 1])
     tables.release()
     assert blocks.num_free_pages == 8 and all(count == 0 for count in blocks.ref_counts)
+
+
+# -- reservations: consecutive pages for rows that share nothing ---------------------------------
+
+
+def test_take_removes_one_page_from_anywhere_in_the_free_stack():
+    blocks = BlockManager(6)
+    assert blocks.take(3) and blocks.ref_counts[3] == 1
+    assert not blocks.take(3)  # in use: refused, nothing changes
+    assert blocks.free_page_ids == [5, 4, 0, 2, 1] and blocks.num_used_pages == 1
+    assert blocks.allocate(4) == [1, 2, 0, 4]
+    blocks.free([3])
+    assert blocks.free_page_ids == [5, 3] and blocks.peak_used_pages == 5
+
+
+def test_find_free_run_returns_the_lowest_run_of_free_pages():
+    blocks = BlockManager(8)
+    blocks.allocate(2)  # 0, 1
+    assert blocks.take(4)
+    assert blocks.find_free_run(2) == 2 and blocks.find_free_run(3) == 5
+    assert blocks.find_free_run(4) is None and blocks.find_free_run(0) is None
+    blocks.free([4])
+    assert blocks.find_free_run(6) == 2
+
+
+def test_reserved_rows_take_consecutive_pages_at_a_fixed_stride():
+    blocks = BlockManager(16)
+    blocks.allocate(1)  # page 0 is held elsewhere: the run starts at 1
+    tables = PageTables(blocks, page_size=2)
+    tables.add_rows(3)
+    assert tables.reserve(5)  # 3 pages per row
+    slots, _ = tables.append([3, 3, 3])
+    assert tables.page_tables == [[1, 2], [4, 5], [7, 8]]
+    assert slots == [2, 3, 4, 8, 9, 10, 14, 15, 16]
+    assert tables.contiguous_run() == (1, 3)
+    tables.append([2, 2, 2])  # the third page of each run
+    assert tables.page_tables == [[1, 2, 3], [4, 5, 6], [7, 8, 9]] and tables.contiguous_run() == (1, 3)
+    tables.append([2, 0, 0])  # row 0 outgrows its run: an ordinary page, and the view is gone
+    assert tables.page_tables[0] == [1, 2, 3, 10] and tables.contiguous_run() is None
+    tables.release()
+    assert blocks.num_used_pages == 1
+
+
+def test_a_reserved_page_held_elsewhere_is_allocated_elsewhere():
+    blocks = BlockManager(12)
+    tables = PageTables(blocks, page_size=1)
+    tables.add_rows(2)
+    assert tables.reserve(3)  # row 0: pages 0-2, row 1: pages 3-5
+    tables.append([1, 1])
+    assert blocks.take(4)  # another cache takes row 1's next page
+    slots, _ = tables.append([1, 1])
+    assert tables.page_tables == [[0, 1], [3, 2]] and slots == [1, 2]  # the free stack's top
+    assert tables.in_place == [True, False] and tables.contiguous_run() is None
+
+
+def test_reserve_refuses_without_a_free_run_or_with_tokens_held():
+    blocks = BlockManager(6)
+    tables = PageTables(blocks, page_size=4)
+    tables.add_rows(2)
+    assert not tables.reserve(13)  # 2 rows x 4 pages > 6
+    assert tables.contiguous_run() is None
+    tables.append([1, 1])
+    assert not tables.reserve(4)
+    tables.release()
+    tables.add_rows(2)
+    assert tables.reserve(12) and tables.contiguous_run() == (0, 3)
+
+
+def test_shared_rows_end_the_reservation():
+    blocks = BlockManager(12)
+    tables = PageTables(blocks, page_size=2)
+    tables.add_rows(2)
+    assert tables.reserve(4)
+    tables.append([3, 3])
+    tables.select_rows([1, 0])
+    assert tables.contiguous_run() is None and tables.home == [-1, -1]
+    tables.append([1, 1])  # fills each row's own partial last page; nothing shared, nothing copied
+    assert tables.page_tables == [[2, 3], [0, 1]]

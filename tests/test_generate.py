@@ -139,3 +139,70 @@ def test_prefill_runs_once_per_input_not_once_per_beam():
         handle.remove()
     assert seen[0] == (2, 10), "the prompt minus its last token, once per input"
     assert seen[1:] == [(8, 1)] * 3, "then one token per beam per step"
+
+
+# -- rows that share nothing read their pages in place ---------------------------------------------
+
+
+def count_in_place_reads(monkeypatch) -> list[int]:
+    """Patch the torch executor to count the layer reads that take the no-gather view."""
+    from hf_paged.attention import torch_backend
+
+    calls = [0, 0]  # in place, gathered
+    rows_view, gather_kv = torch_backend.rows_view, torch_backend.gather_kv
+
+    def counted_view(*args):
+        calls[0] += 1
+        return rows_view(*args)
+
+    def counted_gather(*args):
+        calls[1] += 1
+        return gather_kv(*args)
+
+    monkeypatch.setattr(torch_backend, "rows_view", counted_view)
+    monkeypatch.setattr(torch_backend, "gather_kv", counted_gather)
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_unpadded_greedy_and_sampling_read_in_place_and_match_stock(family, monkeypatch):
+    model = tiny_model(family)
+    input_ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(2))
+    modes = {"greedy": dict(), "sample": dict(do_sample=True, top_k=20)}
+    expected = {mode: generate(model, input_ids, None, min_new_tokens=10, **kw) for mode, kw in modes.items()}
+    hf_paged.wrap(model, num_pages=64, page_size=4)
+    calls = count_in_place_reads(monkeypatch)
+    for mode, kw in modes.items():
+        assert torch.equal(generate(model, input_ids, None, min_new_tokens=10, **kw), expected[mode]), mode
+    layers = model.config.get_text_config().num_hidden_layers
+    assert calls == [2 * 10 * layers, 0], "every forward (prompt + 9 steps) of every layer reads in place"
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_a_fragmented_pool_falls_back_to_the_gather_and_matches_stock(monkeypatch):
+    model = tiny_model("llama")
+    input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    expected = generate(model, input_ids, None, min_new_tokens=10)
+    hf_paged.wrap(model, num_pages=40, page_size=4)
+    blocks = model.hf_paged_runtime.pool.blocks
+    held = [page for page in range(3, 40, 5) if blocks.take(page)]  # no run of 2 x 5 free pages is left
+    assert blocks.find_free_run(10) is None
+    calls = count_in_place_reads(monkeypatch)
+    assert torch.equal(generate(model, input_ids, None, min_new_tokens=10), expected)
+    assert calls[0] == 0 and calls[1] > 0
+    blocks.free(held)
+    assert torch.equal(generate(model, input_ids, None, min_new_tokens=10), expected)
+    assert calls[0] > 0 and blocks.num_used_pages == 0
+
+
+def test_rows_outgrowing_their_reservation_match_stock(monkeypatch):
+    model = tiny_model("llama")
+    input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    expected = generate(model, input_ids, None, max_new_tokens=30, min_new_tokens=30)
+    hf_paged.wrap(model, num_pages=64, page_size=4)
+    import hf_paged.generate as paged_generate
+
+    monkeypatch.setattr(paged_generate, "_max_tokens_per_row", lambda *args: 13)  # a hint that is too small
+    calls = count_in_place_reads(monkeypatch)
+    assert torch.equal(generate(model, input_ids, None, max_new_tokens=30, min_new_tokens=30), expected)
+    assert calls[0] > 0 and calls[1] > 0  # in place while the runs last, gathered after

@@ -14,23 +14,34 @@ operation = st.one_of(
     st.tuples(st.just("select"), st.lists(st.integers(0, 100), min_size=1, max_size=8)),
     st.tuples(st.just("crop"), st.integers(0, 6)),
     st.tuples(st.just("release"), st.none()),
+    st.tuples(st.just("reserve"), st.integers(0, 12)),  # release, then reserve runs of this many tokens
+    st.tuples(st.just("other"), st.integers(1, 5)),  # another cache takes pages (maybe reserved ones)
 )
 
 
-def check_invariants(blocks: BlockManager, tables: PageTables) -> None:
-    holders = Counter(page for table in tables.page_tables for page in table)
+def check_invariants(blocks: BlockManager, tables: PageTables, other: PageTables) -> None:
+    holders = Counter(page for t in (tables, other) for table in t.page_tables for page in table)
     for page in range(blocks.num_pages):
         assert blocks.ref_counts[page] == holders.get(page, 0), f"page {page}"
     assert blocks.num_free_pages + len(holders) == blocks.num_pages
     assert not set(blocks.free_page_ids) & set(holders), "a free page is still referenced"
     assert len(set(blocks.free_page_ids)) == len(blocks.free_page_ids)
     assert blocks.num_shared_pages == sum(1 for count in holders.values() if count > 1)
+    assert [page for page in range(blocks.num_pages) if blocks._free_flags[page]] == sorted(blocks.free_page_ids)
+    assert all(blocks._stack_index[page] == i for i, page in enumerate(blocks.free_page_ids))
+    for row, table in enumerate(tables.page_tables):  # a row in place holds its reserved pages, in order
+        if tables.in_place[row]:
+            assert table == list(range(tables.home[row], tables.home[row] + len(table)))
+    run = tables.contiguous_run()
+    if run is not None:
+        first, stride = run
+        assert all(t == list(range(first + r * stride, first + r * stride + len(t))) for r, t in enumerate(tables.page_tables))
     for table, num_tokens in zip(tables.page_tables, tables.num_tokens):
         assert len(table) == num_pages_for(num_tokens, tables.page_size)
         assert len(set(table)) == len(table)
     # Memory bound: pages in use <= pages for the unique tokens + one partial page per row.
     bound = num_pages_for(tables.num_unique_tokens(), tables.page_size) + tables.num_rows
-    assert blocks.num_used_pages <= bound
+    assert blocks.num_used_pages - len(set(p for t in other.page_tables for p in t)) <= bound
 
 
 @settings(max_examples=150, deadline=None)
@@ -44,6 +55,8 @@ def test_random_operations_keep_invariants(page_size, num_pages, num_rows, opera
     blocks = BlockManager(num_pages)
     tables = PageTables(blocks, page_size)
     tables.add_rows(num_rows)
+    other = PageTables(blocks, page_size)
+    other.add_rows(1)
     for name, argument in operations:
         if name == "append":
             counts = (argument * tables.num_rows)[: tables.num_rows]
@@ -65,6 +78,19 @@ def test_random_operations_keep_invariants(page_size, num_pages, num_rows, opera
         elif name == "release":
             tables.release()
             tables.add_rows(num_rows)
-        check_invariants(blocks, tables)
+        elif name == "reserve":
+            tables.release()
+            tables.add_rows(num_rows)
+            reserved = tables.reserve(argument)
+            stride = num_pages_for(argument, page_size)
+            assert reserved == (stride > 0 and blocks.find_free_run(num_rows * stride) is not None)
+            assert (tables.contiguous_run() is not None) == reserved
+        elif name == "other":
+            try:
+                other.append([argument])
+            except OutOfPagesError:
+                pass
+        check_invariants(blocks, tables, other)
     tables.release()
+    other.release()
     assert blocks.num_free_pages == num_pages

@@ -1,9 +1,11 @@
 """The torch executor against dense attention, over awkward lengths, page sizes, GQA and sharing."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from hf_paged.attention import LayerParams, torch_backend
+from hf_paged.attention import LayerParams, ops, torch_backend
 from hf_paged.blocks import BlockManager
 from hf_paged.metadata import build_metadata
 from hf_paged.tables import PageTables
@@ -106,3 +108,76 @@ def test_metadata_is_in_flashinfer_format():
     assert meta.kv_indices[0].item() == meta.kv_indices[2].item(), "the full prefix page is shared"
     assert meta.kv_last_page_len.tolist() == [4, 2]
     assert torch.equal(torch_backend.kv_lengths(meta), torch.tensor([8, 10]))
+
+
+# -- rows in consecutive pages: read as a view of the pool, no gather -----------------------------
+
+
+def reserved_case(page_size, steps, num_rows, num_kv_heads, reserve_tokens, seed=0):
+    """Rows that reserved runs of pages, each appending `steps[i][row]` tokens of random K/V at step i.
+
+    Returns (pool, meta of the last step, per-row dense K/V, zero page id).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_pages = 128
+    pool = torch.full((2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM), float("nan"))
+    pool[:, num_pages].zero_()
+    tables = PageTables(BlockManager(num_pages), page_size)
+    tables.add_rows(num_rows)
+    assert tables.reserve(reserve_tokens)
+    dense = [[torch.empty(0, num_kv_heads, HEAD_DIM)] * 2 for _ in range(num_rows)]
+    for step in steps:
+        slots, copies = tables.append(step)
+        assert not copies
+        k, v = (torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator) for _ in range(2))
+        ops.store_kv(pool, k, v, torch.tensor(slots))
+        start = 0
+        for row, n in enumerate(step):
+            dense[row] = [torch.cat([dense[row][i], t[start : start + n]]) for i, t in enumerate((k, v))]
+            start += n
+    meta = build_metadata(tables, steps[-1], max(steps[-1]), slots, [], None, torch.device("cpu"))
+    return pool, meta, dense, num_pages
+
+
+@pytest.mark.parametrize("page_size", [1, 8, 16])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [[5, 5, 5]],  # a prompt: causal, nothing past
+        [[9, 9], [1, 1]],  # a decode step
+        [[16, 16, 16, 16], [3, 3, 3, 3]],  # several new tokens on top of full pages
+        [[7, 7, 7], [1, 1, 1], [1, 1, 1]],
+    ],
+)
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(2, 2), (8, 2)])
+@pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (3, 0.0), (-1, 5.0)])
+def test_rows_read_in_place_match_dense_attention(page_size, steps, num_qo_heads, num_kv_heads, window_left, soft_cap):
+    reserve = sum(step[0] for step in steps) + page_size + 1  # some room left in each run
+    pool, meta, dense, zero_page = reserved_case(page_size, steps, len(steps[0]), num_kv_heads, reserve)
+    assert meta.row_run is not None
+    params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.4, window_left, soft_cap)
+    plan = torch_backend.plan(meta, params, zero_page)
+    assert plan.row_run == meta.row_run and plan.kv_rows is None  # nothing is gathered
+    q = torch.randn(sum(meta.qo_lens), num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    out = torch_backend.run(q, pool, plan)
+    assert not out.isnan().any()  # the NaN slots past every row's tokens are never read
+    start = 0
+    for row, n in enumerate(meta.qo_lens):
+        expected = dense_reference(q[start : start + n], *dense[row], params)
+        torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
+        start += n
+    gathered = torch_backend.plan(dataclasses.replace(meta, row_run=None), params, zero_page)
+    assert gathered.kv_rows is not None
+    torch.testing.assert_close(out, torch_backend.run(q, pool, gathered), atol=1e-6, rtol=1e-6)
+
+
+def test_rows_of_unequal_length_are_gathered_even_in_consecutive_pages():
+    pool, meta, dense, zero_page = reserved_case(4, [[6, 3], [1, 1]], 2, 2, 16)
+    assert meta.row_run is not None and meta.kv_lens == [7, 4]
+    params = LayerParams(2, 2, HEAD_DIM, 0.4)
+    plan = torch_backend.plan(meta, params, zero_page)
+    assert plan.row_run is None and plan.kv_rows is not None
+    q = torch.randn(2, 2, HEAD_DIM)
+    out = torch_backend.run(q, pool, plan)
+    for row in range(2):
+        torch.testing.assert_close(out[row : row + 1], dense_reference(q[row : row + 1], *dense[row], params), atol=1e-5, rtol=1e-5)

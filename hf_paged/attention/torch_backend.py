@@ -4,6 +4,10 @@ Runs on any device and is the reference the FlashInfer executor is checked again
 turns the page tables into one gather index and one mask per forward; `run()` gathers a layer's
 K/V with a single `index_select` and calls SDPA (or an explicit softmax when logits are soft-capped).
 Grouped-query heads are packed into the query length, so K/V are never repeated.
+
+When the rows' pages are consecutive runs at a fixed stride (`meta.row_run`, rows that reserved
+their pages and share none) and every row holds the same number of tokens, the K/V of all rows
+are a strided view of the pool: nothing is gathered.
 """
 
 from dataclasses import dataclass
@@ -21,7 +25,9 @@ class TorchPlan:
     """Derived once per forward and layer setting; read by every layer with that setting.
 
     kv_rows:   [2 * rows * max_kv] int64 rows of `pool.view(-1, H_kv, D)` holding each row's keys
-               then values, padded with the pool's zero page.
+               then values, padded with the pool's zero page; None with `row_run`.
+    row_run:   (first page, pages per row): row i's K/V are tokens `:max_kv` of pages
+               `first + i * stride ...`, read as a view (see `rows_view`); else None.
     mask:      [rows, 1, group * max_q or 1, max_kv] bool (True = attend), or None when every row
                sees every gathered key.
     q_rows:    [nnz] int64 positions of the new tokens in the `rows * max_q` padded layout, or
@@ -31,7 +37,7 @@ class TorchPlan:
                blocks above the diagonal.
     """
 
-    kv_rows: torch.Tensor
+    kv_rows: torch.Tensor | None
     mask: torch.Tensor | None
     q_rows: torch.Tensor | None
     num_rows: int
@@ -39,6 +45,7 @@ class TorchPlan:
     max_kv: int
     params: LayerParams
     causal: bool = False
+    row_run: tuple[int, int] | None = None
 
 
 def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
@@ -124,7 +131,10 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "Torc
         if shared is not None:
             return shared
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
-    kv_rows = kv_gather_rows(meta, max_kv, zero_page_id)
+    # Rows of equal length in consecutive pages: read in place. (With unequal lengths a view would
+    # also read the unwritten slots past a shorter row's end; the gather reads the zero page there.)
+    row_run = meta.row_run if meta.row_run is not None and all(n == max_kv for n in meta.kv_lens) else None
+    kv_rows = None if row_run is not None else kv_gather_rows(meta, max_kv, zero_page_id)
     uniform_q = all(n == max_q for n in meta.qo_lens)
     q_rows = None if uniform_q else padded_query_rows(meta, max_q, sum(meta.qo_lens))
     causal = (
@@ -135,7 +145,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "Torc
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
     mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
-    return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params, causal)
+    return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params, causal, row_run)
 
 
 def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
@@ -163,6 +173,15 @@ def gather_kv(pool: torch.Tensor, kv_rows: torch.Tensor, rows: int, length: int)
     num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
     kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_rows)
     kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
+    return kv[0], kv[1]
+
+
+def rows_view(pool: torch.Tensor, row_run: tuple[int, int], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy."""
+    first, stride = row_run
+    page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
+    tokens = pool.view(2, -1, num_kv_heads, head_dim)[:, first * page_size : (first + rows * stride) * page_size]
+    kv = tokens.view(2, rows, stride * page_size, num_kv_heads, head_dim)[:, :, :length].transpose(2, 3)
     return kv[0], kv[1]
 
 
@@ -201,7 +220,10 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: "TorchPlan | cascade.CascadeP
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
     if isinstance(plan, cascade.CascadePlan):
         return cascade.run(q, pool, plan)
-    k, v = gather_kv(pool, plan.kv_rows, plan.num_rows, plan.max_kv)
+    if plan.row_run is not None:
+        k, v = rows_view(pool, plan.row_run, plan.num_rows, plan.max_kv)
+    else:
+        k, v = gather_kv(pool, plan.kv_rows, plan.num_rows, plan.max_kv)
     if plan.causal:
         p = plan.params
         q = q.view(plan.num_rows, plan.max_q, p.num_qo_heads, p.head_dim).transpose(1, 2)  # (R, H_q, Q, D)
