@@ -90,10 +90,16 @@ def make_generate(model):
         blocks.reset_peaks()
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, generation_config, kwargs)
-        reserve = _max_tokens_per_row(model, input_ids, generation_config, kwargs) if expand == 1 else None
+        fork = expand > 1 and _can_prefill_once(model, input_ids, generation_config, kwargs)
+        # Consecutive pages: for every row's whole life when rows share nothing; for the prompts
+        # when they are forked (their shared prefixes are then read in place).
+        if fork:
+            reserve = input_ids.shape[1]
+        else:
+            reserve = _max_tokens_per_row(model, input_ids, generation_config, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)
         try:
-            if expand > 1 and _can_prefill_once(model, input_ids, generation_config, kwargs):
+            if fork:
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
                 cache.batch_repeat_interleave(expand)
             with maybe_compiled_decode(model, inputs, generation_config, kwargs):  # PagedConfig(compile=True)

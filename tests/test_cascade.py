@@ -52,7 +52,12 @@ CASES = [
     (16, [48, 5], [1, 0, 1, 0, 0], [3, 1, 2, 20, 0], [1, 1, 1, 1, 1]),  # interleaved groups + a short one
     (8, [24, 9], [0, 1, 0, 0], [5, 3, 1, 7], [3, 1, 2, 4]),  # several new tokens per row
     (1, [3, 11], [0, 0, 1], [0, 0, 0], [2, 1, 5]),
+    # Prefixes of one length in consecutive pages: read in place, not gathered.
+    (8, [16, 16], [0, 0, 1, 1], [3, 1, 0, 5], [1, 1, 1, 1]),
+    (16, [40], [0, 0, 0, 0], [0, 2, 5, 1], [1, 1, 1, 1]),
+    (4, [9, 10, 11], [0, 1, 2, 0, 1, 2], [1, 2, 3, 4, 5, 6], [2, 2, 2, 1, 1, 1]),
 ]
+IN_PLACE_CASES = CASES[-3:]
 
 
 @pytest.mark.parametrize("page_size,prefix_lens,fork,private_lens,new_lens", CASES)
@@ -69,6 +74,23 @@ def test_cascade_matches_plain_path(always_cascade, page_size, prefix_lens, fork
     assert isinstance(plain_plan, torch_backend.TorchPlan)
     expected = torch_backend.run(q, pool, plain_plan)
     torch.testing.assert_close(torch_backend.run(q, pool, shared_plan), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_read_in_place_only_for_equal_consecutive_runs(always_cascade):
+    params = LayerParams(8, 2, HEAD_DIM, 0.3)
+    gathered = [CASES[1], CASES[2]]  # groups whose prefixes differ in length
+    for case in IN_PLACE_CASES + gathered:
+        _, meta, zero_page = grouped_case(*case, num_kv_heads=2)
+        plan = torch_backend.plan(meta, params, zero_page)
+        in_place = case in IN_PLACE_CASES
+        assert (plan.prefix_run is not None) == in_place, case
+        assert (plan.prefix_rows is None) == in_place, case
+    assert cascade._consecutive_run([[4, 5], [7, 8]], 99) == (4, 3)
+    assert cascade._consecutive_run([[4, 5], [6, 8]], 99) is None  # not consecutive
+    assert cascade._consecutive_run([[4, 5], [5, 6]], 99) is None  # overlapping views
+    assert cascade._consecutive_run([[4, 5], [7, 99]], 99) is None  # padded with the zero page
+    assert cascade._consecutive_run([[97, 98]], 99) == (97, 2)
+    assert cascade._consecutive_run([[6, 7], [8, 9]], 9) is None  # a view past the last page
 
 
 def test_groups_are_page_aligned_and_exclude_new_tokens():
@@ -167,3 +189,29 @@ def test_generate_same_tokens_with_and_without_cascade(always_cascade, monkeypat
     assert torch.equal(with_cascade, without)
     torch.manual_seed(0)
     assert torch.equal(with_cascade, model.generate(**kwargs)), "unwrapped (stock) generate() differs"
+
+
+def test_prefix_ending_in_a_copied_page_is_cut_to_its_consecutive_run(always_cascade):
+    """Beams of two prompts whose shared prefix ends in a copy-on-write page (as after the prompt's
+    partly filled last page is written): the prefixes are cut to their consecutive pages, read in
+    place, and the copied page joins each row's suffix."""
+    page_size, num_pages = 4, 64
+    generator = torch.Generator().manual_seed(3)
+    pool = torch.randn(2, num_pages + 1, page_size, 2, HEAD_DIM, generator=generator)
+    pool[:, num_pages].zero_()
+    tables = PageTables(BlockManager(num_pages), page_size)
+    tables.add_rows(2)
+    tables.append([15, 15])  # pages 0-3 and 4-7
+    tables.select_rows([0, 0, 1, 1])
+    tables.append([1, 1, 1, 1])  # rows 0 and 2 copy the shared partial page: 8 and 9
+    tables.select_rows([0, 0, 2, 2])
+    slots, copies = tables.append([1, 1, 1, 1])
+    assert [t[:4] for t in tables.page_tables] == [[0, 1, 2, 8], [0, 1, 2, 8], [4, 5, 6, 9], [4, 5, 6, 9]]
+    meta = build_metadata(tables, [1, 1, 1, 1], 1, slots, copies, None, torch.device("cpu"), cascade=True)
+    assert cascade.find_groups(meta) == [([0, 1], 4), ([2, 3], 4)]
+    params = LayerParams(8, 2, HEAD_DIM, 0.3)
+    plan = torch_backend.plan(meta, params, num_pages)
+    assert plan.prefix_run == (0, 4) and plan.max_prefix == 3 * page_size
+    q = torch.randn(4, 8, HEAD_DIM, generator=generator)
+    plain = torch_backend.plan(dataclasses.replace(meta, cascade=False), params, num_pages)
+    torch.testing.assert_close(torch_backend.run(q, pool, plan), torch_backend.run(q, pool, plain), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,9 @@ found once per forward from the host-side page lists of the metadata (no device 
 
 A prefix is only taken from pages every row of the group holds in full and that end before the
 row's first new token, so every query sees the whole prefix (no mask) and its own suffix is never
-empty. Sliding-window layers keep the plain path.
+empty. Sliding-window layers keep the plain path. When every group's prefix has the same number
+of pages and the prefixes are consecutive runs at a fixed stride (a prompt batch prefilled into a
+fresh pool, or one prompt's beams), the prefix K/V are read as a view of the pool, not gathered.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class CascadePlan:
 
     suffix:        TorchPlan of every row over its own pages (after its group's prefix).
     prefix_rows:   [2 * groups * max_prefix] int64 rows of `pool.view(-1, H_kv, D)` holding each
-                   group's prefix keys then values, padded with the zero page.
+                   group's prefix keys then values, padded with the zero page; None with prefix_run.
+    prefix_run:    (first page, stride): group g's prefix is pages `first + g * stride ...`, all
+                   of max_prefix tokens, read in place (torch_backend.rows_view); else None.
     prefix_mask:   [groups, 1, 1, max_prefix] bool (True = attend), or None when every group's
                    prefix has max_prefix tokens.
     group_rows:    [groups, max_members] int64 member rows of each group, padded with `rows` (a zero
@@ -42,7 +46,7 @@ class CascadePlan:
     """
 
     suffix: tb.TorchPlan
-    prefix_rows: torch.Tensor
+    prefix_rows: torch.Tensor | None
     prefix_mask: torch.Tensor | None
     group_rows: torch.Tensor | None
     row_slot: torch.Tensor | None
@@ -50,6 +54,7 @@ class CascadePlan:
     max_members: int
     max_prefix: int
     params: LayerParams
+    prefix_run: tuple[int, int] | None = None
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
@@ -108,6 +113,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
     saved = sum((len(members) - 1) * pages * page_size for members, pages in groups)
     if saved < MIN_SAVED_FRACTION * sum(meta.kv_lens):
         return None
+    groups, prefix_run = _in_place_groups(groups, meta, zero_page_id)
     prefix_pages = [0] * rows
     for members, pages in groups:
         for row in members:
@@ -122,10 +128,12 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
     for members, pages in groups:
         start = indptr[members[0]]
         page_ids.append(indices[start:start + pages] + [zero_page_id] * (max_pages - pages))
-    page_ids_t = _to_device(page_ids, torch.int64, device)  # (G, P)
-    offsets = torch.arange(page_size, device=device)
-    k_rows = (page_ids_t[:, :, None] * page_size + offsets).reshape(-1)  # (G * P * page_size,)
-    prefix_rows = torch.cat([k_rows, k_rows + (zero_page_id + 1) * page_size])  # values: the second plane
+    prefix_rows = None
+    if prefix_run is None:
+        page_ids_t = _to_device(page_ids, torch.int64, device)  # (G, P)
+        offsets = torch.arange(page_size, device=device)
+        k_rows = (page_ids_t[:, :, None] * page_size + offsets).reshape(-1)  # (G * P * page_size,)
+        prefix_rows = torch.cat([k_rows, k_rows + (zero_page_id + 1) * page_size])  # values: the second plane
     max_prefix = max_pages * page_size
     prefix_mask = None
     if any(pages != max_pages for _, pages in groups):
@@ -145,8 +153,58 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
         group_rows = _to_device(padded, torch.int64, device)
         row_slot = _to_device(slots, torch.int64, device)
     return CascadePlan(
-        suffix, prefix_rows, prefix_mask, group_rows, row_slot, num_groups, max_members, max_prefix, params
+        suffix, prefix_rows, prefix_mask, group_rows, row_slot, num_groups, max_members, max_prefix, params, prefix_run
     )
+
+
+def _consecutive_length(pages: list[int]) -> int:
+    """How many leading pages of `pages` are `pages[0], pages[0] + 1, ...`."""
+    first = pages[0]
+    if pages == list(range(first, first + len(pages))):
+        return len(pages)
+    low, high = 1, len(pages)  # pages[:low] is consecutive, pages[:high] is not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if pages[:mid] == list(range(first, first + mid)):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def _in_place_groups(
+    groups: list[tuple[list[int], int]], meta: ForwardMetadata, zero_page_id: int
+) -> tuple[list[tuple[list[int], int]], tuple[int, int] | None]:
+    """Groups whose prefixes can be read in place, and the (first, stride) run they form.
+
+    Each group's prefix is cut to the pages it holds consecutively and all to one length, when that
+    keeps at least 3/4 of the longest prefix: a beam's copy-on-write page after the prompt breaks
+    the run at its end, and that page then joins each row's suffix. Otherwise the groups come back
+    unchanged with None (the prefixes are gathered).
+    """
+    indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
+    heads = [indices[indptr[members[0]]:indptr[members[0]] + pages] for members, pages in groups]
+    length = min(_consecutive_length(head) for head in heads)
+    if 4 * length < 3 * max(pages for _, pages in groups):
+        return groups, None
+    run = _consecutive_run([head[:length] for head in heads], zero_page_id)
+    if run is None:
+        return groups, None
+    return [(members, length) for members, _ in groups], run
+
+
+def _consecutive_run(page_ids: list[list[int]], zero_page_id: int) -> tuple[int, int] | None:
+    """(first, stride) when `page_ids[g] == range(first + g * stride, ...)` for every group, all of one
+    length (no zero-page padding) and `stride >= length`, so the groups' views never overlap."""
+    first, length = page_ids[0][0], len(page_ids[0])
+    stride = page_ids[1][0] - first if len(page_ids) > 1 else length
+    if stride < length or first + len(page_ids) * stride > zero_page_id:
+        return None
+    for g, pages in enumerate(page_ids):
+        start = first + g * stride
+        if pages != list(range(start, start + length)):
+            return None
+    return first, stride
 
 
 def _suffix_metadata(meta: ForwardMetadata, prefix_pages: list[int]) -> ForwardMetadata:
@@ -206,7 +264,10 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
         padded = torch.cat([packed, packed.new_zeros(1, num_kv_heads, gq, head_dim)])
         by_group = padded.index_select(0, plan.group_rows.view(-1)).view(groups, members, num_kv_heads, gq, head_dim)
     q_p = by_group.transpose(1, 2).reshape(groups, num_kv_heads, members * gq, head_dim)
-    k, v = tb.gather_kv(pool, plan.prefix_rows, groups, plan.max_prefix)
+    if plan.prefix_run is not None:
+        k, v = tb.rows_view(pool, plan.prefix_run, groups, plan.max_prefix)
+    else:
+        k, v = tb.gather_kv(pool, plan.prefix_rows, groups, plan.max_prefix)
     out_p, lse_p = tb.attend(q_p, k, v, plan.prefix_mask, params, return_lse=True)  # (Gr, H_kv, M*G*Q, D)
     out_p = out_p.view(groups, num_kv_heads, members, gq, head_dim).transpose(1, 2)
     lse_p = lse_p.view(groups, num_kv_heads, members, gq).transpose(1, 2)
