@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--reps", type=int, default=3, help="timed runs per side (after one warm-up)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1, the same on every machine, so tables compare across machines; "
+        "0: torch's default, one per core)",
+    )
     model = parser.add_argument_group("model shape")
     model.add_argument("--layers", type=int, default=8)
     model.add_argument("--hidden", type=int, default=512)

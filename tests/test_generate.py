@@ -206,3 +206,18 @@ def test_rows_outgrowing_their_reservation_match_stock(monkeypatch):
     calls = count_in_place_reads(monkeypatch)
     assert torch.equal(generate(model, input_ids, None, max_new_tokens=30, min_new_tokens=30), expected)
     assert calls[0] > 0 and calls[1] > 0  # in place while the runs last, gathered after
+
+
+def test_reservation_hint_is_prompt_plus_the_most_new_tokens():
+    from transformers import GenerationConfig
+
+    from hf_paged.generate import _max_tokens_per_row
+
+    model = tiny_model("llama")
+    ids = torch.ones(2, 7, dtype=torch.long)
+    assert _max_tokens_per_row(model, ids, None, {"max_new_tokens": 5}) == 12
+    assert _max_tokens_per_row(model, ids, None, {"max_length": 30}) == 30
+    assert _max_tokens_per_row(model, ids, GenerationConfig(max_new_tokens=9), {}) == 16
+    assert _max_tokens_per_row(model, ids, GenerationConfig(max_length=25), {}) == 25
+    assert _max_tokens_per_row(model, ids, GenerationConfig(max_length=3), {}) == 8  # at least one new token
+    assert _max_tokens_per_row(model, None, None, {"max_new_tokens": 5}) is None  # e.g. inputs_embeds
