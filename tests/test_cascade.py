@@ -52,6 +52,7 @@ CASES = [
     (16, [48, 5], [1, 0, 1, 0, 0], [3, 1, 2, 20, 0], [1, 1, 1, 1, 1]),  # interleaved groups + a short one
     (8, [24, 9], [0, 1, 0, 0], [5, 3, 1, 7], [3, 1, 2, 4]),  # several new tokens per row
     (1, [3, 11], [0, 0, 1], [0, 0, 0], [2, 1, 5]),
+    (4, [8], [0, 0], [0, 0], [3, 3]),  # the suffix is only the new tokens: it still needs its causal mask
     # Prefixes of one length in consecutive pages: read in place, not gathered.
     (8, [16, 16], [0, 0, 1, 1], [3, 1, 0, 5], [1, 1, 1, 1]),
     (16, [40], [0, 0, 0, 0], [0, 2, 5, 1], [1, 1, 1, 1]),

@@ -119,7 +119,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
         for row in members:
             prefix_pages[row] = pages
     suffix_meta = _suffix_metadata(meta, prefix_pages)
-    suffix = tb.plan(suffix_meta, params, zero_page_id)
+    suffix = tb.plan(suffix_meta, params, zero_page_id, allow_causal=False)
 
     device = meta.kv_indptr.device
     indptr, indices = meta.kv_indptr_host, meta.kv_indices_host

@@ -121,10 +121,14 @@ def packed_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Te
     return mask
 
 
-def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "TorchPlan | cascade.CascadePlan":
+def plan(
+    meta: ForwardMetadata, params: LayerParams, zero_page_id: int, allow_causal: bool = True
+) -> "TorchPlan | cascade.CascadePlan":
     """Gather indices and mask for one forward; no host sync beyond meta's host-side lists.
 
     With `meta.cascade`, rows sharing a page-aligned prefix get a CascadePlan (see cascade.py).
+    `allow_causal=False` always builds the mask (for callers that attend through `attend`, which
+    knows no `causal` flag: cascade's suffix).
     """
     if meta.cascade:
         shared = cascade.plan(meta, params, zero_page_id)
@@ -138,7 +142,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> "Torc
     uniform_q = all(n == max_q for n in meta.qo_lens)
     q_rows = None if uniform_q else padded_query_rows(meta, max_q, sum(meta.qo_lens))
     causal = (
-        max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
+        allow_causal and max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
         and all(n == max_q for n in meta.kv_lens)
     )
     needs_mask = not causal and (
