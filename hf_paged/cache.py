@@ -16,7 +16,6 @@ class ForwardState:
     """Everything one forward shares across layers."""
 
     meta: ForwardMetadata
-    batch_size: int
     metas: dict[torch.device, ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
 
@@ -93,8 +92,12 @@ class PagedCache(Cache):
         slots, copies = self.tables.append(qo_lens)
         meta = build_metadata(self.tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade)
         self.seq_length += q_len
-        self._forward = ForwardState(meta, batch_size)
+        self._forward = ForwardState(meta)
         self._forward.metas[meta.slot_mapping.device] = meta
+        if meta.copy_src is not None:  # copy-on-write, every layer, before any layer writes
+            for pool in self.pool.pools:
+                layer_meta = self._meta_on(pool.device)
+                copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
 
     def end_forward(self) -> None:
         self._forward = None
@@ -129,8 +132,6 @@ class PagedCache(Cache):
                 f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
-        if meta.copy_src is not None:
-            copy_pages(pool, meta.copy_src, meta.copy_dst)
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
         ops.store_kv(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
         return key_states, value_states

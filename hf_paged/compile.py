@@ -40,7 +40,7 @@ from transformers.cache_utils import Cache
 from .attention import ops  # registers torch.ops.hf_paged.*
 from .attention.params import LayerParams
 from .metadata import ForwardMetadata
-from .pool import copy_pages
+from .tables import num_pages_for
 
 
 class DecodeBuffers:
@@ -163,7 +163,6 @@ class CompiledDecode:
         self.base = runtime.decoder
         forward = self.base.forward
         self.forward = forward.forward if isinstance(forward, CompiledDecode) else forward
-        self.compile_options = compile_options
         self.compiled = torch.compile(self.forward, **compile_options)
         self.caches: dict[tuple[int, int], StaticDecodeCache] = {}
         self.pages_per_row: int | None = None
@@ -191,9 +190,6 @@ class CompiledDecode:
             return self.forward(*args, **kwargs)
         meta = paged._state().meta
         static.buffers.load(meta, paged.get_seq_length())
-        if meta.copy_src is not None:  # copy-on-write for every layer, before any K/V is written
-            for pool in static.pools:
-                copy_pages(pool, meta.copy_src, meta.copy_dst)
         plan_decode = getattr(self.runtime.executor, "plan_decode", None)
         if plan_decode is not None:
             plan_decode(meta, static)  # host lists in meta; fixed device buffers in static.buffers
@@ -243,7 +239,7 @@ class CompiledDecode:
 
     def reserve(self, max_tokens: int) -> None:
         """Size the buffers for rows of up to `max_tokens` tokens (a power of two of pages)."""
-        pages = -(-max(max_tokens, 1) // self.runtime.pool.page_size)
+        pages = num_pages_for(max(max_tokens, 1), self.runtime.pool.page_size)
         self.pages_per_row = 1 << (pages - 1).bit_length()
 
 
@@ -287,13 +283,17 @@ def compiled_decode(model: torch.nn.Module, max_tokens: int) -> Iterator[Compile
 
 
 def generate_max_tokens(model: torch.nn.Module, inputs, generation_config, kwargs: dict) -> int:
-    """An upper bound of the tokens per row a generate() call reaches: prompt + new tokens."""
+    """An upper bound of the tokens per row a generate() call reaches: prompt + new tokens.
+
+    Sizes the compiled decode buffers and the page reservation of generate(); an overestimate
+    costs neither correctness nor memory.
+    """
     config = generation_config if generation_config is not None else model.generation_config
     prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else 0
     max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
     if max_new is None:
-        max_new = kwargs.get("max_length", config.max_length)  # an upper bound either way
+        max_new = kwargs.get("max_length", config.max_length) or 0  # an upper bound either way
     return prompt_length + max_new
 
 

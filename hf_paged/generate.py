@@ -6,7 +6,7 @@ import inspect
 import torch
 
 from .cache import PagedCache
-from .compile import maybe_compiled_decode
+from .compile import generate_max_tokens, maybe_compiled_decode
 
 
 def _expand_size(model, generation_config, kwargs: dict) -> int:
@@ -15,25 +15,6 @@ def _expand_size(model, generation_config, kwargs: dict) -> int:
     num_beams = kwargs.get("num_beams") or config.num_beams or 1
     num_return = kwargs.get("num_return_sequences") or config.num_return_sequences or 1
     return max(num_beams, num_return)
-
-
-def _max_tokens_per_row(model, input_ids, generation_config, kwargs: dict) -> int | None:
-    """Prompt plus the most new tokens generate() may add (None when the prompt is not plain ids).
-
-    Only a hint for PagedCache's page reservation: a wrong value costs speed, never correctness.
-    """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        return None
-    config = generation_config if generation_config is not None else model.generation_config
-    prompt = input_ids.shape[1]
-    max_new = kwargs.get("max_new_tokens")
-    if max_new is None and kwargs.get("max_length") is not None:
-        return int(kwargs["max_length"])
-    if max_new is None:
-        max_new = config.max_new_tokens
-    if max_new is None:
-        return max(int(config.max_length or 0), prompt + 1)
-    return prompt + int(max_new)
 
 
 def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool:
@@ -96,7 +77,7 @@ def make_generate(model):
         if fork:
             reserve = input_ids.shape[1]
         else:
-            reserve = _max_tokens_per_row(model, input_ids, generation_config, kwargs) if expand == 1 else None
+            reserve = generate_max_tokens(model, inputs, generation_config, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)
         try:
             if fork:

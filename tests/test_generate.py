@@ -202,22 +202,23 @@ def test_rows_outgrowing_their_reservation_match_stock(monkeypatch):
     hf_paged.wrap(model, num_pages=64, page_size=4)
     import hf_paged.generate as paged_generate
 
-    monkeypatch.setattr(paged_generate, "_max_tokens_per_row", lambda *args: 13)  # a hint that is too small
+    monkeypatch.setattr(paged_generate, "generate_max_tokens", lambda *args: 13)  # a hint that is too small
     calls = count_in_place_reads(monkeypatch)
     assert torch.equal(generate(model, input_ids, None, max_new_tokens=30, min_new_tokens=30), expected)
     assert calls[0] > 0 and calls[1] > 0  # in place while the runs last, gathered after
 
 
-def test_reservation_hint_is_prompt_plus_the_most_new_tokens():
+def test_reservation_hint_is_an_upper_bound_of_prompt_plus_new_tokens():
     from transformers import GenerationConfig
 
-    from hf_paged.generate import _max_tokens_per_row
+    from hf_paged.compile import generate_max_tokens
 
     model = tiny_model("llama")
     ids = torch.ones(2, 7, dtype=torch.long)
-    assert _max_tokens_per_row(model, ids, None, {"max_new_tokens": 5}) == 12
-    assert _max_tokens_per_row(model, ids, None, {"max_length": 30}) == 30
-    assert _max_tokens_per_row(model, ids, GenerationConfig(max_new_tokens=9), {}) == 16
-    assert _max_tokens_per_row(model, ids, GenerationConfig(max_length=25), {}) == 25
-    assert _max_tokens_per_row(model, ids, GenerationConfig(max_length=3), {}) == 8  # at least one new token
-    assert _max_tokens_per_row(model, None, None, {"max_new_tokens": 5}) is None  # e.g. inputs_embeds
+    assert generate_max_tokens(model, ids, None, {"max_new_tokens": 5}) == 12
+    assert generate_max_tokens(model, None, None, {"input_ids": ids, "max_new_tokens": 5}) == 12
+    assert generate_max_tokens(model, ids, GenerationConfig(max_new_tokens=9), {}) == 16
+    assert generate_max_tokens(model, ids, None, {"max_length": 30}) == 37  # max_length counts the prompt: over
+    assert generate_max_tokens(model, ids, GenerationConfig(max_length=25), {}) == 32
+    embeds = torch.zeros(2, 7, 16)
+    assert generate_max_tokens(model, None, None, {"inputs_embeds": embeds, "max_new_tokens": 5}) == 12
