@@ -23,11 +23,10 @@ class ForwardMetadata:
     copy_src, copy_dst: [num_copies] int64 pages to copy (copy-on-write) before K/V are written;
                       None when there is nothing to copy.
     Host-side: qo_lens, kv_lens (per row, new tokens and tokens after this forward), q_len (the
-    padded number of input tokens per row), page_size; with `cascade` (shared-prefix attention
-    allowed) also kv_indptr_host and kv_indices_host, the same lists as the tensors, which an
-    executor reads to find the rows whose page tables share a prefix without a device sync.
-    row_run: (first page, pages per row) when row i's pages are exactly `first + i * stride + k`
-    (PageTables.contiguous_run): the torch executor then reads the rows as a view of the pool.
+    padded number of input tokens per row), page_size, and kv_indptr_host / kv_indices_host, the
+    same lists as the tensors, which an executor reads without a device sync (to find rows that
+    share a prefix, or rows in consecutive pages). `cascade`: shared-prefix attention allowed.
+    The lists are None only in metadata derived for a part of the rows' pages (cascade's suffix).
     """
 
     qo_indptr: torch.Tensor
@@ -45,7 +44,6 @@ class ForwardMetadata:
     cascade: bool = False
     kv_indptr_host: list[int] | None = None
     kv_indices_host: list[int] | None = None
-    row_run: tuple[int, int] | None = None
 
     @property
     def num_rows(self) -> int:
@@ -71,7 +69,7 @@ class ForwardMetadata:
             move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
             self.qo_lens, self.kv_lens, self.q_len, self.page_size,
-            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.row_run,
+            self.cascade, self.kv_indptr_host, self.kv_indices_host,
         )
 
 
@@ -102,7 +100,7 @@ def build_metadata(
 ) -> ForwardMetadata:
     """Metadata for a forward whose new tokens `tables.append` has just placed at `slots`.
 
-    cascade: keep the host page lists in the metadata so the executor may attend shared prefixes once.
+    cascade: allow the executor to attend prefixes shared by several rows once per group.
     """
     page_size = tables.page_size
     kv_lens = list(tables.num_tokens)
@@ -127,7 +125,6 @@ def build_metadata(
         q_len=q_len,
         page_size=page_size,
         cascade=cascade,
-        kv_indptr_host=kv_indptr if cascade else None,
-        kv_indices_host=kv_indices if cascade else None,
-        row_run=tables.contiguous_run(),
+        kv_indptr_host=kv_indptr,
+        kv_indices_host=kv_indices,
     )

@@ -9,9 +9,9 @@ batched copy per step.
 Rows that will share nothing (greedy or sampled decoding of distinct prompts) can `reserve` a run
 of consecutive free pages each, at a fixed stride: each then takes its pages in order from its
 run as it grows, so its tokens lie contiguously in every layer's pool and the torch executor reads
-all rows as one strided view instead of gathering them (see `contiguous_run`). A reservation holds
-no page: a page is taken only when a token needs it, and a page someone else holds meanwhile is
-simply allocated elsewhere (the row then reads through the gather path).
+all rows as one strided view instead of gathering them (it checks the page lists themselves with
+`consecutive_run`). A reservation holds no page: a page is taken only when a token needs it, and a
+page someone else holds meanwhile is simply allocated elsewhere, which ends the row's reservation.
 """
 
 from .blocks import BlockManager
@@ -30,9 +30,8 @@ class PageTables:
         self.page_size = page_size
         self.page_tables: list[list[int]] = []
         self.num_tokens: list[int] = []
-        # Reservation: row i's pages are to be `home[i] + k`, k < stride; `in_place[i]` while they are.
+        # Reservation: row i's next page is to be `home[i] + len(table)` (< home[i] + stride); -1: none.
         self.home: list[int] = []
-        self.in_place: list[bool] = []
         self.stride = 0
 
     @property
@@ -44,7 +43,6 @@ class PageTables:
         self.page_tables.extend([] for _ in range(num_rows))
         self.num_tokens.extend([0] * num_rows)
         self.home.extend([-1] * num_rows)
-        self.in_place.extend([False] * num_rows)
 
     def reserve(self, tokens_per_row: int) -> bool:
         """Give every (empty) row a run of pages for `tokens_per_row` tokens, rows back to back.
@@ -59,15 +57,8 @@ class PageTables:
         if first is None:
             return False
         self.home = [first + row * stride for row in range(self.num_rows)]
-        self.in_place = [True] * self.num_rows
         self.stride = stride
         return True
-
-    def contiguous_run(self) -> tuple[int, int] | None:
-        """(first page, pages per row) when row i's pages are exactly `first + i * stride + k`."""
-        if self.num_rows and all(self.in_place):
-            return self.home[0], self.stride
-        return None
 
     def num_pages_to_append(self, num_new_tokens: list[int]) -> int:
         """Pages `append(num_new_tokens)` takes from the pool, copies for copy-on-write included."""
@@ -114,25 +105,25 @@ class PageTables:
                 copies.append((table[-1], own))
                 blocks.free([table[-1]])
                 table[-1] = own
-                self.in_place[row] = False
+                self.home[row] = -1
             end = start + num_new
             grow = num_pages_for(end, page_size) - len(table)
-            if grow and self.in_place[row]:
-                grow = self._grow_in_place(row, grow)
+            if grow and self.home[row] >= 0:
+                grow = self._take_reserved(row, grow)
             if grow:
                 table.extend(blocks.allocate(grow))
             slots.extend(table[t // page_size] * page_size + t % page_size for t in range(start, end))
             self.num_tokens[row] = end
         return slots, copies
 
-    def _grow_in_place(self, row: int, grow: int) -> int:
+    def _take_reserved(self, row: int, grow: int) -> int:
         """Take the row's next reserved pages; returns how many pages are still to allocate."""
-        table = self.page_tables[row]
-        while grow and len(table) < self.stride and self.blocks.take(self.home[row] + len(table)):
-            table.append(self.home[row] + len(table))
+        table, home = self.page_tables[row], self.home[row]
+        while grow and len(table) < self.stride and self.blocks.take(home + len(table)):
+            table.append(home + len(table))
             grow -= 1
         if grow:
-            self.in_place[row] = False
+            self.home[row] = -1  # the run is broken: the rest comes from the free stack
         return grow
 
     def select_rows(self, row_ids: list[int]) -> None:
@@ -150,7 +141,6 @@ class PageTables:
         self.page_tables = new_tables
         self.num_tokens = new_tokens
         self.home = [-1] * len(row_ids)  # rows now share pages: reservations end
-        self.in_place = [False] * len(row_ids)
 
     def crop(self, num_tokens_to_remove: list[int]) -> None:
         """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end."""
@@ -171,7 +161,6 @@ class PageTables:
         self.page_tables = []
         self.num_tokens = []
         self.home = []
-        self.in_place = []
 
     def num_unique_tokens(self) -> int:
         """Tokens stored once however many rows share them (for the memory bound)."""
@@ -182,3 +171,20 @@ class PageTables:
                 used = min(page_size, num_tokens - index * page_size)
                 filled[page_id] = max(filled.get(page_id, 0), used)
         return sum(filled.values())
+
+
+def consecutive_run(page_lists: list[list[int]], num_pages: int) -> tuple[int, int] | None:
+    """(first, stride) when `page_lists[i] == [first + i * stride, first + i * stride + 1, ...]`, all
+    of one non-zero length, `stride >= length` (the lists' runs never overlap) and the last run
+    ends within `num_pages`; else None. Then the lists are one strided view of a page pool."""
+    if not page_lists or not page_lists[0]:
+        return None
+    first, length = page_lists[0][0], len(page_lists[0])
+    stride = page_lists[1][0] - first if len(page_lists) > 1 else length
+    if stride < length or first + len(page_lists) * stride > num_pages:
+        return None
+    for i, pages in enumerate(page_lists):
+        start = first + i * stride
+        if pages != list(range(start, start + length)):
+            return None
+    return first, stride

@@ -4,7 +4,7 @@ import pytest
 
 from hf_paged import OutOfPagesError
 from hf_paged.blocks import BlockManager
-from hf_paged.tables import PageTables
+from hf_paged.tables import PageTables, consecutive_run
 
 
 def test_allocate_hands_out_low_ids_first_and_free_returns_tail_first():
@@ -150,11 +150,11 @@ def test_reserved_rows_take_consecutive_pages_at_a_fixed_stride():
     slots, _ = tables.append([3, 3, 3])
     assert tables.page_tables == [[1, 2], [4, 5], [7, 8]]
     assert slots == [2, 3, 4, 8, 9, 10, 14, 15, 16]
-    assert tables.contiguous_run() == (1, 3)
+    assert consecutive_run(tables.page_tables, blocks.num_pages) == (1, 3)
     tables.append([2, 2, 2])  # the third page of each run
-    assert tables.page_tables == [[1, 2, 3], [4, 5, 6], [7, 8, 9]] and tables.contiguous_run() == (1, 3)
+    assert tables.page_tables == [[1, 2, 3], [4, 5, 6], [7, 8, 9]] and consecutive_run(tables.page_tables, blocks.num_pages) == (1, 3)
     tables.append([2, 0, 0])  # row 0 outgrows its run: an ordinary page, and the view is gone
-    assert tables.page_tables[0] == [1, 2, 3, 10] and tables.contiguous_run() is None
+    assert tables.page_tables[0] == [1, 2, 3, 10] and consecutive_run(tables.page_tables, blocks.num_pages) is None
     tables.release()
     assert blocks.num_used_pages == 1
 
@@ -168,7 +168,7 @@ def test_a_reserved_page_held_elsewhere_is_allocated_elsewhere():
     assert blocks.take(4)  # another cache takes row 1's next page
     slots, _ = tables.append([1, 1])
     assert tables.page_tables == [[0, 1], [3, 2]] and slots == [1, 2]  # the free stack's top
-    assert tables.in_place == [True, False] and tables.contiguous_run() is None
+    assert tables.home == [0, -1] and consecutive_run(tables.page_tables, blocks.num_pages) is None
 
 
 def test_reserve_refuses_without_a_free_run_or_with_tokens_held():
@@ -176,12 +176,12 @@ def test_reserve_refuses_without_a_free_run_or_with_tokens_held():
     tables = PageTables(blocks, page_size=4)
     tables.add_rows(2)
     assert not tables.reserve(13)  # 2 rows x 4 pages > 6
-    assert tables.contiguous_run() is None
+    assert tables.home == [-1, -1]
     tables.append([1, 1])
     assert not tables.reserve(4)
     tables.release()
     tables.add_rows(2)
-    assert tables.reserve(12) and tables.contiguous_run() == (0, 3)
+    assert tables.reserve(12) and tables.home == [0, 3]
 
 
 def test_shared_rows_end_the_reservation():
@@ -191,6 +191,16 @@ def test_shared_rows_end_the_reservation():
     assert tables.reserve(4)
     tables.append([3, 3])
     tables.select_rows([1, 0])
-    assert tables.contiguous_run() is None and tables.home == [-1, -1]
+    assert consecutive_run(tables.page_tables, blocks.num_pages) is None and tables.home == [-1, -1]
     tables.append([1, 1])  # fills each row's own partial last page; nothing shared, nothing copied
     assert tables.page_tables == [[2, 3], [0, 1]]
+
+
+def test_consecutive_run_finds_lists_that_are_one_strided_view():
+    assert consecutive_run([[4, 5], [7, 8]], 99) == (4, 3)
+    assert consecutive_run([[97, 98]], 99) == (97, 2)
+    assert consecutive_run([[4, 5], [6, 8]], 99) is None  # not consecutive
+    assert consecutive_run([[4, 5], [5, 6]], 99) is None  # overlapping runs
+    assert consecutive_run([[4, 5], [7]], 99) is None  # lengths differ
+    assert consecutive_run([[6, 7], [8, 9]], 9) is None  # past the last page
+    assert consecutive_run([[]], 9) is None and consecutive_run([], 9) is None

@@ -86,12 +86,6 @@ def test_prefix_read_in_place_only_for_equal_consecutive_runs(always_cascade):
         in_place = case in IN_PLACE_CASES
         assert (plan.prefix_run is not None) == in_place, case
         assert (plan.prefix_rows is None) == in_place, case
-    assert cascade._consecutive_run([[4, 5], [7, 8]], 99) == (4, 3)
-    assert cascade._consecutive_run([[4, 5], [6, 8]], 99) is None  # not consecutive
-    assert cascade._consecutive_run([[4, 5], [5, 6]], 99) is None  # overlapping views
-    assert cascade._consecutive_run([[4, 5], [7, 99]], 99) is None  # padded with the zero page
-    assert cascade._consecutive_run([[97, 98]], 99) == (97, 2)
-    assert cascade._consecutive_run([[6, 7], [8, 9]], 9) is None  # a view past the last page
 
 
 def test_groups_are_page_aligned_and_exclude_new_tokens():

@@ -154,10 +154,9 @@ def reserved_case(page_size, steps, num_rows, num_kv_heads, reserve_tokens, seed
 def test_rows_read_in_place_match_dense_attention(page_size, steps, num_qo_heads, num_kv_heads, window_left, soft_cap):
     reserve = sum(step[0] for step in steps) + page_size + 1  # some room left in each run
     pool, meta, dense, zero_page = reserved_case(page_size, steps, len(steps[0]), num_kv_heads, reserve)
-    assert meta.row_run is not None
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.4, window_left, soft_cap)
     plan = torch_backend.plan(meta, params, zero_page)
-    assert plan.row_run == meta.row_run and plan.kv_rows is None  # nothing is gathered
+    assert plan.row_run is not None and plan.kv_rows is None  # nothing is gathered
     q = torch.randn(sum(meta.qo_lens), num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(1))
     out = torch_backend.run(q, pool, plan)
     assert not out.isnan().any()  # the NaN slots past every row's tokens are never read
@@ -166,14 +165,14 @@ def test_rows_read_in_place_match_dense_attention(page_size, steps, num_qo_heads
         expected = dense_reference(q[start : start + n], *dense[row], params)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
-    gathered = torch_backend.plan(dataclasses.replace(meta, row_run=None), params, zero_page)
+    gathered = torch_backend.plan(dataclasses.replace(meta, kv_indices_host=None), params, zero_page)
     assert gathered.kv_rows is not None
     torch.testing.assert_close(out, torch_backend.run(q, pool, gathered), atol=1e-6, rtol=1e-6)
 
 
 def test_rows_of_unequal_length_are_gathered_even_in_consecutive_pages():
     pool, meta, dense, zero_page = reserved_case(4, [[6, 3], [1, 1]], 2, 2, 16)
-    assert meta.row_run is not None and meta.kv_lens == [7, 4]
+    assert meta.kv_lens == [7, 4]
     params = LayerParams(2, 2, HEAD_DIM, 0.4)
     plan = torch_backend.plan(meta, params, zero_page)
     assert plan.row_run is None and plan.kv_rows is not None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..metadata import ForwardMetadata, _to_device
+from ..tables import consecutive_run
 from . import torch_backend as tb
 from .params import LayerParams
 
@@ -124,12 +125,12 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
     device = meta.kv_indptr.device
     indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
     max_pages = max(pages for _, pages in groups)
-    page_ids = []
-    for members, pages in groups:
-        start = indptr[members[0]]
-        page_ids.append(indices[start:start + pages] + [zero_page_id] * (max_pages - pages))
     prefix_rows = None
     if prefix_run is None:
+        page_ids = []
+        for members, pages in groups:
+            start = indptr[members[0]]
+            page_ids.append(indices[start:start + pages] + [zero_page_id] * (max_pages - pages))
         page_ids_t = _to_device(page_ids, torch.int64, device)  # (G, P)
         offsets = torch.arange(page_size, device=device)
         k_rows = (page_ids_t[:, :, None] * page_size + offsets).reshape(-1)  # (G * P * page_size,)
@@ -159,17 +160,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
 
 def _consecutive_length(pages: list[int]) -> int:
     """How many leading pages of `pages` are `pages[0], pages[0] + 1, ...`."""
-    first = pages[0]
-    if pages == list(range(first, first + len(pages))):
-        return len(pages)
-    low, high = 1, len(pages)  # pages[:low] is consecutive, pages[:high] is not
-    while high - low > 1:
-        mid = (low + high) // 2
-        if pages[:mid] == list(range(first, first + mid)):
-            low = mid
-        else:
-            high = mid
-    return low
+    return _common_prefix(pages, list(range(pages[0], pages[0] + len(pages))), len(pages))
 
 
 def _in_place_groups(
@@ -187,24 +178,10 @@ def _in_place_groups(
     length = min(_consecutive_length(head) for head in heads)
     if 4 * length < 3 * max(pages for _, pages in groups):
         return groups, None
-    run = _consecutive_run([head[:length] for head in heads], zero_page_id)
+    run = consecutive_run([head[:length] for head in heads], zero_page_id)
     if run is None:
         return groups, None
     return [(members, length) for members, _ in groups], run
-
-
-def _consecutive_run(page_ids: list[list[int]], zero_page_id: int) -> tuple[int, int] | None:
-    """(first, stride) when `page_ids[g] == range(first + g * stride, ...)` for every group, all of one
-    length (no zero-page padding) and `stride >= length`, so the groups' views never overlap."""
-    first, length = page_ids[0][0], len(page_ids[0])
-    stride = page_ids[1][0] - first if len(page_ids) > 1 else length
-    if stride < length or first + len(page_ids) * stride > zero_page_id:
-        return None
-    for g, pages in enumerate(page_ids):
-        start = first + g * stride
-        if pages != list(range(start, start + length)):
-            return None
-    return first, stride
 
 
 def _suffix_metadata(meta: ForwardMetadata, prefix_pages: list[int]) -> ForwardMetadata:

@@ -5,9 +5,9 @@ turns the page tables into one gather index and one mask per forward; `run()` ga
 K/V with a single `index_select` and calls SDPA (or an explicit softmax when logits are soft-capped).
 Grouped-query heads are packed into the query length, so K/V are never repeated.
 
-When the rows' pages are consecutive runs at a fixed stride (`meta.row_run`, rows that reserved
-their pages and share none) and every row holds the same number of tokens, the K/V of all rows
-are a strided view of the pool: nothing is gathered.
+When the rows' pages are consecutive runs at a fixed stride (`tables.consecutive_run` on the host
+page lists: rows that reserved their pages and share none) and every row holds the same number of
+tokens, the K/V of all rows are a strided view of the pool: nothing is gathered.
 """
 
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..metadata import ForwardMetadata
+from ..tables import consecutive_run
 from . import cascade
 from .params import LayerParams
 
@@ -137,7 +138,10 @@ def plan(
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
     # Rows of equal length in consecutive pages: read in place. (With unequal lengths a view would
     # also read the unwritten slots past a shorter row's end; the gather reads the zero page there.)
-    row_run = meta.row_run if meta.row_run is not None and all(n == max_kv for n in meta.kv_lens) else None
+    row_run = None
+    if meta.kv_indices_host is not None and all(n == max_kv for n in meta.kv_lens):
+        indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
+        row_run = consecutive_run([indices[indptr[r]:indptr[r + 1]] for r in range(rows)], zero_page_id)
     kv_rows = None if row_run is not None else kv_gather_rows(meta, max_kv, zero_page_id)
     uniform_q = all(n == max_q for n in meta.qo_lens)
     q_rows = None if uniform_q else padded_query_rows(meta, max_q, sum(meta.qo_lens))
