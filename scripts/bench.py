@@ -19,6 +19,8 @@ from dataclasses import replace
 
 import torch
 
+import hf_paged
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_measure import child_peak_memory, measure  # noqa: E402
@@ -117,7 +119,6 @@ def fmt_bytes(n: float | None) -> str:
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
-    return str(n)
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -219,15 +220,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         sweep_base = select_workloads("wide-beam", sizes, args.quick)[0]
         points = beam_sweep(beams, sweep_base, stock, paged, args, device, progress) if beams else []
     model_info = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype")}
+    cascade = hf_paged.PagedCache(paged).cascade  # as the wrapped model resolves it (on for torch, off for FlashInfer)
     document = {
         "machine": machine_info(device),
         "model": model_info,
-        "config": {"page_size": args.page_size, "cascade": not args.no_cascade, "reps": args.reps, "seed": args.seed},
+        "config": {"page_size": args.page_size, "cascade": cascade, "reps": args.reps, "seed": args.seed},
         "elapsed_s": time.time() - started,
         "results": results,
         "beam_sweep": points,
     }
-    print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {not args.no_cascade}, "
+    print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, "
           f"{args.reps} reps, {document['machine']['processor']} x{os.cpu_count()}, load {document['machine']['load_avg']}")
     print_table(results)
     if points:

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (default: auto)")
     model.add_argument("--device", help="e.g. cpu, cuda:0 (default: this process's accelerate device)")
     model.add_argument("--device-map", help='auto, balanced, sequential, a device, or JSON {"module": device}')
-    model.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 for the built-in model)")
+    model.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's; 1 for the built-in model; 0: torch's)"
+    )
     gen = parser.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--num-beams", type=int, default=1)
@@ -131,9 +133,11 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         rows = load_rows(args.dataset, args.dataset_config, args.split, data_files)
     samples = make_samples(rows, args.text_column, args.reference_column or None, args.prompt_template, args.limit)
     device = torch.device(args.device) if args.device else state.device
-    if args.threads is not None or args.model is None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif args.threads is None and args.model is None:
         # The built-in model's matmuls are too small to gain from threads; on a busy CPU they lose a lot.
-        torch.set_num_threads(args.threads or 1)
+        torch.set_num_threads(1)
     model, tokenizer, model_name = load_model(args.model, args.dtype, device, parse_device_map(args.device_map), seed=0)
     device = input_device(model)
     prompt_ids = encode_prompts(tokenizer, samples, context_length(model), args.max_new_tokens, args.truncate)
