@@ -11,7 +11,7 @@ How it works (`PagedConfig(compile=True)`, or `compile_decode(model, ...)` to pi
   original forward eagerly.
 * For a decode step the dispatcher copies this step's metadata (FlashInfer's format) into
   persistent buffers of fixed shape, `rows x pages_per_row`, then calls the compiled forward with
-  `past_key_values=` a `StaticDecodeCache` over those buffers. That cache writes K/V and attends
+  the cache argument a `StaticDecodeCache` over those buffers. That cache writes K/V and attends
   through the custom ops of `attention/ops.py` with the capacity as `max_kv`, reports constant mask
   sizes and its length as a 0-d tensor. Nothing the compiled code reads changes from step to step
   except tensor contents, so a decode step compiles once per (rows, capacity) and never again as
@@ -37,6 +37,7 @@ from collections.abc import Iterator
 import torch
 from transformers.cache_utils import Cache
 
+from . import _compat
 from .attention import ops  # registers torch.ops.hf_paged.*
 from .attention.params import LayerParams
 from .metadata import ForwardMetadata
@@ -164,6 +165,7 @@ class CompiledDecode:
         forward = self.base.forward
         self.forward = forward.forward if isinstance(forward, CompiledDecode) else forward
         self.compiled = torch.compile(self.forward, **compile_options)
+        self.cache_arg = _compat.cache_arg_name(self.forward)
         self.caches: dict[tuple[int, int], StaticDecodeCache] = {}
         self.pages_per_row: int | None = None
         self.num_compiled_steps = 0
@@ -193,7 +195,10 @@ class CompiledDecode:
         plan_decode = getattr(self.runtime.executor, "plan_decode", None)
         if plan_decode is not None:
             plan_decode(meta, static)  # host lists in meta; fixed device buffers in static.buffers
-        arguments.update(attention_mask=None, past_key_values=static)  # the pages already encode padding
+        arguments.update(attention_mask=None)  # the pages already encode padding
+        for name in _compat.CACHE_ARG_NAMES:
+            arguments.pop(name, None)
+        arguments[self.cache_arg] = static
         self.runtime.cache = static
         try:
             output = self.compiled(**arguments)
@@ -211,8 +216,8 @@ class CompiledDecode:
             self.num_eager_steps += 1
             return self.forward(*args, **kwargs)
         self.num_compiled_steps += 1
-        if getattr(output, "past_key_values", None) is static:
-            output.past_key_values = paged
+        if _compat.output_cache(output) is static:
+            _compat.set_output_cache(output, paged)
         return output
 
     def _arguments(self, args: tuple, kwargs: dict) -> dict:

@@ -5,6 +5,7 @@ import inspect
 
 import torch
 
+from . import _compat
 from .cache import PagedCache
 from .compile import generate_max_tokens, maybe_compiled_decode
 
@@ -44,7 +45,7 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
 
     generate() then feeds only the last token (it sees `cache.get_seq_length() == len - 1`).
     """
-    inputs = {"input_ids": input_ids[:, :-1], "past_key_values": cache, "use_cache": True}
+    inputs = {"input_ids": input_ids[:, :-1], _compat.model_cache_arg(model): cache, "use_cache": True}
     parameters = inspect.signature(model.forward).parameters
     if attention_mask is not None:
         mask = attention_mask[:, :-1]
@@ -65,7 +66,7 @@ def make_generate(model):
     def generate(inputs=None, generation_config=None, **kwargs):
         runtime = model.hf_paged_runtime
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-        if kwargs.get("past_key_values") is not None or use_cache is False:
+        if _compat.user_cache(kwargs) is not None or use_cache is False:
             return original(model, inputs, generation_config, **kwargs)
         blocks = runtime.pool.blocks
         blocks.reset_peaks()
@@ -84,7 +85,8 @@ def make_generate(model):
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
                 cache.batch_repeat_interleave(expand)
             with maybe_compiled_decode(model, inputs, generation_config, kwargs):  # PagedConfig(compile=True)
-                return original(model, inputs, generation_config, past_key_values=cache, **kwargs)
+                kwargs[_compat.model_cache_arg(model)] = cache
+                return original(model, inputs, generation_config, **kwargs)
         finally:
             cache.release()
             runtime.last_peak_pages = blocks.peak_used_pages

@@ -9,6 +9,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import _compat
 from .attention import Executor, LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
@@ -157,7 +158,7 @@ def check_supported(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 def _find_decoder(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> torch.nn.Module:
-    """The innermost module that takes `past_key_values` and the 2-D mask and holds every attention layer.
+    """The innermost module that takes the KV cache and the 2-D mask and holds every attention layer.
 
     Its forward is where one forward of the model begins (OPTForCausalLM calls `model.decoder`
     directly, so hooking `model.base_model` would miss it).
@@ -171,14 +172,19 @@ def _find_decoder(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -
         except (TypeError, ValueError):
             continue
         takes_inputs = "input_ids" in parameters or "inputs_embeds" in parameters
-        if not ("past_key_values" in parameters and "attention_mask" in parameters and takes_inputs):
+        if not (_compat.cache_arg_name(module.forward) and "attention_mask" in parameters and takes_inputs):
             continue
         prefix = f"{name}." if name else ""
         depth = name.count(".") + 1 if name else 0
         if all(layer.startswith(prefix) for layer in layer_names) and depth > best_depth:
             best, best_depth = module, depth
     if best is None:
-        raise UnsupportedModelError(type(model).__name__, "no module takes past_key_values and an attention mask")
+        raise UnsupportedModelError(
+            type(model).__name__,
+            f"no module's forward takes a KV cache ({' or '.join(_compat.CACHE_ARG_NAMES)}) together with "
+            f"attention_mask and input_ids/inputs_embeds under transformers {_compat.TRANSFORMERS_VERSION} "
+            f"(hf_paged is tested on {_compat.TESTED_RANGE}); a release that renamed these hooks needs a newer hf_paged",
+        )
     return best
 
 
@@ -261,7 +267,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _make_begin_hook(runtime: Runtime):
     def begin_forward(module, args, kwargs):
         arguments = runtime.forward_signature.bind_partial(*args, **kwargs).arguments
-        cache = arguments.get("past_key_values")
+        cache = _compat.find_cache(arguments)
         runtime.cache = None
         if not isinstance(cache, PagedCache):
             return None

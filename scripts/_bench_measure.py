@@ -28,6 +28,7 @@ import time
 import torch
 
 import hf_paged
+from hf_paged import _compat
 
 from _bench_workloads import Workload, build_model_pair, generate_kwargs, make_inputs, pages_needed
 
@@ -56,7 +57,7 @@ def stock_kv_bytes(model, inputs: dict, kwargs: dict, seed: int) -> tuple[torch.
 
     def hook(module, args, output):
         nonlocal peak
-        cache = getattr(output, "past_key_values", None)
+        cache = _compat.output_cache(output)
         if cache is None:
             return
         held = sum(

@@ -6,7 +6,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_paged
-from hf_paged import OutOfPagesError, PagedCache, PagedConfig, UnsupportedModelError
+from hf_paged import OutOfPagesError, PagedCache, PagedConfig, UnsupportedModelError, _compat
 from hf_paged.tables import num_pages_for
 
 from tiny import padded_prompts, tiny_model
@@ -79,8 +79,8 @@ def unsupported_models():
     yield "t5", lambda: transformers.T5ForConditionalGeneration(
         transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
     ), "encoder-decoder"
-    yield "gptj", lambda: AutoModelForCausalLM.from_config(
-        transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=2, rotary_dim=8)
+    yield "bloom", lambda: AutoModelForCausalLM.from_config(
+        transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=2)
     ), "attention interface"
     yield "deepseek_v3", lambda: AutoModelForCausalLM.from_config(
         transformers.DeepseekV3Config(
@@ -153,7 +153,7 @@ def test_beam_search_pages_stay_within_unique_tokens_plus_one_partial_page_per_r
     checked = []
 
     def check(module, args, kwargs, output):
-        cache = kwargs["past_key_values"]
+        cache = _compat.find_cache(kwargs)
         tables = cache.tables
         bound = num_pages_for(tables.num_unique_tokens(), tables.page_size) + tables.num_rows
         checked.append((tables.blocks.num_used_pages, bound))

@@ -27,10 +27,18 @@ CONFIGS = {
     ),
 }
 
+# Families whose attention routes through transformers' attention interface only in some releases
+# (GPT-J and CodeGen since 5.24): wrap() must serve them with stock tokens there and refuse them elsewhere.
+RELEASE_DEPENDENT_CONFIGS = {
+    "gptj": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **COMMON),
+    "codegen": lambda: transformers.CodeGenConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **COMMON),
+}
+
 
 def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    config = (CONFIGS.get(family) or RELEASE_DEPENDENT_CONFIGS[family])()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0, 4), seed: int = 1):

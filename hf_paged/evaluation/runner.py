@@ -7,6 +7,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, set_seed
 
+from .. import _compat
 from . import EvalError
 from .data import Sample
 
@@ -147,7 +148,7 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
             memory = hf_paged.memory_stats(model)
             kv_bytes, shared, pages = memory["peak_kv_bytes"], memory["peak_shared_pages"], memory["peak_pages_in_use"]
         else:
-            kv_bytes, shared, pages = _stock_kv_bytes(output.past_key_values), 0, 0
+            kv_bytes, shared, pages = _stock_kv_bytes(_compat.output_cache(output)), 0, 0
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, kv_bytes)
         stats.peak_shared_pages = max(stats.peak_shared_pages, shared)
         stats.peak_pages_in_use = max(stats.peak_pages_in_use, pages)
