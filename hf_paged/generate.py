@@ -89,12 +89,26 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
     model(**inputs)
 
 
-def make_generate(model):
-    """A bound generate() for `model` that runs on a PagedCache by default."""
-    original = type(model).generate
+class PagedGenerate:
+    """`model.generate` of a wrapped model: runs on a PagedCache by default.
 
-    @functools.wraps(original)
-    def generate(inputs=None, generation_config=None, **kwargs):
+    An object holding the model rather than a closure over it, so that a deepcopy or pickle of the
+    model carries a generate() bound to the copy (issue 15: a copy generated with the original).
+    """
+
+    def __init__(self, model):
+        self.__setstate__({"model": model})
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model}  # the rest is generate()'s name, docs and signature, set again on load
+
+    def __setstate__(self, state: dict) -> None:
+        self.model = state["model"]
+        functools.update_wrapper(self, type(self.model).generate)
+
+    def __call__(self, inputs=None, generation_config=None, **kwargs):
+        model = self.model
+        original = type(model).generate
         runtime = model.hf_paged_runtime
         # Every setting read below is read as generate() reads it: passed config, else the model's, then kwargs.
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
@@ -127,4 +141,7 @@ def make_generate(model):
             runtime.last_peak_pages = blocks.peak_used_pages
             runtime.last_peak_shared_pages = blocks.peak_shared_pages
 
-    return generate
+
+def make_generate(model) -> PagedGenerate:
+    """A bound generate() for `model` that runs on a PagedCache by default."""
+    return PagedGenerate(model)
