@@ -232,20 +232,21 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     """Serve `model`'s generate() and forward from a paged KV cache. Patches in place, returns `model`.
 
     `config` and keyword overrides (`wrap(model, page_size=8)`) set the PagedConfig. Wrapping a
-    wrapped model again with no new settings does nothing; with new settings it re-wraps.
+    wrapped model again with no settings, or the same ones, does nothing; with other settings it
+    re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
-    config = (config or PagedConfig()).with_overrides(**overrides) if overrides else (config or PagedConfig())
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
+    config = _requested_config(runtime, config, overrides)
     if runtime is not None and runtime.config == config:
         return model
     modules = check_supported(model)
     base = _find_decoder(model, modules)
     specs = _layer_specs(model, modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
+    pool = KVPool(config, specs)  # raises (budget below one page, allocation failed) before anything is patched
     if runtime is not None:
         unwrap(model)
-    pool = KVPool(config, specs)
     _register_functions()
     text_config = model.config.get_text_config()
     runtime = Runtime(
@@ -274,6 +275,16 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
 
     model.generate = make_generate(model)
     return model
+
+
+def _requested_config(runtime: Runtime | None, config: PagedConfig | None, overrides: dict) -> PagedConfig:
+    """The config `wrap` asks for: a wrapped model's own when given no settings, else `config` (or the
+    defaults) with the overrides. Overrides start from the defaults, not the current config, so that
+    `wrap(model, max_memory=...)` is not silently beaten by an earlier `num_pages`."""
+    if runtime is not None and config is None and not overrides:
+        return runtime.config
+    base = config or PagedConfig()
+    return base.with_overrides(**overrides) if overrides else base
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
