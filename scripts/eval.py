@@ -11,6 +11,7 @@ Writes samples.jsonl and summary.json to --output-dir and prints a table. Bad in
 
 import argparse
 import gc
+import os
 import re
 import sys
 
@@ -98,6 +99,44 @@ def check_args(args: argparse.Namespace, state: PartialState) -> None:
         raise EvalError("pass either --dataset (hub) or --data-files (local), not both")
     if args.device_map is not None and state.num_processes > 1:
         raise EvalError("--device-map spreads one model over devices; run it in one process, not with --num_processes > 1")
+    if args.threads is not None and args.threads < 0:
+        raise EvalError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if not 0 <= args.seed < 2**31:
+        raise EvalError(f"--seed must be in [0, 2**31), got {args.seed}")
+    if args.do_sample and not args.temperature > 0:
+        raise EvalError(f"--temperature must be > 0 with --do-sample, got {args.temperature}")
+    if args.do_sample and not 0 < args.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1] with --do-sample, got {args.top_p}")
+    if args.device is not None:
+        check_device(args.device)
+    if args.model is not None:
+        check_model_path(args.model)
+
+
+def check_device(text: str) -> None:
+    """`--device`: a device torch knows that this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise EvalError(f"--device {text!r} is not a device: expected e.g. cpu, cuda, cuda:1") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvalError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        is_available = getattr(getattr(torch, device.type, None), "is_available", None)  # torch.xpu, torch.mps, ...
+        if callable(is_available) and not is_available():
+            raise EvalError(f"--device {text}: {device.type} is not available on this machine")
+
+
+def check_model_path(name: str) -> None:
+    """`--model` written as a path (./x, ../x, /x, ~/x, a/b/c) must be an existing folder; a hub name is org/name."""
+    path = os.path.expanduser(name)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if looks_local and not os.path.isdir(path):
+        what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+        raise EvalError(f"--model {name}: the folder {os.path.abspath(path)} {what}")
 
 
 def generate_kwargs(args: argparse.Namespace, tokenizer) -> dict:

@@ -163,7 +163,15 @@ BAD_INPUT = {
     "bad max memory": (["--max-memory", "lots"], ["--max-memory 'lots'", "2GiB"]),
     "bad page size": (["--page-size", "0"], ["page_size", "got 0"]),
     "backend cannot serve": (["--backend", "flashinfer", "--dtype", "float32"], ["'flashinfer' cannot serve", "fp32"]),
+    "negative threads": (["--threads", "-1"], ["--threads must be >= 0", "-1"]),
+    "negative seed": (["--seed", "-5"], ["--seed must be in", "-5"]),
+    "zero temperature": (["--do-sample", "--temperature", "0"], ["--temperature must be > 0 with --do-sample"]),
+    "bad top-p": (["--do-sample", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
+    "unknown device": (["--device", "gpu0"], ["--device 'gpu0' is not a device"]),
+    "missing folder": (["--model", "./nonexistent_dir"], ["--model ./nonexistent_dir", "nonexistent_dir does not exist"]),
 }
+if not torch.cuda.is_available():
+    BAD_INPUT["cuda without cuda"] = (["--device", "cuda"], ["--device cuda: CUDA is not available", "--device cpu"])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
