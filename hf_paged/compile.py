@@ -249,8 +249,16 @@ class CompiledDecode:
 
     def reserve(self, max_tokens: int) -> None:
         """Size the buffers for rows of up to `max_tokens` tokens (a power of two of pages)."""
-        pages = num_pages_for(max(max_tokens, 1), self.runtime.pool.page_size)
-        self.pages_per_row = 1 << (pages - 1).bit_length()
+        self.pages_per_row = capacity_pages(max_tokens, self.runtime.pool.page_size)
+
+
+def capacity_pages(max_tokens: int, page_size: int) -> int:
+    """Pages per row of the decode buffers for rows of up to `max_tokens` tokens: a power of two.
+
+    Together with the row count this is the shape a compiled decode step is compiled for.
+    """
+    pages = num_pages_for(max(max_tokens, 1), page_size)
+    return 1 << (pages - 1).bit_length()
 
 
 def default_compile_options(model: torch.nn.Module) -> dict:

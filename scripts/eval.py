@@ -191,10 +191,11 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     except (hf_paged.UnsupportedModelError, ValueError) as error:  # ValueError: --backend cannot serve it
         raise EvalError(str(error)) from error
     geometry = hf_paged.memory_stats(model)
+    executor = model.hf_paged_runtime.executor.name  # what "auto" resolved to
     placement = pool_placement(model)
     try:
         if my_batches and not args.no_warmup:
-            warm_up(model, tokenizer, my_batches[0], kwargs, device)
+            warm_up(model, tokenizer, my_batches, kwargs, device)  # every compiled shape, with --compile
         paged_records, paged_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "paged", show)
         stock_records, stock_stats = [], RunStats()
         if args.compare:
@@ -203,7 +204,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
                 gc.collect()
                 torch.cuda.empty_cache()
             if my_batches and not args.no_warmup:
-                warm_up(model, tokenizer, my_batches[0], kwargs, device)
+                warm_up(model, tokenizer, my_batches, kwargs, device)
             stock_records, stock_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "stock", show)
     except hf_paged.OutOfPagesError as error:
         failure = f"out of pages: {error} (flags: --num-pages, --max-memory, --batch-size, --max-new-tokens)"
@@ -227,7 +228,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         data={"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split, "data_files": data_files},
         num_processes=state.num_processes,
         generation=kwargs,
-        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")} | {"backend": args.backend},
+        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")}
+        | {"backend": executor, "requested_backend": args.backend, "compile": args.compile},
         pool_placement=placement,
     )
     if args.compare:
@@ -236,7 +238,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         summary["agreement"] = agreement(paged_records, stock_records)
         for record, stock in zip(paged_records, stock_records):
             record.update(stock_output_text=stock["output_text"], stock_output_ids=stock["output_ids"],
-                          stock_seconds=stock["seconds"], match=record["output_ids"] == stock["output_ids"])
+                          match=record["output_ids"] == stock["output_ids"])
     print(table(summary))
     if args.output_dir:
         samples_path, summary_path = write_outputs(args.output_dir, paged_records, summary)

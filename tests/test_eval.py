@@ -24,7 +24,7 @@ from hf_paged.evaluation.model import pool_placement
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "eval.py"
 SMALL_RUN = ["--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--no-warmup"]
-SAMPLE_FIELDS = {"id", "prompt_tokens", "output_text", "output_ids", "reference", "seconds"}
+SAMPLE_FIELDS = {"index", "id", "prompt_tokens", "output_text", "output_texts", "output_ids", "generated_tokens", "reference", "batch"}
 SUMMARY_FIELDS = {
     "num_samples", "tokens_per_second", "time_to_first_token_s", "peak_kv_bytes", "peak_shared_pages", "scores",
 }
@@ -74,7 +74,6 @@ def test_default_run_writes_samples_and_summary(tmp_path):
         assert record["prompt_tokens"] == len(tokenizer(DEFAULT_TEMPLATE.format(text=row["document"]))["input_ids"])
         assert 1 <= len(record["output_ids"][0]) <= 4
         assert record["output_text"] == tokenizer.decode(record["output_ids"][0], skip_special_tokens=True)
-        assert record["seconds"] > 0
     assert SUMMARY_FIELDS <= set(summary)
     assert summary["num_samples"] == 4
     assert summary["generated_tokens"] == sum(len(ids) for record in records for ids in record["output_ids"])
