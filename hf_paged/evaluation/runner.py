@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, MaxLengthCriteria, StoppingCriteriaList, set_seed
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
 
 from .. import _compat
 from . import EvalError
@@ -50,6 +50,17 @@ class FirstTokenTimer(LogitsProcessor):
                 torch.cuda.synchronize(scores.device)
             self.first_call = time.perf_counter()
         return scores
+
+
+class StopAtLength(StoppingCriteria):
+    """Stops every row at `length` tokens. Not transformers' MaxLengthCriteria, which generate() would
+    report as clashing with the one it makes from max_new_tokens."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool, device=input_ids.device)
 
 
 def encode_prompts(tokenizer, samples: list[Sample], context: int | None, max_new_tokens: int, truncate: bool) -> list[list[int]]:
@@ -203,5 +214,5 @@ def warm_up(model, tokenizer, batches: list[Batch], generate_kwargs: dict, devic
             continue
         seen.add(shape)
         input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
-        stop = StoppingCriteriaList([MaxLengthCriteria(input_ids.shape[1] + 3)])  # two decode steps
+        stop = StoppingCriteriaList([StopAtLength(input_ids.shape[1] + 3)])  # two decode steps
         model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop, **generate_kwargs)
