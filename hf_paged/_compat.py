@@ -84,3 +84,17 @@ def output_cache(output: Any) -> Any:
 def set_output_cache(output: Any, cache: Any) -> None:
     """Replace the cache a model output carries (under the installed release's field)."""
     setattr(output, OUTPUT_CACHE_FIELD, cache)
+
+
+def resolve_generation_config(model: Any, generation_config: Any, kwargs: dict[str, Any]) -> Any:
+    """The GenerationConfig a `model.generate(generation_config=..., **kwargs)` call will run with.
+
+    Merged the way generate() merges it (the passed config, else the model's own
+    `model.generation_config`, then global defaults, then the keyword overrides), by asking
+    transformers: `_prepare_generation_config` is private but identical in 5.23 and 5.24.
+    generate()'s own named parameters (streamer, logits_processor, ...) are left out, as
+    generate() itself never passes them to the merge.
+    """
+    named = inspect.signature(type(model).generate).parameters
+    settings = {name: value for name, value in kwargs.items() if name not in named}
+    return model._prepare_generation_config(generation_config, **settings)[0]

@@ -21,7 +21,7 @@ How it works (`PagedConfig(compile=True)`, or `compile_decode(model, ...)` to pi
   graph. The torch executor attends over the whole capacity (masked), like a static cache.
 * One graph per (model class, rows, capacity). Dynamo keeps at most `recompile_limit` (8) per code
   object, and transformers' forward decorators share one code object across models; past the
-  limit, decode steps run eagerly with a warning.
+  limit, decode steps of that shape run eagerly with one warning, and are never tried again.
 * CPU: `torch.compile` default mode (inductor). CUDA: `mode="reduce-overhead"` (CUDA graphs); the
   pools and buffers are marked static addresses so replays read them in place. An executor that
   plans outside the graph (FlashInfer's CUDA-graph decode wrapper) gets `plan_decode(meta, cache)`
@@ -177,6 +177,7 @@ class CompiledDecode:
                 "(hf_paged.attention.ops.register_runner); compiled decode steps use the torch executor"
             )
         self.warned_limit = False
+        self.eager_shapes: set[tuple[int, int]] = set()  # (rows, pages_per_row) past dynamo's recompile limit
         pools = runtime.pool.pools
         self.device = pools[0].device if len({p.device for p in pools}) == 1 else None
         for pool in pools:
@@ -204,6 +205,8 @@ class CompiledDecode:
             output = self.compiled(**arguments)
         except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the graph ran: nothing written
             output = None
+            # Never retry this shape: each attempt would print torch's recompile_limit warning again.
+            self.eager_shapes.add((meta.num_rows, self.pages_per_row))
         finally:
             self.runtime.cache = paged
         if output is None:
@@ -235,6 +238,8 @@ class CompiledDecode:
         if not meta.is_decode or meta.slot_mapping.device != self.device:
             return None
         key = (meta.num_rows, self.pages_per_row)
+        if key in self.eager_shapes:
+            return None
         static = self.caches.get(key)
         if static is None:
             pool = self.runtime.pool
@@ -244,8 +249,16 @@ class CompiledDecode:
 
     def reserve(self, max_tokens: int) -> None:
         """Size the buffers for rows of up to `max_tokens` tokens (a power of two of pages)."""
-        pages = num_pages_for(max(max_tokens, 1), self.runtime.pool.page_size)
-        self.pages_per_row = 1 << (pages - 1).bit_length()
+        self.pages_per_row = capacity_pages(max_tokens, self.runtime.pool.page_size)
+
+
+def capacity_pages(max_tokens: int, page_size: int) -> int:
+    """Pages per row of the decode buffers for rows of up to `max_tokens` tokens: a power of two.
+
+    Together with the row count this is the shape a compiled decode step is compiled for.
+    """
+    pages = num_pages_for(max(max_tokens, 1), page_size)
+    return 1 << (pages - 1).bit_length()
 
 
 def default_compile_options(model: torch.nn.Module) -> dict:

@@ -1,13 +1,44 @@
 """The generate() wrapper: prefill the prompt once per input, fork the rows, release every page."""
 
+import contextlib
 import functools
 import inspect
+import warnings
 
 import torch
 
 from . import _compat
 from .cache import PagedCache
 from .compile import generate_max_tokens, maybe_compiled_decode
+
+
+def _runs_on_a_cache(settings) -> bool:
+    """Whether generate() would run on a KV cache hf_paged may replace by a PagedCache.
+
+    `use_cache=False` recomputes every token without a cache; a `cache_implementation` asks for
+    transformers' own cache (and generate() refuses it next to a passed cache). Both run stock.
+    """
+    if not settings.use_cache:
+        return False
+    if settings.cache_implementation is not None:
+        warnings.warn(
+            f"generation config asks for cache_implementation={settings.cache_implementation!r}: this generate() "
+            "runs on that cache, not on hf_paged's pages (set it to None to use them)",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _stock_attention(model, runtime):
+    """The model's own attention implementation for one stock generate() (its caches build their own masks)."""
+    paged = model.config._attn_implementation
+    model.set_attn_implementation(runtime.original_attn_implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(paged)
 
 
 def _expand_size(model, generation_config, kwargs: dict) -> int:
@@ -58,33 +89,51 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
     model(**inputs)
 
 
-def make_generate(model):
-    """A bound generate() for `model` that runs on a PagedCache by default."""
-    original = type(model).generate
+class PagedGenerate:
+    """`model.generate` of a wrapped model: runs on a PagedCache by default.
 
-    @functools.wraps(original)
-    def generate(inputs=None, generation_config=None, **kwargs):
+    An object holding the model rather than a closure over it, so that a deepcopy or pickle of the
+    model carries a generate() bound to the copy (issue 15: a copy generated with the original).
+    """
+
+    def __init__(self, model):
+        self.__setstate__({"model": model})
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model}  # the rest is generate()'s name, docs and signature, set again on load
+
+    def __setstate__(self, state: dict) -> None:
+        self.model = state["model"]
+        functools.update_wrapper(self, type(self.model).generate)
+
+    def __call__(self, inputs=None, generation_config=None, **kwargs):
+        model = self.model
+        original = type(model).generate
         runtime = model.hf_paged_runtime
-        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
-        if _compat.user_cache(kwargs) is not None or use_cache is False:
+        # Every setting read below is read as generate() reads it: passed config, else the model's, then kwargs.
+        settings = _compat.resolve_generation_config(model, generation_config, kwargs)
+        if _compat.user_cache(kwargs) is not None:
             return original(model, inputs, generation_config, **kwargs)
+        if not _runs_on_a_cache(settings):
+            with _stock_attention(model, runtime):
+                return original(model, inputs, generation_config, **kwargs)
         blocks = runtime.pool.blocks
         blocks.reset_peaks()
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        expand = _expand_size(model, generation_config, kwargs)
-        fork = expand > 1 and _can_prefill_once(model, input_ids, generation_config, kwargs)
+        expand = _expand_size(model, settings, kwargs)
+        fork = expand > 1 and _can_prefill_once(model, input_ids, settings, kwargs)
         # Consecutive pages: for every row's whole life when rows share nothing; for the prompts
         # when they are forked (their shared prefixes are then read in place).
         if fork:
             reserve = input_ids.shape[1]
         else:
-            reserve = generate_max_tokens(model, inputs, generation_config, kwargs) if expand == 1 else None
+            reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)
         try:
             if fork:
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
                 cache.batch_repeat_interleave(expand)
-            with maybe_compiled_decode(model, inputs, generation_config, kwargs):  # PagedConfig(compile=True)
+            with maybe_compiled_decode(model, inputs, settings, kwargs):  # PagedConfig(compile=True)
                 kwargs[_compat.model_cache_arg(model)] = cache
                 return original(model, inputs, generation_config, **kwargs)
         finally:
@@ -92,4 +141,7 @@ def make_generate(model):
             runtime.last_peak_pages = blocks.peak_used_pages
             runtime.last_peak_shared_pages = blocks.peak_shared_pages
 
-    return generate
+
+def make_generate(model) -> PagedGenerate:
+    """A bound generate() for `model` that runs on a PagedCache by default."""
+    return PagedGenerate(model)

@@ -54,7 +54,13 @@ def choose_num_pages(config: PagedConfig, specs: list[LayerSpec]) -> int:
         budget = min(
             int(fraction * free_memory_bytes(device) * _share_of_device(device, specs)) for device in devices
         )
-    return max(1, budget // page_bytes)
+    if budget < page_bytes:
+        raise ValueError(
+            f"a pool budget of {budget} bytes (max_memory={config.max_memory!r}) is smaller than one page "
+            f"({page_bytes} bytes: page_size={config.page_size} tokens x {page_bytes // config.page_size} bytes per "
+            "token over all layers); pass a larger max_memory, or num_pages"
+        )
+    return budget // page_bytes
 
 
 def _share_of_device(device: torch.device, specs: list[LayerSpec]) -> float:
@@ -76,17 +82,25 @@ class KVPool:
         self.page_size = config.page_size
         self.specs = specs
         self.num_pages = choose_num_pages(config, specs)
-        self.blocks = BlockManager(self.num_pages)
         self.zero_page_id = self.num_pages
         self.pools: list[torch.Tensor] = []
-        for spec in specs:
-            pool = torch.empty(
-                (2, self.num_pages + 1, self.page_size, spec.num_kv_heads, spec.head_dim),
-                dtype=spec.dtype,
-                device=spec.device,
-            )
-            pool[:, self.zero_page_id].zero_()
-            self.pools.append(pool)
+        try:
+            for spec in specs:
+                pool = torch.empty(
+                    (2, self.num_pages + 1, self.page_size, spec.num_kv_heads, spec.head_dim),
+                    dtype=spec.dtype,
+                    device=spec.device,
+                )
+                pool[:, self.zero_page_id].zero_()
+                self.pools.append(pool)
+            self.blocks = BlockManager(self.num_pages)
+        except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            self.pools.clear()
+            raise MemoryError(
+                f"could not allocate a page pool of {self.num_pages} pages x {self.page_bytes} bytes = "
+                f"{self.num_pages * self.page_bytes / 2**30:.1f} GiB on {sorted({str(s.device) for s in specs})}; "
+                "pass a smaller num_pages, or max_memory (bytes, or a fraction of free memory such as 0.2)"
+            ) from error
 
     @property
     def page_bytes(self) -> int:

@@ -24,7 +24,12 @@ UNSUPPORTED_MODEL_TYPES = {"gpt_oss": "attention sinks are not supported"}
 
 @dataclass(eq=False)
 class Runtime:
-    """What `wrap` attaches to a model (as `model.hf_paged_runtime`)."""
+    """What `wrap` attaches to a model (as `model.hf_paged_runtime`).
+
+    A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at the
+    copy's modules, and its pool and executor are made on first use (they never travel, see
+    `NOT_COPIED`), so copying costs no pool memory.
+    """
 
     config: PagedConfig
     pool: KVPool
@@ -40,6 +45,29 @@ class Runtime:
     compiled: object | None = None  # hf_paged.compile.CompiledDecode, made on first compiled generate()
     last_peak_pages: int = 0
     last_peak_shared_pages: int = 0
+
+    NOT_COPIED = ("pool", "executor", "cache", "compiled")
+
+    def __getstate__(self) -> dict:
+        state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
+        if "kv_shapes" not in state:  # (num_kv_heads, head_dim) per layer: what the copy's pool needs
+            state["kv_shapes"] = [(spec.num_kv_heads, spec.head_dim) for spec in self.pool.specs]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cache = self.compiled = None
+        _register_functions()  # an unpickled model in a fresh process names the "hf_paged" implementation
+
+    def __getattr__(self, name: str):
+        # Only reached for what a copy left out: its own pool and executor, for its own weights.
+        if name not in ("pool", "executor") or "kv_shapes" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        weights = [next(module.parameters()) for module in self.attention_modules]
+        specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
+        self.executor = select_executor(self.config.backend, specs)
+        self.pool = KVPool(self.config, specs)
+        return getattr(self, name)
 
 
 @dataclass(slots=True)
@@ -204,20 +232,21 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     """Serve `model`'s generate() and forward from a paged KV cache. Patches in place, returns `model`.
 
     `config` and keyword overrides (`wrap(model, page_size=8)`) set the PagedConfig. Wrapping a
-    wrapped model again with no new settings does nothing; with new settings it re-wraps.
+    wrapped model again with no settings, or the same ones, does nothing; with other settings it
+    re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
-    config = (config or PagedConfig()).with_overrides(**overrides) if overrides else (config or PagedConfig())
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
+    config = _requested_config(runtime, config, overrides)
     if runtime is not None and runtime.config == config:
         return model
     modules = check_supported(model)
     base = _find_decoder(model, modules)
     specs = _layer_specs(model, modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
+    pool = KVPool(config, specs)  # raises (budget below one page, allocation failed) before anything is patched
     if runtime is not None:
         unwrap(model)
-    pool = KVPool(config, specs)
     _register_functions()
     text_config = model.config.get_text_config()
     runtime = Runtime(
@@ -248,6 +277,16 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     return model
 
 
+def _requested_config(runtime: Runtime | None, config: PagedConfig | None, overrides: dict) -> PagedConfig:
+    """The config `wrap` asks for: a wrapped model's own when given no settings, else `config` (or the
+    defaults) with the overrides. Overrides start from the defaults, not the current config, so that
+    `wrap(model, max_memory=...)` is not silently beaten by an earlier `num_pages`."""
+    if runtime is not None and config is None and not overrides:
+        return runtime.config
+    base = config or PagedConfig()
+    return base.with_overrides(**overrides) if overrides else base
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Remove everything `wrap` added; the model behaves exactly as before. No-op if not wrapped."""
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
@@ -264,8 +303,18 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _make_begin_hook(runtime: Runtime):
-    def begin_forward(module, args, kwargs):
+class _BeginForward:
+    """Pre-hook of the decoder: places this forward's tokens in the PagedCache it was given.
+
+    A class rather than a closure so that a deepcopy or pickle of the model carries a hook bound to
+    the copy's runtime.
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def __call__(self, module, args, kwargs):
+        runtime = self.runtime
         arguments = runtime.forward_signature.bind_partial(*args, **kwargs).arguments
         cache = _compat.find_cache(arguments)
         runtime.cache = None
@@ -282,14 +331,23 @@ def _make_begin_hook(runtime: Runtime):
         runtime.cache = cache
         return None
 
-    return begin_forward
 
+class _EndForward:
+    """Forward hook of the decoder (always called, also on errors): ends the forward in the cache."""
 
-def _make_end_hook(runtime: Runtime):
-    def end_forward(module, args, kwargs, output):
-        if runtime.cache is not None:
-            runtime.cache.end_forward()
-            runtime.cache = None
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def __call__(self, module, args, kwargs, output):
+        if self.runtime.cache is not None:
+            self.runtime.cache.end_forward()
+            self.runtime.cache = None
         return None
 
-    return end_forward
+
+def _make_begin_hook(runtime: Runtime) -> _BeginForward:
+    return _BeginForward(runtime)
+
+
+def _make_end_hook(runtime: Runtime) -> _EndForward:
+    return _EndForward(runtime)

@@ -90,9 +90,9 @@ def build_model_pair(args, device: torch.device) -> tuple[torch.nn.Module, torch
     )
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    stock = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", torch_dtype=dtype)
+    stock = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
     stock = stock.to(device).eval()
-    paged = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", torch_dtype=dtype)
+    paged = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
     paged.load_state_dict(stock.state_dict(), assign=True)
     paged = paged.to(device).eval()
     for model in (stock, paged):

@@ -11,6 +11,7 @@ Writes samples.jsonl and summary.json to --output-dir and prints a table. Bad in
 
 import argparse
 import gc
+import os
 import re
 import sys
 
@@ -98,6 +99,44 @@ def check_args(args: argparse.Namespace, state: PartialState) -> None:
         raise EvalError("pass either --dataset (hub) or --data-files (local), not both")
     if args.device_map is not None and state.num_processes > 1:
         raise EvalError("--device-map spreads one model over devices; run it in one process, not with --num_processes > 1")
+    if args.threads is not None and args.threads < 0:
+        raise EvalError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if not 0 <= args.seed < 2**31:
+        raise EvalError(f"--seed must be in [0, 2**31), got {args.seed}")
+    if args.do_sample and not args.temperature > 0:
+        raise EvalError(f"--temperature must be > 0 with --do-sample, got {args.temperature}")
+    if args.do_sample and not 0 < args.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1] with --do-sample, got {args.top_p}")
+    if args.device is not None:
+        check_device(args.device)
+    if args.model is not None:
+        check_model_path(args.model)
+
+
+def check_device(text: str) -> None:
+    """`--device`: a device torch knows that this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as error:
+        raise EvalError(f"--device {text!r} is not a device: expected e.g. cpu, cuda, cuda:1") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvalError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvalError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        is_available = getattr(getattr(torch, device.type, None), "is_available", None)  # torch.xpu, torch.mps, ...
+        if callable(is_available) and not is_available():
+            raise EvalError(f"--device {text}: {device.type} is not available on this machine")
+
+
+def check_model_path(name: str) -> None:
+    """`--model` written as a path (./x, ../x, /x, ~/x, a/b/c) must be an existing folder; a hub name is org/name."""
+    path = os.path.expanduser(name)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if looks_local and not os.path.isdir(path):
+        what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+        raise EvalError(f"--model {name}: the folder {os.path.abspath(path)} {what}")
 
 
 def generate_kwargs(args: argparse.Namespace, tokenizer) -> dict:
@@ -152,10 +191,11 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     except (hf_paged.UnsupportedModelError, ValueError) as error:  # ValueError: --backend cannot serve it
         raise EvalError(str(error)) from error
     geometry = hf_paged.memory_stats(model)
+    executor = model.hf_paged_runtime.executor.name  # what "auto" resolved to
     placement = pool_placement(model)
     try:
         if my_batches and not args.no_warmup:
-            warm_up(model, tokenizer, my_batches[0], kwargs, device)
+            warm_up(model, tokenizer, my_batches, kwargs, device)  # every compiled shape, with --compile
         paged_records, paged_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "paged", show)
         stock_records, stock_stats = [], RunStats()
         if args.compare:
@@ -164,7 +204,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
                 gc.collect()
                 torch.cuda.empty_cache()
             if my_batches and not args.no_warmup:
-                warm_up(model, tokenizer, my_batches[0], kwargs, device)
+                warm_up(model, tokenizer, my_batches, kwargs, device)
             stock_records, stock_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "stock", show)
     except hf_paged.OutOfPagesError as error:
         failure = f"out of pages: {error} (flags: --num-pages, --max-memory, --batch-size, --max-new-tokens)"
@@ -188,7 +228,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         data={"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split, "data_files": data_files},
         num_processes=state.num_processes,
         generation=kwargs,
-        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")} | {"backend": args.backend},
+        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")}
+        | {"backend": executor, "requested_backend": args.backend, "compile": args.compile},
         pool_placement=placement,
     )
     if args.compare:
@@ -197,7 +238,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         summary["agreement"] = agreement(paged_records, stock_records)
         for record, stock in zip(paged_records, stock_records):
             record.update(stock_output_text=stock["output_text"], stock_output_ids=stock["output_ids"],
-                          stock_seconds=stock["seconds"], match=record["output_ids"] == stock["output_ids"])
+                          match=record["output_ids"] == stock["output_ids"])
     print(table(summary))
     if args.output_dir:
         samples_path, summary_path = write_outputs(args.output_dir, paged_records, summary)

@@ -339,3 +339,24 @@ def test_default_inductor_compile_matches_stock(stock_tokens):
     model = hf_paged.wrap(tiny_model("llama"), num_pages=128, page_size=4, compile=True)
     assert torch.equal(generate(model, input_ids, mask), expected["greedy"])
     assert model.hf_paged_runtime.compiled.num_compiled_steps == NEW_TOKENS - 1
+
+
+def test_a_shape_past_the_recompile_limit_is_never_compiled_again(stock_tokens):
+    """Each retry would print torch's recompile_limit warning once more, at every step of every call."""
+    input_ids, mask, expected = stock_tokens
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=128, page_size=4, compile=True)
+    compiled = compile_decode(model, backend=CountingBackend())
+    calls, compiled_forward = [], compiled.compiled
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return compiled_forward(*args, **kwargs)
+
+    compiled.compiled = counting
+    with torch._dynamo.config.patch(recompile_limit=1):
+        generate(model, input_ids, mask)
+        with pytest.warns(UserWarning, match="recompile_limit"):
+            generate(model, input_ids, mask, num_beams=3)
+        assert torch.equal(generate(model, input_ids, mask, num_beams=3), expected["beam"])
+    assert calls.count(6) == 1  # 6 rows: tried once, then eager for the rest of that call and the next
+    assert compiled.num_compiled_steps == NEW_TOKENS - 1

@@ -29,6 +29,7 @@ def summarize(records: list[dict], stats: list[RunStats], metrics: list[str]) ->
         "peak_kv_bytes": max((process.peak_kv_bytes for process in stats), default=0),
         "peak_shared_pages": max((process.peak_shared_pages for process in stats), default=0),
         "peak_pages_in_use": max((process.peak_pages_in_use for process in stats), default=0),
+        "batches": sorted((entry for process in stats for entry in process.batches), key=lambda entry: entry["batch"]),
         "scores": score(
             [record["output_text"] for record in with_references],
             [record["reference"] for record in with_references],

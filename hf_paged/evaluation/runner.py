@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, set_seed
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
 
 from .. import _compat
 from . import EvalError
@@ -32,6 +32,9 @@ class RunStats:
     peak_kv_bytes: int = 0
     peak_shared_pages: int = 0
     peak_pages_in_use: int = 0
+    # One entry per batch: {"batch", "num_samples", "seconds", "time_to_first_token_s"}; a batch's
+    # time is recorded once here, not on each of its samples.
+    batches: list[dict] = field(default_factory=list)
 
 
 class FirstTokenTimer(LogitsProcessor):
@@ -47,6 +50,17 @@ class FirstTokenTimer(LogitsProcessor):
                 torch.cuda.synchronize(scores.device)
             self.first_call = time.perf_counter()
         return scores
+
+
+class StopAtLength(StoppingCriteria):
+    """Stops every row at `length` tokens. Not transformers' MaxLengthCriteria, which generate() would
+    report as clashing with the one it makes from max_new_tokens."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool, device=input_ids.device)
 
 
 def encode_prompts(tokenizer, samples: list[Sample], context: int | None, max_new_tokens: int, truncate: bool) -> list[list[int]]:
@@ -143,7 +157,11 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         stats.seconds += seconds
-        stats.first_token_seconds.append(timer.first_call - start if timer.first_call is not None else seconds)
+        first_token = timer.first_call - start if timer.first_call is not None else seconds
+        stats.first_token_seconds.append(first_token)
+        stats.batches.append(
+            {"batch": batch.number, "num_samples": len(batch.samples), "seconds": seconds, "time_to_first_token_s": first_token}
+        )
         if paged:
             memory = hf_paged.memory_stats(model)
             kv_bytes, shared, pages = memory["peak_kv_bytes"], memory["peak_shared_pages"], memory["peak_pages_in_use"]
@@ -167,14 +185,34 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
                     "output_ids": rows,
                     "generated_tokens": sum(len(row) for row in rows),
                     "reference": sample.reference,
-                    "seconds": seconds,
                     "batch": batch.number,
                 }
             )
     return records, stats
 
 
-def warm_up(model, tokenizer, batch: Batch, generate_kwargs: dict, device: torch.device) -> None:
-    """One untimed short generate() so one-time costs (allocator, lazy init) stay out of the timings."""
-    input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**generate_kwargs, "max_new_tokens": 2})
+def warm_up(model, tokenizer, batches: list[Batch], generate_kwargs: dict, device: torch.device) -> None:
+    """Untimed generate() calls so one-time costs (allocator, lazy init, compilation) stay out of the timings.
+
+    One short call on the first batch; with compiled decode steps (`PagedConfig(compile=True)`), one
+    per decode shape the timed run will meet (rows x capacity, see hf_paged.compile), each with the
+    run's own `max_new_tokens` (the capacity depends on it) and stopped after a few tokens.
+    """
+    runtime = getattr(model, "hf_paged_runtime", None)
+    if runtime is None or not runtime.config.compile:
+        input_ids, attention_mask = _pad_left(batches[0].prompt_ids, tokenizer.pad_token_id, device)
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**generate_kwargs, "max_new_tokens": 2})
+        return
+    from ..compile import capacity_pages
+
+    max_new = generate_kwargs["max_new_tokens"]
+    seen = set()
+    for batch in batches:
+        longest = max(len(ids) for ids in batch.prompt_ids)
+        shape = (len(batch.prompt_ids), capacity_pages(longest + max_new, runtime.pool.page_size))
+        if shape in seen:
+            continue
+        seen.add(shape)
+        input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
+        stop = StoppingCriteriaList([StopAtLength(input_ids.shape[1] + 3)])  # two decode steps
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop, **generate_kwargs)
