@@ -7,7 +7,17 @@ may also ask for one particular free page (`take`), and for the first page of a 
 (`find_free_run`): that is how rows that share nothing get consecutive pages (PageTables.reserve).
 """
 
+from typing import Protocol
+
 from .errors import OutOfPagesError
+
+
+class Evictor(Protocol):
+    """Holds pages that can be given back on demand (the prefix cache's unreferenced pages)."""
+
+    def num_evictable(self) -> int: ...
+
+    def evict(self, num: int) -> int: ...
 
 
 class BlockManager:
@@ -26,6 +36,8 @@ class BlockManager:
         self.num_shared_pages = 0
         self.peak_used_pages = 0
         self.peak_shared_pages = 0
+        # Asked for pages when the free list is short, before anything is refused.
+        self.evictor: Evictor | None = None
 
     @property
     def num_free_pages(self) -> int:
@@ -35,13 +47,24 @@ class BlockManager:
     def num_used_pages(self) -> int:
         return self.num_pages - len(self.free_page_ids)
 
+    @property
+    def num_available_pages(self) -> int:
+        """Free pages plus the pages the evictor would give back."""
+        evictable = self.evictor.num_evictable() if self.evictor is not None else 0
+        return len(self.free_page_ids) + evictable
+
     def can_allocate(self, num: int) -> bool:
-        return num <= len(self.free_page_ids)
+        return num <= len(self.free_page_ids) or num <= self.num_available_pages
 
     def allocate(self, num: int) -> list[int]:
-        """Take `num` free pages, each with reference count 1. Raises before changing anything."""
+        """Take `num` free pages, each with reference count 1, evicting cached pages if short.
+
+        Raises before changing anything when even evicting every evictable page is not enough.
+        """
         if num > len(self.free_page_ids):
-            raise OutOfPagesError(num, len(self.free_page_ids), self.num_pages)
+            if not self.can_allocate(num):
+                raise OutOfPagesError(num, self.num_available_pages, self.num_pages)
+            self.evictor.evict(num - len(self.free_page_ids))
         if num == 0:
             return []
         page_ids = self.free_page_ids[-num:][::-1]

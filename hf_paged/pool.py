@@ -13,6 +13,7 @@ import torch
 
 from .blocks import BlockManager
 from .config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
+from .prefix_cache import PrefixCache
 
 
 @dataclass(slots=True)
@@ -77,6 +78,8 @@ class KVPool:
         self.specs = specs
         self.num_pages = choose_num_pages(config, specs)
         self.blocks = BlockManager(self.num_pages)
+        # Full prompt pages kept across calls (PagedConfig.prefix_cache); it registers as the evictor.
+        self.prefix_cache = PrefixCache(self.blocks, self.page_size) if config.prefix_cache else None
         self.zero_page_id = self.num_pages
         self.pools: list[torch.Tensor] = []
         for spec in specs:

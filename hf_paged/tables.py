@@ -44,6 +44,15 @@ class PageTables:
         self.num_tokens.extend([0] * num_rows)
         self.home.extend([-1] * num_rows)
 
+    def adopt(self, row: int, page_ids: list[int], num_tokens: int) -> None:
+        """Start the empty row `row` with shared full pages `page_ids` holding `num_tokens` tokens."""
+        if self.num_tokens[row] or num_tokens != len(page_ids) * self.page_size:
+            raise ValueError(f"row {row} must be empty and the pages full, got {num_tokens} tokens in {len(page_ids)}")
+        self.blocks.fork(page_ids)
+        self.page_tables[row] = list(page_ids)
+        self.num_tokens[row] = num_tokens
+        self.home[row] = -1
+
     def reserve(self, tokens_per_row: int) -> bool:
         """Give every (empty) row a run of pages for `tokens_per_row` tokens, rows back to back.
 
@@ -90,7 +99,7 @@ class PageTables:
             raise ValueError(f"expected {self.num_rows} token counts, got {len(num_new_tokens)}")
         num_needed = self.num_pages_to_append(num_new_tokens)
         if not self.blocks.can_allocate(num_needed):
-            raise OutOfPagesError(num_needed, self.blocks.num_free_pages, self.blocks.num_pages)
+            raise OutOfPagesError(num_needed, self.blocks.num_available_pages, self.blocks.num_pages)
         page_size = self.page_size
         blocks = self.blocks
         slots: list[int] = []

@@ -253,6 +253,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
     if runtime is None:
         return model
+    if runtime.pool.prefix_cache is not None:
+        runtime.pool.prefix_cache.clear()
     for handle in runtime.handles:
         handle.remove()
     for module in runtime.attention_modules:
