@@ -201,3 +201,31 @@ def test_off_by_default():
     generate(model, input_ids, mask)
     stats = hf_paged.memory_stats(model)
     assert stats["pages_in_use"] == 0 and "cached_pages" not in stats
+
+
+def test_eval_reports_the_hit_rate_and_stays_in_agreement(tmp_path):
+    """scripts/eval.py --prefix-cache: the same outputs as stock, and the summary's hit rate is the
+    share of reusable prompt tokens found (a second pass over the same data finds all of them)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval.py"
+    spec = importlib.util.spec_from_file_location("hf_paged_eval_script_prefix", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        # The warm-up runs the (only) batch first, so the timed pass finds every reusable token.
+        code = module.main(["--limit", "2", "--batch-size", "2", "--max-new-tokens", "3", "--prefix-cache",
+                            "--compare", "--output-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    prefix = summary["prefix_cache"]
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    reusable = sum(((r["prompt_tokens"] - 1) // 16) * 16 for r in records)
+    assert prefix["prefix_lookup_tokens"] == reusable > 0
+    assert prefix["prefix_hit_tokens"] == reusable and prefix["hit_rate"] == 1.0
+    assert summary["agreement"] == 1.0
