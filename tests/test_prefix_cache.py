@@ -229,3 +229,25 @@ def test_eval_reports_the_hit_rate_and_stays_in_agreement(tmp_path):
     assert prefix["prefix_lookup_tokens"] == reusable > 0
     assert prefix["prefix_hit_tokens"] == reusable and prefix["hit_rate"] == 1.0
     assert summary["agreement"] == 1.0
+
+
+def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_page():
+    """scripts/bench.py --prefix-cache on its quick sizes (the targets apply to the full sizes)."""
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import bench
+    finally:
+        sys.path.remove(scripts)
+    threads = torch.get_num_threads()
+    try:
+        document = bench.main(["--quick", "--workload", "none", "--prefix-cache", "--no-memory", "--reps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    few = document["few_shot"]
+    assert few["tokens_match"] is True
+    assert few["warm_hit_tokens"] == few["warm_reusable_tokens"] > 0
+    assert few["shape"] == dict(prefix_len=64, num_questions=8, batch_size=4, new_tokens=16)
