@@ -84,3 +84,21 @@ def output_cache(output: Any) -> Any:
 def set_output_cache(output: Any, cache: Any) -> None:
     """Replace the cache a model output carries (under the installed release's field)."""
     setattr(output, OUTPUT_CACHE_FIELD, cache)
+
+
+def layer_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (tokens a query sees) as stock's `DynamicCache(config=...)` keeps
+    it (`get_layer_types_and_kwargs`), or None for a layer that keeps every token."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return [None] * num_layers
+    if len(layer_types) != num_layers:
+        return [None] * num_layers
+    windows: list[int | None] = []
+    for kind, kwargs in zip(layer_types, layer_kwargs):
+        window = kwargs.get("sliding_window") if kind == "sliding_attention" else None
+        windows.append(window if isinstance(window, int) and window > 0 else None)
+    return windows

@@ -121,5 +121,7 @@ def make_generate(model):
             cache.release()
             runtime.last_peak_pages = blocks.peak_used_pages
             runtime.last_peak_shared_pages = blocks.peak_shared_pages
+            runtime.last_peak_kv_bytes = cache.peak_kv_bytes
+            runtime.last_peak_group_pages = list(cache.peak_group_pages)
 
     return generate

@@ -50,9 +50,9 @@ def prefill_with_prefix_cache(
     rows = [input_ids[row][mask[row]].tolist() for row in range(batch)]
     hits = [prefix_cache.match(tokens) for tokens in rows]
     page_size = cache.tables.page_size
-    cache.tables.add_rows(batch)
-    for row, pages in enumerate(hits):
-        cache.tables.adopt(row, pages, len(pages) * page_size)
+    cache.add_rows(batch)
+    for row, entries in enumerate(hits):  # an entry holds the page of every group
+        cache.adopt(row, [list(pages) for pages in zip(*entries)] or [[] for _ in cache.groups], len(entries) * page_size)
     done = [len(pages) * page_size for pages in hits]
     remainder = [len(tokens) - 1 - skip for tokens, skip in zip(rows, done)]
     width = max(remainder)
@@ -80,4 +80,4 @@ def prefill_with_prefix_cache(
         model(**inputs)
     cache.seq_length = length - 1
     for row, tokens in enumerate(rows):
-        prefix_cache.insert(tokens[:-1], cache.tables.page_tables[row])
+        prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])

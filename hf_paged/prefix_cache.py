@@ -45,14 +45,17 @@ def page_keys(tokens: list[int], page_size: int, num_pages: int) -> list[bytes]:
 
 
 class PrefixCache:
-    """Full prompt pages by chain key, one reference each, evicted least recently used first."""
+    """Full prompt pages by chain key, one reference each, evicted least recently used first.
+
+    An entry holds one page per group of layers (groups.py): the same tokens in every group.
+    """
 
     def __init__(self, blocks: BlockManager, page_size: int):
         self.blocks = blocks
         self.page_size = page_size
-        self.page_of: dict[bytes, int] = {}
-        self.key_of: dict[int, bytes] = {}
-        self.recency: OrderedDict[int, None] = OrderedDict()  # cached pages, least recently used first
+        self.pages_of: dict[bytes, tuple[int, ...]] = {}
+        self.key_of: dict[int, bytes] = {}  # every cached page -> its entry's key
+        self.recency: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
         self.stats = PrefixCacheStats()
         self.weights_key: object = None  # what the cached K/V were computed with (see check_weights)
         blocks.evictor = self
@@ -61,76 +64,89 @@ class PrefixCache:
     def num_cached_pages(self) -> int:
         return len(self.key_of)
 
-    def match(self, tokens: list[int]) -> list[int]:
-        """Cached pages holding the longest page-aligned prefix of `tokens` that stops before its last token.
+    def match(self, tokens: list[int]) -> list[tuple[int, ...]]:
+        """Cached entries (a page per group) holding the longest page-aligned prefix of `tokens` that
+        stops before its last token.
 
-        The caller takes its own references to them (`blocks.fork`). The last token is never
-        covered: generate() feeds it, so the remainder to compute is never empty.
+        The caller takes its own references to them. The last token is never covered: generate()
+        feeds it, so the remainder to compute is never empty.
         """
         num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
-        pages: list[int] = []
+        entries: list[tuple[int, ...]] = []
+        keys: list[bytes] = []
         for key in page_keys(tokens, self.page_size, num_pages):
-            page = self.page_of.get(key)
-            if page is None:
+            pages = self.pages_of.get(key)
+            if pages is None:
                 break
-            pages.append(page)
-        self._touch(pages)
+            entries.append(pages)
+            keys.append(key)
+        self._touch(keys)
         self.stats.lookups += 1
         self.stats.lookup_tokens += num_pages * self.page_size
-        self.stats.hits += len(pages)
-        self.stats.hit_tokens += len(pages) * self.page_size
-        return pages
+        self.stats.hits += len(entries)
+        self.stats.hit_tokens += len(entries) * self.page_size
+        return entries
 
-    def insert(self, tokens: list[int], page_table: list[int]) -> None:
-        """Keep the full pages of `page_table` that hold `tokens` (a row's real prompt tokens, in order)."""
-        num_pages = min(len(tokens) // self.page_size, len(page_table))
-        for key, page in zip(page_keys(tokens, self.page_size, num_pages), page_table):
-            if key in self.page_of or page in self.key_of:
-                continue  # already kept (by key, or this very page under its key)
-            self.blocks.fork([page])
-            self.page_of[key] = page
-            self.key_of[page] = key
-        self._touch(page_table[:num_pages])
+    def insert(self, tokens: list[int], group_tables: list[list[int]]) -> None:
+        """Keep the full pages that hold `tokens` (a row's real prompt tokens, in order); `group_tables`
+        is the row's page table in each group. A page a window has released is not kept."""
+        num_pages = min([len(tokens) // self.page_size] + [len(table) for table in group_tables])
+        hole = self.blocks.num_pages
+        keys = page_keys(tokens, self.page_size, num_pages)
+        for index, key in enumerate(keys):
+            pages = tuple(table[index] for table in group_tables)
+            if key in self.pages_of or hole in pages or any(page in self.key_of for page in pages):
+                continue  # already kept, released by a window, or kept under another key
+            self.blocks.fork(list(pages))
+            self.pages_of[key] = pages
+            for page in pages:
+                self.key_of[page] = key
+        self._touch([key for key in keys if key in self.pages_of])
+
+    def _evictable(self, pages: tuple[int, ...]) -> bool:
+        ref_counts = self.blocks.ref_counts
+        return all(ref_counts[page] == 1 for page in pages)
 
     def num_evictable(self) -> int:
         """Cached pages nothing but the cache references."""
-        ref_counts = self.blocks.ref_counts
-        return sum(1 for page in self.key_of if ref_counts[page] == 1)
+        return sum(len(pages) for pages in self.pages_of.values() if self._evictable(pages))
 
     def evict(self, num: int) -> int:
-        """Give back up to `num` evictable pages to the pool, least recently used first; returns how many."""
-        ref_counts = self.blocks.ref_counts
-        victims = []
-        for page in self.recency:
-            if len(victims) == num:
+        """Give back at least `num` evictable pages (when there are), least recently used first."""
+        victims, freed = [], 0
+        for key in self.recency:
+            if freed >= num:
                 break
-            if ref_counts[page] == 1:
-                victims.append(page)
-        for page in victims:
-            self._drop(page)
-        self.stats.evictions += len(victims)
-        return len(victims)
+            pages = self.pages_of[key]
+            if self._evictable(pages):
+                victims.append(key)
+                freed += len(pages)
+        for key in victims:
+            self._drop(key)
+        self.stats.evictions += freed
+        return freed
 
     def clear(self) -> None:
         """Forget every cached page; pages nothing else holds return to the pool."""
-        for page in list(self.recency):
-            self._drop(page)
+        for key in list(self.recency):
+            self._drop(key)
         self.weights_key = None
 
     def check_weights(self, weights_key: object) -> None:
         """Empty the cache if the model's weights changed since its pages were computed."""
         if weights_key != self.weights_key:
-            if self.key_of:
+            if self.pages_of:
                 self.clear()
             self.weights_key = weights_key
 
-    def _drop(self, page: int) -> None:
-        del self.page_of[self.key_of.pop(page)]
-        del self.recency[page]
-        self.blocks.free([page])
+    def _drop(self, key: bytes) -> None:
+        pages = self.pages_of.pop(key)
+        for page in pages:
+            del self.key_of[page]
+        del self.recency[key]
+        self.blocks.free(list(pages))
 
-    def _touch(self, pages: list[int]) -> None:
-        for page in reversed(pages):  # the first page of a chain ends up most recently used
-            if page in self.key_of:
-                self.recency[page] = None
-                self.recency.move_to_end(page)
+    def _touch(self, keys: list[bytes]) -> None:
+        for key in reversed(keys):  # the first page of a chain ends up most recently used
+            self.recency[key] = None
+            self.recency.move_to_end(key)

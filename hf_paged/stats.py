@@ -3,10 +3,13 @@
 import torch
 
 
-def memory_stats(model: torch.nn.Module) -> dict[str, int]:
+def memory_stats(model: torch.nn.Module) -> dict:
     """Pool geometry and occupancy of a wrapped model.
 
-    With the prefix cache on, `pages_in_use` includes the `cached_pages` it keeps between calls,
+    `groups` lists each group of layers (groups.py: full attention, or one sliding window) with
+    its page bytes and the pages its rows held at the peak of the last call; with more than one
+    group, `peak_kv_bytes` adds up each group's pages at its own bytes (a page id stores K/V of
+    one group's layers only). With the prefix cache on, `pages_in_use` includes the `cached_pages` it keeps between calls,
     and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
     `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) cover the most
@@ -28,6 +31,19 @@ def memory_stats(model: torch.nn.Module) -> dict[str, int]:
         "peak_shared_pages": runtime.last_peak_shared_pages,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
     }
+    if len(runtime.groups) > 1:
+        # A page id holds K/V of one group's layers only: count each group's pages at its bytes.
+        stats["peak_kv_bytes"] = runtime.last_peak_kv_bytes
+    stats["groups"] = [
+        {
+            "window": group.window,
+            "num_layers": len(group.layers),
+            "page_bytes": pool.page_size * sum(pool.specs[layer].bytes_per_token for layer in group.layers),
+            "peak_pages_in_use": peaks[index] if index < len(peaks) else 0,
+        }
+        for index, group in enumerate(runtime.groups)
+        for peaks in [runtime.last_peak_group_pages]
+    ]
     prefix = pool.prefix_cache
     if prefix is not None:  # PagedConfig(prefix_cache=True): counters since wrap()
         stats.update(
