@@ -127,7 +127,6 @@ class PagedCache(Cache):
                     pool = self.pool.pools[layer]
                     layer_meta = self._meta_on(pool.device, group)
                     copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
-        self._note_peaks()
 
     def add_rows(self, num_rows: int) -> None:
         """Append `num_rows` empty rows to every group's tables."""
@@ -149,6 +148,13 @@ class PagedCache(Cache):
         self.peak_kv_bytes = max(self.peak_kv_bytes, total)
 
     def end_forward(self) -> None:
+        """After the forward: windows let go of what the next queries cannot see, and the peaks are noted
+        (as the memory stock's window-only cache holds after a forward, which the benchmark compares)."""
+        if self._forward is not None and not self.recording:
+            for tables in self.group_tables:
+                tables.drop_out_of_window()
+        if self._forward is not None:
+            self._note_peaks()
         self._forward = None
 
     def _state(self) -> ForwardState:
