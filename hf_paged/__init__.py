@@ -3,7 +3,7 @@
 from .cache import PagedCache
 from .config import PagedConfig
 from .errors import OutOfPagesError, UnsupportedModelError
-from .stats import memory_stats
+from .stats import clear_prefix_cache, memory_stats
 from .wrap import unwrap, wrap
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "PagedCache",
     "PagedConfig",
     "UnsupportedModelError",
+    "clear_prefix_cache",
     "memory_stats",
     "unwrap",
     "wrap",

@@ -98,3 +98,21 @@ def resolve_generation_config(model: Any, generation_config: Any, kwargs: dict[s
     named = inspect.signature(type(model).generate).parameters
     settings = {name: value for name, value in kwargs.items() if name not in named}
     return model._prepare_generation_config(generation_config, **settings)[0]
+
+
+def layer_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window (tokens a query sees) as stock's `DynamicCache(config=...)` keeps
+    it (`get_layer_types_and_kwargs`), or None for a layer that keeps every token."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return [None] * num_layers
+    if len(layer_types) != num_layers:
+        return [None] * num_layers
+    windows: list[int | None] = []
+    for kind, kwargs in zip(layer_types, layer_kwargs):
+        window = kwargs.get("sliding_window") if kind == "sliding_attention" else None
+        windows.append(window if isinstance(window, int) and window > 0 else None)
+    return windows

@@ -7,7 +7,17 @@ may also ask for one particular free page (`take`), and for the first page of a 
 (`find_free_run`): that is how rows that share nothing get consecutive pages (PageTables.reserve).
 """
 
+from typing import Protocol
+
 from .errors import OutOfPagesError
+
+
+class Evictor(Protocol):
+    """Holds pages that can be given back on demand (the prefix cache's unreferenced pages)."""
+
+    def num_evictable(self) -> int: ...
+
+    def evict(self, num: int) -> int: ...
 
 
 class BlockManager:
@@ -26,6 +36,12 @@ class BlockManager:
         self.num_shared_pages = 0
         self.peak_used_pages = 0
         self.peak_shared_pages = 0
+        # Asked for pages when the free list is short, before anything is refused.
+        self.evictor: Evictor | None = None
+        # Free pages promised to a row's reservation (PageTables.reserve): `allocate` hands them out
+        # last, so other rows of the cache (another group of layers) do not break the run.
+        self._reserved = bytearray(num_pages)
+        self.num_reserved = 0
 
     @property
     def num_free_pages(self) -> int:
@@ -35,15 +51,28 @@ class BlockManager:
     def num_used_pages(self) -> int:
         return self.num_pages - len(self.free_page_ids)
 
+    @property
+    def num_available_pages(self) -> int:
+        """Free pages plus the pages the evictor would give back."""
+        evictable = self.evictor.num_evictable() if self.evictor is not None else 0
+        return len(self.free_page_ids) + evictable
+
     def can_allocate(self, num: int) -> bool:
-        return num <= len(self.free_page_ids)
+        return num <= len(self.free_page_ids) or num <= self.num_available_pages
 
     def allocate(self, num: int) -> list[int]:
-        """Take `num` free pages, each with reference count 1. Raises before changing anything."""
+        """Take `num` free pages, each with reference count 1, evicting cached pages if short.
+
+        Raises before changing anything when even evicting every evictable page is not enough.
+        """
         if num > len(self.free_page_ids):
-            raise OutOfPagesError(num, len(self.free_page_ids), self.num_pages)
+            if not self.can_allocate(num):
+                raise OutOfPagesError(num, self.num_available_pages, self.num_pages)
+            self.evictor.evict(num - len(self.free_page_ids))
         if num == 0:
             return []
+        if self.num_reserved:
+            return self._allocate_around_reservations(num)
         page_ids = self.free_page_ids[-num:][::-1]
         del self.free_page_ids[-num:]
         for page_id in page_ids:
@@ -52,6 +81,24 @@ class BlockManager:
             self._free_flags[page_id] = 0
         self._note_peaks()
         return page_ids
+
+    def _allocate_around_reservations(self, num: int) -> list[int]:
+        """`num` pages from the top of the free stack, unreserved ones first."""
+        reserved = self._reserved
+        chosen = [page for page in reversed(self.free_page_ids) if not reserved[page]][:num]
+        if len(chosen) < num:  # under pressure a reservation gives way: it holds no memory
+            chosen += [page for page in reversed(self.free_page_ids) if reserved[page]][: num - len(chosen)]
+        for page in chosen:
+            self.take(page)
+        return chosen
+
+    def reserve(self, page_ids: range, on: bool = True) -> None:
+        """Mark free pages as promised to a reservation (or, `on=False`, no longer)."""
+        flag = 1 if on else 0
+        for page in page_ids:
+            if self._reserved[page] != flag and (not on or self._stack_index[page] >= 0):
+                self._reserved[page] = flag
+                self.num_reserved += 1 if on else -1
 
     def take(self, page_id: int) -> bool:
         """Take the free page `page_id` (reference count 1); False, changing nothing, if it is in use.
@@ -68,14 +115,18 @@ class BlockManager:
         self._stack_index[page_id] = -1
         self._free_flags[page_id] = 0
         self.ref_counts[page_id] = 1
+        if self._reserved[page_id]:
+            self._reserved[page_id] = 0
+            self.num_reserved -= 1
         self._note_peaks()
         return True
 
-    def find_free_run(self, length: int) -> int | None:
-        """The first page of the lowest run of `length` consecutive free pages, or None."""
+    def find_free_run(self, length: int, highest: bool = False) -> int | None:
+        """The first page of the lowest (or `highest`) run of `length` consecutive free pages, or None."""
         if length < 1 or length > len(self.free_page_ids):
             return None
-        start = self._free_flags.find(b"\x01" * length)
+        run = b"\x01" * length
+        start = self._free_flags.rfind(run) if highest else self._free_flags.find(run)
         return None if start < 0 else start
 
     def fork(self, page_ids: list[int]) -> None:

@@ -6,6 +6,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from .attention import Executor, LayerParams, ops
+from .errors import OutOfPagesError
+from .groups import GroupSpec, group_of_layer
 from .metadata import ForwardMetadata, build_metadata
 from .pool import KVPool, copy_pages
 from .tables import PageTables
@@ -13,11 +15,16 @@ from .tables import PageTables
 
 @dataclass(slots=True)
 class ForwardState:
-    """Everything one forward shares across layers."""
+    """Everything one forward shares across layers: one metadata per group of layers (groups.py)."""
 
-    meta: ForwardMetadata
-    metas: dict[torch.device, ForwardMetadata] = field(default_factory=dict)
+    group_metas: list[ForwardMetadata]
+    metas: dict[tuple[int, torch.device], ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
+
+    @property
+    def meta(self) -> ForwardMetadata:
+        """The first group's metadata (the full-attention group when the model has one)."""
+        return self.group_metas[0]
 
 
 class PagedCache(Cache):
@@ -49,11 +56,21 @@ class PagedCache(Cache):
 
             self.executor = select_executor("torch", pool.specs)
         self.pool = pool
-        self.tables = PageTables(pool.blocks, pool.page_size)
+        runtime = getattr(model, "hf_paged_runtime", None)
+        all_layers = [GroupSpec(None, tuple(range(pool.num_layers)))]
+        self.groups: list[GroupSpec] = runtime.groups if runtime is not None else all_layers
+        self.group_tables = [PageTables(pool.blocks, pool.page_size, group.window) for group in self.groups]
+        self.layer_group = group_of_layer(self.groups, pool.num_layers)
+        self.group_page_bytes = [
+            pool.page_size * sum(pool.specs[layer].bytes_per_token for layer in group.layers) for group in self.groups
+        ]
+        # activate_past_recording() (assisted decoding crops): windows then release nothing.
+        self.recording = False
+        self.peak_group_pages = [0] * len(self.groups)
+        self.peak_kv_bytes = 0
         self.seq_length = 0
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
-        runtime = getattr(model, "hf_paged_runtime", None)
         cascade = runtime.config.cascade if runtime is not None else False
         self.cascade = self.executor.name == "torch" if cascade is None else cascade
         self._forward: ForwardState | None = None
@@ -69,9 +86,10 @@ class PagedCache(Cache):
         """
         self._check_usable()
         if self.tables.num_rows == 0 and self.seq_length == 0:
-            self.tables.add_rows(batch_size)
-            if self.max_tokens_per_row:
-                self.tables.reserve(self.max_tokens_per_row)
+            self.add_rows(batch_size)
+            for tables in self.group_tables:
+                if self.max_tokens_per_row and tables.window is None:
+                    tables.reserve(self.max_tokens_per_row, highest=len(self.group_tables) > 1)
         if batch_size != self.tables.num_rows:
             raise ValueError(
                 f"this PagedCache holds {self.tables.num_rows} rows but the forward has batch size {batch_size}; "
@@ -89,17 +107,54 @@ class PagedCache(Cache):
             if not bool(new_mask.all()):
                 qo_lens = new_mask.sum(dim=1).tolist()
                 token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
-        slots, copies = self.tables.append(qo_lens)
-        meta = build_metadata(self.tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade)
+        if not self.recording:
+            for tables in self.group_tables:
+                tables.drop_out_of_window()
+        blocks = self.pool.blocks
+        num_needed = sum(tables.num_pages_to_append(qo_lens) for tables in self.group_tables)
+        if not blocks.can_allocate(num_needed):  # every group's pages, before any group takes one
+            raise OutOfPagesError(num_needed, blocks.num_available_pages, blocks.num_pages)
+        metas = []
+        for tables in self.group_tables:
+            slots, copies = tables.append(qo_lens)
+            metas.append(build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade))
         self.seq_length += q_len
-        self._forward = ForwardState(meta)
-        self._forward.metas[meta.slot_mapping.device] = meta
-        if meta.copy_src is not None:  # copy-on-write, every layer, before any layer writes
-            for pool in self.pool.pools:
-                layer_meta = self._meta_on(pool.device)
-                copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
+        self._forward = ForwardState(metas)
+        for group, meta in enumerate(metas):
+            self._forward.metas[(group, meta.slot_mapping.device)] = meta
+            if meta.copy_src is not None:  # copy-on-write, every layer of the group, before any layer writes
+                for layer in self.groups[group].layers:
+                    pool = self.pool.pools[layer]
+                    layer_meta = self._meta_on(pool.device, group)
+                    copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
+
+    def add_rows(self, num_rows: int) -> None:
+        """Append `num_rows` empty rows to every group's tables."""
+        for tables in self.group_tables:
+            tables.add_rows(num_rows)
+
+    def adopt(self, row: int, group_pages: list[list[int]], num_tokens: int) -> None:
+        """Start the empty row `row` with shared full pages, `group_pages[g]` in group g."""
+        for tables, pages in zip(self.group_tables, group_pages):
+            tables.adopt(row, pages, num_tokens)
+
+    def _note_peaks(self) -> None:
+        """Pages each group's rows hold now, and the K/V bytes that makes, at their highest."""
+        total = 0
+        for group, tables in enumerate(self.group_tables):
+            held = {page for table in tables.page_tables for page in table if page != tables.hole}
+            self.peak_group_pages[group] = max(self.peak_group_pages[group], len(held))
+            total += len(held) * self.group_page_bytes[group]
+        self.peak_kv_bytes = max(self.peak_kv_bytes, total)
 
     def end_forward(self) -> None:
+        """After the forward: windows let go of what the next queries cannot see, and the peaks are noted
+        (as the memory stock's window-only cache holds after a forward, which the benchmark compares)."""
+        if self._forward is not None and not self.recording:
+            for tables in self.group_tables:
+                tables.drop_out_of_window()
+        if self._forward is not None:
+            self._note_peaks()
         self._forward = None
 
     def _state(self) -> ForwardState:
@@ -110,11 +165,11 @@ class PagedCache(Cache):
             )
         return self._forward
 
-    def _meta_on(self, device: torch.device) -> ForwardMetadata:
+    def _meta_on(self, device: torch.device, group: int = 0) -> ForwardMetadata:
         state = self._state()
-        meta = state.metas.get(device)
+        meta = state.metas.get((group, device))
         if meta is None:
-            meta = state.metas[device] = state.meta.to(device)
+            meta = state.metas[(group, device)] = state.group_metas[group].to(device)
         return meta
 
     # -- the Cache interface -----------------------------------------------------------------
@@ -125,7 +180,7 @@ class PagedCache(Cache):
         Returns the inputs unchanged: the paged attention function reads the pool itself.
         """
         pool = self.pool.pools[layer_idx]
-        meta = self._meta_on(pool.device)
+        meta = self._meta_on(pool.device, self.layer_group[layer_idx])
         batch, num_kv_heads, q_len, head_dim = key_states.shape
         if (num_kv_heads, head_dim) != tuple(pool.shape[-2:]):
             raise ValueError(
@@ -140,8 +195,16 @@ class PagedCache(Cache):
         """Paged attention of `query [batch, H_q, q_len, D]` for one layer; returns `[batch, q_len, H_q, D]`."""
         state = self._state()
         pool = self.pool.pools[layer_idx]
-        meta = self._meta_on(pool.device)
-        key = (pool.device, params)
+        group = self.layer_group[layer_idx]
+        window = self.groups[group].window
+        if window is not None and not 0 <= params.window_left < window:
+            # The group released pages this layer's attention would read: never attend without them.
+            raise RuntimeError(
+                f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group keeps only "
+                f"a window of {window} tokens; this model's windows are not what its config says"
+            )
+        meta = self._meta_on(pool.device, group)
+        key = (pool.device, params, group)
         plan = state.plans.get(key)
         if plan is None:
             plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
@@ -168,15 +231,24 @@ class PagedCache(Cache):
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam search: rows take the page tables of `beam_idx`. Moves no K/V."""
         self._check_usable()
-        self.tables.select_rows(beam_idx.tolist())
+        self._select_rows(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._check_usable()
-        self.tables.select_rows([row for row in range(self.tables.num_rows) for _ in range(repeats)])
+        self._select_rows([row for row in range(self.tables.num_rows) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._check_usable()
-        self.tables.select_rows(torch.as_tensor(indices).tolist())
+        self._select_rows(torch.as_tensor(indices).tolist())
+
+    @property
+    def tables(self) -> PageTables:
+        """The first group's page tables (row count, tokens per row: the same in every group)."""
+        return self.group_tables[0]
+
+    def _select_rows(self, row_ids: list[int]) -> None:
+        for tables in self.group_tables:
+            tables.select_rows(row_ids)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens of every row (`tokens_to_remove <= 0`, as stock).
@@ -192,16 +264,22 @@ class PagedCache(Cache):
         num_remove = min(-tokens_to_remove, self.seq_length)
         if num_remove == 0:
             return
-        self.tables.crop([num_remove] * self.tables.num_rows)
+        counts = [num_remove] * self.tables.num_rows
+        for tables in self.group_tables:
+            tables.check_crop(counts)  # every group, before any changes
+        for tables in self.group_tables:
+            tables.crop(counts)
         self.seq_length -= num_remove
 
     def reset(self) -> None:
-        self.tables.release()
+        for tables in self.group_tables:
+            tables.release()
         self.seq_length = 0
 
     def release(self) -> None:
         """Give every page back to the pool. The cache cannot be used afterwards."""
-        self.tables.release()
+        for tables in self.group_tables:
+            tables.release()
         self.seq_length = 0
         self._forward = None
         self.is_released = True
@@ -213,8 +291,9 @@ class PagedCache(Cache):
                 "create your own PagedCache(model), pass it as past_key_values and release() it when done"
             )
 
-    def activate_past_recording(self) -> None:  # the full history is always kept
-        pass
+    def activate_past_recording(self) -> None:
+        """Keep every page from now on (assisted decoding crops back): windows release nothing."""
+        self.recording = True
 
     def __enter__(self) -> "PagedCache":
         return self

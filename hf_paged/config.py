@@ -26,6 +26,10 @@ class PagedConfig:
         None: on for the torch executor (measured on CPU), off for FlashInfer (its cascade path
         has not been run on a GPU yet; pass True to use it).
     compile: run decode steps through a compiled forward (see README, torch.compile).
+    prefix_cache: keep the full pages of every prompt after a call and reuse them for later prompts
+        that start with the same tokens (see README, Prefix caching). Off by default: K/V reused
+        from another call were computed in another batch shape, which can move fp32 results by
+        rounding, and hf_paged promises stock's tokens.
     """
 
     page_size: int = 16
@@ -34,6 +38,7 @@ class PagedConfig:
     backend: str = "auto"
     cascade: bool | None = None
     compile: bool = False
+    prefix_cache: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
@@ -56,6 +61,8 @@ class PagedConfig:
             raise ValueError(f"expected cascade to be True, False or None, got {self.cascade!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"expected compile to be True or False, got {self.compile!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"expected prefix_cache to be True or False, got {self.prefix_cache!r}")
 
     def with_overrides(self, **overrides) -> "PagedConfig":
         """A copy with some fields replaced; unknown names raise TypeError listing the valid ones."""

@@ -9,6 +9,8 @@ import torch
 
 from . import _compat
 from .cache import PagedCache
+from .prefill import can_use_prefix_cache, prefill_with_prefix_cache, weights_key
+from .prefix_cache import PrefixCache
 from .compile import generate_max_tokens, maybe_compiled_decode
 
 
@@ -89,6 +91,27 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
     model(**inputs)
 
 
+ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _usable_prefix_cache(model, input_ids, settings, kwargs: dict) -> PrefixCache | None:
+    """The pool's prefix cache when this call can prefill through it, emptied first if the weights changed.
+
+    `settings`: the call's merged GenerationConfig.
+    """
+    prefix_cache = model.hf_paged_runtime.pool.prefix_cache
+    if prefix_cache is None or not _can_prefill_once(model, input_ids, settings, kwargs):
+        return None
+    # Assisted and prompt-lookup decoding do not give stock's tokens on a prefilled cache (measured
+    # with a stock DynamicCache too): those calls run as without the prefix cache.
+    if kwargs.get("assistant_model") is not None or any(getattr(settings, name, None) for name in ASSISTED_SETTINGS):
+        return None
+    if not can_use_prefix_cache(model, kwargs.get("attention_mask")):
+        return None
+    prefix_cache.check_weights(weights_key(model))
+    return prefix_cache
+
+
 class PagedGenerate:
     """`model.generate` of a wrapped model: runs on a PagedCache by default.
 
@@ -121,16 +144,23 @@ class PagedGenerate:
         blocks.reset_peaks()
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
+        prefix_cache = _usable_prefix_cache(model, input_ids, settings, kwargs)
         fork = expand > 1 and _can_prefill_once(model, input_ids, settings, kwargs)
         # Consecutive pages: for every row's whole life when rows share nothing; for the prompts
         # when they are forked (their shared prefixes are then read in place).
-        if fork:
+        if prefix_cache is not None:
+            reserve = None  # rows start with shared cached pages: nothing to read in place
+        elif fork:
             reserve = input_ids.shape[1]
         else:
             reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)
         try:
-            if fork:
+            if prefix_cache is not None:
+                prefill_with_prefix_cache(model, cache, prefix_cache, input_ids, kwargs.get("attention_mask"))
+                if expand > 1:
+                    cache.batch_repeat_interleave(expand)
+            elif fork:
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
                 cache.batch_repeat_interleave(expand)
             with maybe_compiled_decode(model, inputs, settings, kwargs):  # PagedConfig(compile=True)
@@ -140,6 +170,8 @@ class PagedGenerate:
             cache.release()
             runtime.last_peak_pages = blocks.peak_used_pages
             runtime.last_peak_shared_pages = blocks.peak_shared_pages
+            runtime.last_peak_kv_bytes = cache.peak_kv_bytes
+            runtime.last_peak_group_pages = list(cache.peak_group_pages)
 
 
 def make_generate(model) -> PagedGenerate:

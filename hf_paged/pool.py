@@ -13,6 +13,7 @@ import torch
 
 from .blocks import BlockManager
 from .config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
+from .prefix_cache import PrefixCache
 
 
 @dataclass(slots=True)
@@ -94,6 +95,8 @@ class KVPool:
                 pool[:, self.zero_page_id].zero_()
                 self.pools.append(pool)
             self.blocks = BlockManager(self.num_pages)
+            # Full prompt pages kept across calls (PagedConfig.prefix_cache); it registers as the evictor.
+            self.prefix_cache = PrefixCache(self.blocks, self.page_size) if config.prefix_cache else None
         except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
             self.pools.clear()
             raise MemoryError(

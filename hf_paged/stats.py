@@ -3,8 +3,14 @@
 import torch
 
 
-def memory_stats(model: torch.nn.Module) -> dict[str, int]:
+def memory_stats(model: torch.nn.Module) -> dict:
     """Pool geometry and occupancy of a wrapped model.
+
+    `groups` lists each group of layers (groups.py: full attention, or one sliding window) with
+    its page bytes and the pages its rows held at the peak of the last call; with more than one
+    group, `peak_kv_bytes` adds up each group's pages at its own bytes (a page id stores K/V of
+    one group's layers only). With the prefix cache on, `pages_in_use` includes the `cached_pages` it keeps between calls,
+    and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
     `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) cover the most
     recent generate() call; `*_bytes` count keys and values of all layers.
@@ -14,7 +20,7 @@ def memory_stats(model: torch.nn.Module) -> dict[str, int]:
         raise ValueError("memory_stats needs a model wrapped by hf_paged.wrap(model)")
     pool = runtime.pool
     blocks = pool.blocks
-    return {
+    stats = {
         "page_size": pool.page_size,
         "num_pages": pool.num_pages,
         "page_bytes": pool.page_bytes,
@@ -25,3 +31,36 @@ def memory_stats(model: torch.nn.Module) -> dict[str, int]:
         "peak_shared_pages": runtime.last_peak_shared_pages,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
     }
+    if len(runtime.groups) > 1:
+        # A page id holds K/V of one group's layers only: count each group's pages at its bytes.
+        stats["peak_kv_bytes"] = runtime.last_peak_kv_bytes
+    stats["groups"] = [
+        {
+            "window": group.window,
+            "num_layers": len(group.layers),
+            "page_bytes": pool.page_size * sum(pool.specs[layer].bytes_per_token for layer in group.layers),
+            "peak_pages_in_use": peaks[index] if index < len(peaks) else 0,
+        }
+        for index, group in enumerate(runtime.groups)
+        for peaks in [runtime.last_peak_group_pages]
+    ]
+    prefix = pool.prefix_cache
+    if prefix is not None:  # PagedConfig(prefix_cache=True): counters since wrap()
+        stats.update(
+            cached_pages=prefix.num_cached_pages,
+            prefix_lookup_tokens=prefix.stats.lookup_tokens,
+            prefix_hits=prefix.stats.hits,
+            prefix_hit_tokens=prefix.stats.hit_tokens,
+            prefix_evictions=prefix.stats.evictions,
+        )
+    return stats
+
+
+def clear_prefix_cache(model: torch.nn.Module) -> None:
+    """Empty the prefix cache of a wrapped model (`PagedConfig(prefix_cache=True)`): its pages
+    return to the pool. A no-op when the cache is off."""
+    runtime = getattr(model, "hf_paged_runtime", None)
+    if runtime is None:
+        raise ValueError("clear_prefix_cache needs a model wrapped by hf_paged.wrap(model)")
+    if runtime.pool.prefix_cache is not None:
+        runtime.pool.prefix_cache.clear()

@@ -25,9 +25,13 @@ def num_pages_for(num_tokens: int, page_size: int) -> int:
 class PageTables:
     """The page tables and token counts of the rows of one cache."""
 
-    def __init__(self, blocks: BlockManager, page_size: int):
+    def __init__(self, blocks: BlockManager, page_size: int, window: int | None = None):
         self.blocks = blocks
         self.page_size = page_size
+        # Sliding window (groups.py): `drop_out_of_window` replaces pages no later query can see by
+        # `hole`, an id no page has (the pool's zero page), so every entry keeps its position.
+        self.window = window
+        self.hole = blocks.num_pages
         self.page_tables: list[list[int]] = []
         self.num_tokens: list[int] = []
         # Reservation: row i's next page is to be `home[i] + len(table)` (< home[i] + stride); -1: none.
@@ -44,7 +48,52 @@ class PageTables:
         self.num_tokens.extend([0] * num_rows)
         self.home.extend([-1] * num_rows)
 
-    def reserve(self, tokens_per_row: int) -> bool:
+    def held(self, table: list[int]) -> list[int]:
+        """The pages `table` holds a reference to (its holes left out)."""
+        hole = self.hole
+        return [page for page in table if page != hole]
+
+    def drop_out_of_window(self) -> int:
+        """Release every page that no query from each row's next token on can see; returns how many.
+
+        The next query of a row holding n tokens sits at position n and sees keys from
+        n - window + 1 on: pages that end before that are released (shared ones lose a reference).
+        """
+        if self.window is None:
+            return 0
+        page_size, hole, dropped = self.page_size, self.hole, 0
+        for row, table in enumerate(self.page_tables):
+            num_dead = max(0, self.num_tokens[row] - self.window + 1) // page_size
+            release = [page for page in table[:num_dead] if page != hole]
+            if release:
+                self.blocks.free(release)
+                table[:num_dead] = [hole] * num_dead
+                dropped += len(release)
+        return dropped
+
+    def first_needed_page(self, row: int) -> int:
+        """Index of the first page the row's next query can see (0 without a window)."""
+        if self.window is None:
+            return 0
+        return max(0, self.num_tokens[row] - self.window + 1) // self.page_size
+
+    def adopt(self, row: int, page_ids: list[int], num_tokens: int) -> None:
+        """Start the empty row `row` with shared full pages `page_ids` holding `num_tokens` tokens."""
+        if self.num_tokens[row] or num_tokens != len(page_ids) * self.page_size:
+            raise ValueError(f"row {row} must be empty and the pages full, got {num_tokens} tokens in {len(page_ids)}")
+        self.blocks.fork(page_ids)
+        self.page_tables[row] = list(page_ids)
+        self.num_tokens[row] = num_tokens
+        self._end_reservation(row)
+
+    def _end_reservation(self, row: int) -> None:
+        """Row `row` takes no more reserved pages; the rest of its run is free for anyone."""
+        home = self.home[row]
+        if home >= 0:
+            self.blocks.reserve(range(home + len(self.page_tables[row]), home + self.stride), on=False)
+            self.home[row] = -1
+
+    def reserve(self, tokens_per_row: int, highest: bool = False) -> bool:
         """Give every (empty) row a run of pages for `tokens_per_row` tokens, rows back to back.
 
         Returns False, changing nothing, when some row already holds tokens or the pool has no free
@@ -53,11 +102,14 @@ class PageTables:
         stride = num_pages_for(tokens_per_row, self.page_size)
         if not self.num_rows or stride < 1 or any(self.num_tokens):
             return False
-        first = self.blocks.find_free_run(self.num_rows * stride)
+        # `highest`: at the top of the pool, away from the pages the free stack hands out first
+        # (other groups of the same cache allocate from there while these rows grow).
+        first = self.blocks.find_free_run(self.num_rows * stride, highest)
         if first is None:
             return False
         self.home = [first + row * stride for row in range(self.num_rows)]
         self.stride = stride
+        self.blocks.reserve(range(first, first + self.num_rows * stride))
         return True
 
     def num_pages_to_append(self, num_new_tokens: list[int]) -> int:
@@ -90,7 +142,7 @@ class PageTables:
             raise ValueError(f"expected {self.num_rows} token counts, got {len(num_new_tokens)}")
         num_needed = self.num_pages_to_append(num_new_tokens)
         if not self.blocks.can_allocate(num_needed):
-            raise OutOfPagesError(num_needed, self.blocks.num_free_pages, self.blocks.num_pages)
+            raise OutOfPagesError(num_needed, self.blocks.num_available_pages, self.blocks.num_pages)
         page_size = self.page_size
         blocks = self.blocks
         slots: list[int] = []
@@ -105,7 +157,7 @@ class PageTables:
                 copies.append((table[-1], own))
                 blocks.free([table[-1]])
                 table[-1] = own
-                self.home[row] = -1
+                self._end_reservation(row)
             end = start + num_new
             grow = num_pages_for(end, page_size) - len(table)
             if grow and self.home[row] >= 0:
@@ -123,7 +175,7 @@ class PageTables:
             table.append(home + len(table))
             grow -= 1
         if grow:
-            self.home[row] = -1  # the run is broken: the rest comes from the free stack
+            self._end_reservation(row)  # the run is broken: the rest comes from the free stack
         return grow
 
     def select_rows(self, row_ids: list[int]) -> None:
@@ -135,29 +187,52 @@ class PageTables:
         new_tokens = [self.num_tokens[i] for i in row_ids]
         # Take the new references before dropping the old, so no kept page passes through zero.
         for table in new_tables:
-            self.blocks.fork(table)
+            self.blocks.fork(self.held(table))
+        for row in range(self.num_rows):
+            self._end_reservation(row)  # rows now share pages: reservations end
         for table in reversed(self.page_tables):
-            self.blocks.free(table)
+            self.blocks.free(self.held(table))
         self.page_tables = new_tables
         self.num_tokens = new_tokens
-        self.home = [-1] * len(row_ids)  # rows now share pages: reservations end
+        self.home = [-1] * len(row_ids)
+
+    def check_crop(self, num_tokens_to_remove: list[int]) -> None:
+        """Raise ValueError if `crop` would leave a row needing a page its window has released."""
+        if self.window is None:
+            return
+        for row, num_remove in enumerate(num_tokens_to_remove):
+            if num_remove <= 0:
+                continue
+            remaining = max(0, self.num_tokens[row] - num_remove)
+            needed = self.page_tables[row][max(0, remaining - self.window + 1) // self.page_size :]
+            if self.hole in needed:
+                raise ValueError(
+                    f"cannot crop {num_remove} tokens: pages the window has already released would be "
+                    "needed again; call cache.activate_past_recording() before the forwards you may crop"
+                )
 
     def crop(self, num_tokens_to_remove: list[int]) -> None:
-        """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end."""
+        """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end.
+
+        Raises ValueError, changing nothing, when a row would need a page its window has released.
+        """
+        self.check_crop(num_tokens_to_remove)
         for row, num_remove in enumerate(num_tokens_to_remove):
             if num_remove <= 0:
                 continue
             table = self.page_tables[row]
             remaining = max(0, self.num_tokens[row] - num_remove)
             keep = num_pages_for(remaining, self.page_size)
-            self.blocks.free(table[keep:])
+            self.blocks.free(self.held(table[keep:]))
             del table[keep:]
             self.num_tokens[row] = remaining
 
     def release(self) -> None:
         """Return every page of every row, last row and last page first."""
+        for row in range(self.num_rows):
+            self._end_reservation(row)
         for table in reversed(self.page_tables):
-            self.blocks.free(table)
+            self.blocks.free(self.held(table))
         self.page_tables = []
         self.num_tokens = []
         self.home = []
@@ -168,6 +243,8 @@ class PageTables:
         filled: dict[int, int] = {}
         for table, num_tokens in zip(self.page_tables, self.num_tokens):
             for index, page_id in enumerate(table):
+                if page_id == self.hole:
+                    continue
                 used = min(page_size, num_tokens - index * page_size)
                 filled[page_id] = max(filled.get(page_id, 0), used)
         return sum(filled.values())

@@ -14,6 +14,7 @@ from .attention import Executor, LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
 from .errors import UnsupportedModelError
+from .groups import layer_groups
 from .pool import KVPool, LayerSpec
 
 ATTN_NAME = "hf_paged"
@@ -45,6 +46,9 @@ class Runtime:
     compiled: object | None = None  # hf_paged.compile.CompiledDecode, made on first compiled generate()
     last_peak_pages: int = 0
     last_peak_shared_pages: int = 0
+    groups: list = field(default_factory=list)  # hf_paged.groups.GroupSpec per group of layers
+    last_peak_kv_bytes: int = 0
+    last_peak_group_pages: list[int] = field(default_factory=list)
 
     NOT_COPIED = ("pool", "executor", "cache", "compiled")
 
@@ -257,6 +261,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         layer_types=getattr(text_config, "layer_types", None),
         sliding_window=getattr(text_config, "sliding_window", None),
         forward_signature=inspect.signature(base.forward),
+        # compile=True keeps one group: compiled decode steps read one metadata for every layer.
+        groups=layer_groups(text_config, len(specs), enabled=not config.compile),
     )
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
@@ -292,6 +298,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
     if runtime is None:
         return model
+    pool = runtime.__dict__.get("pool")  # a copy that never generated has none
+    if pool is not None and pool.prefix_cache is not None:
+        pool.prefix_cache.clear()
     for handle in runtime.handles:
         handle.remove()
     for module in runtime.attention_modules:

@@ -57,6 +57,8 @@ def quick(workload: Workload) -> Workload:
 
 def select_workloads(names: str, sizes: dict, is_quick: bool) -> list[Workload]:
     """Workloads named in `names` ("all" or comma-separated), with size flags (not None) applied."""
+    if names == "none":  # e.g. only the few-shot workload (--prefix-cache)
+        return []
     chosen = list(WORKLOADS) if names == "all" else [n.strip() for n in names.split(",")]
     unknown = [n for n in chosen if n not in WORKLOADS]
     if unknown:

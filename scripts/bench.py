@@ -7,6 +7,8 @@ each side once more in its own subprocess (see scripts/_bench_measure.py for wha
 
     python scripts/bench.py --workload all --json bench.json --plot bench.png
     python scripts/bench.py --quick --workload summarize --no-memory
+    python scripts/bench.py --workload none --prefix-cache   # the few-shot prefix-caching workload only
+    python scripts/bench.py --workload none --windowed       # the sliding-window workloads only
 """
 
 import argparse
@@ -24,6 +26,8 @@ import hf_paged
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_measure import child_peak_memory, measure  # noqa: E402
+from _bench_prefix import few_shot, print_few_shot  # noqa: E402
+from _bench_windowed import WINDOWED, measure_windowed, print_windowed  # noqa: E402
 from _bench_workloads import WORKLOADS, build_model_pair, select_workloads  # noqa: E402
 
 # paged/stock targets on CPU (issue 3): (time ratio, KV bytes ratio).
@@ -71,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     out.add_argument("--json", metavar="PATH", help="write every number as JSON")
     out.add_argument("--plot", metavar="PATH", help="PNG of time and KV bytes vs num_beams")
+    out.add_argument("--windowed", action="store_true",
+                     help="also run the sliding-window workloads (Gemma-3-style 5:1 window 128, Mistral-style window 256)")
+    out.add_argument("--prefix-cache", action="store_true",
+                     help="also run the few-shot workload (shared 1024-token prefix) with PagedConfig(prefix_cache=True)")
     out.add_argument("--beams", default=None, help="num_beams sweep for --plot (default 1,2,4,8,16)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,8 +240,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         results = [add_ratios(measure(w, stock, paged, args, device, progress), skipped is None) for w in workloads]
         sweep_base = select_workloads("wide-beam", sizes, args.quick)[0]
         points = beam_sweep(beams, sweep_base, stock, paged, args, device, progress) if beams else []
+    windowed = [measure_windowed(case, args, device, args.quick) for case in WINDOWED] if args.windowed else None
+    few = None
+    if args.prefix_cache:
+        few = few_shot(stock, paged, args, device, **(dict(prefix_len=64, num_questions=8) if args.quick else {}))
     model_info = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype")}
-    cascade = hf_paged.PagedCache(paged).cascade  # as the wrapped model resolves it (on for torch, off for FlashInfer)
+    # As the wrapped model resolves it (on for torch, off for FlashInfer); None when no workload wrapped it.
+    cascade = hf_paged.PagedCache(paged).cascade if hasattr(paged, "hf_paged_runtime") else None
     document = {
         "machine": machine_info(device),
         "model": model_info,
@@ -242,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "elapsed_s": time.time() - started,
         "results": results,
         "beam_sweep": points,
+        "few_shot": few,
+        "windowed": windowed,
     }
     print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, "
           f"{args.reps} reps, {document['machine']['processor']} x{os.cpu_count()}, load {document['machine']['load_avg']}")
@@ -251,6 +266,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if points:
         print("\nnum_beams sweep (wide-beam shape)")
         print_table(points)
+    if few is not None:
+        print_few_shot(few)
+    if windowed is not None:
+        print_windowed(windowed)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2)

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     paging.add_argument("--backend", default="auto", choices=("auto", "torch", "flashinfer"))
     paging.add_argument("--no-cascade", action="store_true", help="disable shared-prefix attention")
     paging.add_argument("--compile", action="store_true", help="compile decode steps")
+    paging.add_argument(
+        "--prefix-cache", action="store_true",
+        help="keep prompt pages across batches and reuse shared prefixes (PagedConfig(prefix_cache=True))",
+    )
     report = parser.add_argument_group("report")
     report.add_argument("--compare", action="store_true", help="also run the unwrapped model and report agreement")
     report.add_argument("--metric", default="rouge", help="rouge, bleu, chrf, sacrebleu (= bleu,chrf), comma-separated")
@@ -155,6 +159,21 @@ def generate_kwargs(args: argparse.Namespace, tokenizer) -> dict:
     return kwargs
 
 
+PREFIX_COUNTERS = ("prefix_lookup_tokens", "prefix_hits", "prefix_hit_tokens", "prefix_evictions")
+
+
+def prefix_cache_counts(before: dict, after: dict) -> dict[str, int]:
+    """What the prefix cache counted during the timed run (the warm-up's own hits left out)."""
+    return {key: after[key] - before[key] for key in PREFIX_COUNTERS if key in after}
+
+
+def prefix_cache_summary(counts: list[dict[str, int]]) -> dict:
+    """The processes' counters added up, and the hit rate: prompt tokens found / tokens that could be."""
+    total = {key: sum(c.get(key, 0) for c in counts) for key in PREFIX_COUNTERS}
+    looked_up = total["prefix_lookup_tokens"]
+    return {"hit_rate": total["prefix_hit_tokens"] / looked_up if looked_up else 0.0, **total}
+
+
 def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     """Run the evaluation in this process; returns the summary on the main process, None elsewhere."""
     check_args(args, state)
@@ -164,6 +183,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         config = hf_paged.PagedConfig(
             page_size=args.page_size, num_pages=args.num_pages, max_memory=parse_memory(args.max_memory),
             backend=args.backend, cascade=False if args.no_cascade else None, compile=args.compile,
+            prefix_cache=args.prefix_cache,
         )
     except ValueError as error:
         raise EvalError(f"bad paging flag (--page-size, --num-pages, --max-memory, --backend): {error}") from error
@@ -196,7 +216,9 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     try:
         if my_batches and not args.no_warmup:
             warm_up(model, tokenizer, my_batches, kwargs, device)  # every compiled shape, with --compile
+        before = hf_paged.memory_stats(model)
         paged_records, paged_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "paged", show)
+        prefix_counts = prefix_cache_counts(before, hf_paged.memory_stats(model))
         stock_records, stock_stats = [], RunStats()
         if args.compare:
             hf_paged.unwrap(model)
@@ -220,6 +242,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     paged_records = sorted(gather_object(paged_records), key=lambda record: record["index"])
     stock_records = sorted(gather_object(stock_records), key=lambda record: record["index"])
     paged_stats, stock_stats = gather_object([paged_stats]), gather_object([stock_stats])
+    prefix_counts = gather_object([prefix_counts])
     if not state.is_main_process:
         return None
     summary = summarize(paged_records, paged_stats, metrics)
@@ -231,6 +254,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")}
         | {"backend": executor, "requested_backend": args.backend, "compile": args.compile},
         pool_placement=placement,
+        prefix_cache=prefix_cache_summary(prefix_counts) if args.prefix_cache else None,
     )
     if args.compare:
         summary["stock"] = summarize(stock_records, stock_stats, metrics)

@@ -167,8 +167,12 @@ def test_a_reserved_page_held_elsewhere_is_allocated_elsewhere():
     tables.append([1, 1])
     assert blocks.take(4)  # another cache takes row 1's next page
     slots, _ = tables.append([1, 1])
-    assert tables.page_tables == [[0, 1], [3, 2]] and slots == [1, 2]  # the free stack's top
+    # Row 1 leaves its run (its own page 5 is free again); the free stack passes over page 2,
+    # which row 0's run still counts on (a reserved page is handed out last).
+    assert tables.page_tables == [[0, 1], [3, 5]] and slots == [1, 5]
     assert tables.home == [0, -1] and consecutive_run(tables.page_tables, blocks.num_pages) is None
+    tables.append([1, 0])
+    assert tables.page_tables[0] == [0, 1, 2]
 
 
 def test_reserve_refuses_without_a_free_run_or_with_tokens_held():

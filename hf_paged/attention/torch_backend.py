@@ -94,14 +94,15 @@ def attention_mask(
     return mask
 
 
-def kv_gather_rows(index, max_kv: int, zero_page_id: int) -> torch.Tensor:
-    """[2 * rows * max_kv] int64 rows of `pool.view(-1, H, D)`: every row's keys, then its values.
+def kv_gather_rows(index, max_kv: int, zero_page_id: int, first_token: int = 0) -> torch.Tensor:
+    """[2 * rows * max_kv] int64 rows of `pool.view(-1, H, D)`: every row's keys `first_token ..
+    first_token + max_kv - 1`, then its values.
 
     `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex). The zero page
     is the last page of each plane, so a plane holds `(zero_page_id + 1) * page_size` rows.
     """
     page_size = index.page_size
-    k_rows = token_rows(index, max_kv, zero_page_id * page_size).reshape(-1)
+    k_rows = token_rows(index, max_kv, zero_page_id * page_size, first_token).reshape(-1)
     return torch.cat([k_rows, k_rows + (zero_page_id + 1) * page_size])
 
 
@@ -114,9 +115,9 @@ def padded_query_rows(index, max_q: int, nnz: int) -> torch.Tensor:
     return row_of * max_q + within
 
 
-def packed_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Tensor:
+def packed_mask(index, max_q: int, max_kv: int, params: LayerParams, first_token: int = 0) -> torch.Tensor:
     """[rows, 1, group * max_q (or 1), max_kv] bool mask for `pack_gqa`-packed queries."""
-    mask = attention_mask(index, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
+    mask = attention_mask(index, max_q, max_kv, params.window_left, first_token)[:, None]  # (R, 1, Q, M)
     if max_q > 1 and params.group_size > 1:
         mask = mask.repeat(1, 1, params.group_size, 1)
     return mask
@@ -136,13 +137,18 @@ def plan(
         if shared is not None:
             return shared
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
+    # A sliding-window group releases the pages before every row's window (their entries read the
+    # zero page): start reading at the first page some row still holds.
+    skip = _pages_before_every_window(meta, zero_page_id) if params.window_left >= 0 else 0
+    first_token = skip * meta.page_size
     # Rows of equal length in consecutive pages: read in place. (With unequal lengths a view would
     # also read the unwritten slots past a shorter row's end; the gather reads the zero page there.)
     row_run = None
     if meta.kv_indices_host is not None and all(n == max_kv for n in meta.kv_lens):
         indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
-        row_run = consecutive_run([indices[indptr[r]:indptr[r + 1]] for r in range(rows)], zero_page_id)
-    kv_rows = None if row_run is not None else kv_gather_rows(meta, max_kv, zero_page_id)
+        row_run = consecutive_run([indices[indptr[r] + skip:indptr[r + 1]] for r in range(rows)], zero_page_id)
+    max_kv -= first_token  # keys read per row: tokens first_token .. of each row
+    kv_rows = None if row_run is not None else kv_gather_rows(meta, max_kv, zero_page_id, first_token)
     uniform_q = all(n == max_q for n in meta.qo_lens)
     q_rows = None if uniform_q else padded_query_rows(meta, max_q, sum(meta.qo_lens))
     causal = (
@@ -152,8 +158,25 @@ def plan(
     needs_mask = not causal and (
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
-    mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
+    mask = packed_mask(meta, max_q, max_kv, params, first_token) if needs_mask else None
     return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params, causal, row_run)
+
+
+def _pages_before_every_window(meta: ForwardMetadata, zero_page_id: int) -> int:
+    """How many leading page entries every row has released (the zero page stands in for them)."""
+    if meta.kv_indices_host is None or meta.num_rows == 0:
+        return 0
+    indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
+    skip = None
+    for row in range(meta.num_rows):
+        start, end = indptr[row], indptr[row + 1]
+        count = 0
+        while start + count < end and indices[start + count] == zero_page_id:
+            count += 1
+        skip = count if skip is None else min(skip, count)
+        if skip == 0:
+            break
+    return skip or 0
 
 
 def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""Prefill a prompt batch on top of the pages the prefix cache already holds.
+
+Each row's real tokens (pads are never stored nor part of a key) are looked up in the pool's
+PrefixCache; the row's page table starts with the pages found (references, no copy), and one
+forward computes every row's remainder, the last prompt token excluded (generate() feeds it, as
+after `generate.prefill_prompt`). The rows' full prompt pages are then kept for later calls.
+"""
+
+import inspect
+import itertools
+
+import torch
+
+from . import _compat
+from .cache import PagedCache
+from .prefix_cache import PrefixCache
+
+
+def weights_key(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (optimizer step,
+    load_state_dict, `.to(...)`): the prefix cache is emptied before it serves stale K/V."""
+    return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def can_use_prefix_cache(model: torch.nn.Module, attention_mask: torch.Tensor | None) -> bool:
+    """Positions can be given explicitly and the mask is left padding only (no holes)."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False
+    if attention_mask is None:
+        return True
+    mask = attention_mask.bool()
+    # Left padding: once a row has a token, every later column is a token too.
+    return bool((mask.cummax(dim=1).values == mask).all())
+
+
+@torch.no_grad()
+def prefill_with_prefix_cache(
+    model: torch.nn.Module,
+    cache: PagedCache,
+    prefix_cache: PrefixCache,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+) -> None:
+    """Store the K/V of `input_ids [batch, length]` minus the last column in the (empty) `cache`.
+
+    Afterwards `cache.get_seq_length() == length - 1`, as generate() expects.
+    """
+    batch, length = input_ids.shape
+    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    rows = [input_ids[row][mask[row]].tolist() for row in range(batch)]
+    hits = [prefix_cache.match(tokens) for tokens in rows]
+    page_size = cache.tables.page_size
+    cache.add_rows(batch)
+    for row, entries in enumerate(hits):  # an entry holds the page of every group
+        cache.adopt(row, [list(pages) for pages in zip(*entries)] or [[] for _ in cache.groups], len(entries) * page_size)
+    done = [len(pages) * page_size for pages in hits]
+    remainder = [len(tokens) - 1 - skip for tokens, skip in zip(rows, done)]
+    width = max(remainder)
+    cache.seq_length = length - 1 - width  # the padded past transformers sees before this forward
+    if width > 0:
+        ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
+        new = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
+        positions = torch.zeros_like(new)
+        for row, (tokens, skip, count) in enumerate(zip(rows, done, remainder)):
+            if count:
+                ids[row, width - count :] = torch.tensor(tokens[skip : skip + count], dtype=ids.dtype)
+                new[row, width - count :] = 1
+                positions[row, width - count :] = torch.arange(skip, skip + count)
+        # Only the new columns are read (the paged attention knows each row's past from its pages).
+        past = torch.ones(batch, cache.seq_length, dtype=torch.long, device=input_ids.device)
+        inputs = {
+            "input_ids": ids,
+            "attention_mask": torch.cat([past, new], dim=1),
+            "position_ids": positions,
+            _compat.model_cache_arg(model): cache,
+            "use_cache": True,
+        }
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            inputs["logits_to_keep"] = 1
+        model(**inputs)
+    cache.seq_length = length - 1
+    for row, tokens in enumerate(rows):
+        prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])

@@ -1,0 +1,175 @@
+"""Sliding-window groups: windowed layers release the pages no later query can see, with stock's tokens.
+
+Windows here are small (5 to 8 tokens, pages of 2 to 4) so that prompts, beams and assisted
+decoding all cross them many times.
+"""
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, DynamicCache
+
+import hf_paged
+from hf_paged import PagedCache, _compat
+from hf_paged.tables import num_pages_for
+
+from tiny import COMMON, padded_prompts, tiny_model
+
+WINDOW = 8
+
+
+def gemma3_style(seed: int = 0) -> torch.nn.Module:
+    """5 sliding layers (window 8) : 1 full layer, as Gemma 3."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=WINDOW, **COMMON,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def generate(model, input_ids, mask, seed=3, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("max_new_tokens", 16)
+    kwargs.setdefault("min_new_tokens", kwargs["max_new_tokens"])
+    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
+
+
+MODES = {
+    "greedy": dict(),
+    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
+    "beam": dict(num_beams=4, num_return_sequences=2),
+}
+
+
+def test_groups_follow_the_config():
+    model = hf_paged.wrap(gemma3_style(), num_pages=64, page_size=4)
+    groups = model.hf_paged_runtime.groups
+    assert [(g.window, g.layers) for g in groups] == [(None, (5,)), (WINDOW, (0, 1, 2, 3, 4))]
+    mistral = hf_paged.wrap(tiny_model("mistral"), num_pages=64)
+    assert [(g.window, g.layers) for g in mistral.hf_paged_runtime.groups] == [(5, (0, 1))]
+    llama = hf_paged.wrap(tiny_model("llama"), num_pages=64)
+    assert [(g.window, g.layers) for g in llama.hf_paged_runtime.groups] == [(None, (0, 1))]
+    compiled = hf_paged.wrap(gemma3_style(), num_pages=64, compile=True)  # one metadata for every layer
+    assert [g.window for g in compiled.hf_paged_runtime.groups] == [None]
+
+
+@pytest.mark.parametrize("page_size", [2, 4])
+def test_long_prompts_and_beams_past_the_window_match_stock_and_release_pages(page_size):
+    model = gemma3_style()
+    input_ids, mask = padded_prompts(batch=3, length=29, pads=(0, 6, 13))
+    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in MODES.items()}
+    hf_paged.wrap(model, num_pages=512, page_size=page_size)
+    for mode, kw in MODES.items():
+        assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), mode
+        stats = hf_paged.memory_stats(model)
+        full, sliding = stats["groups"]
+        rows = 3 * max(kw.get("num_beams", 1), kw.get("num_return_sequences", 1))
+        # A sliding row holds its window (WINDOW - 1 past tokens and the new one) plus partial pages.
+        assert sliding["peak_pages_in_use"] <= rows * (num_pages_for(WINDOW, page_size) + 1), (mode, stats)
+        assert full["peak_pages_in_use"] >= num_pages_for(29 + 15 - 6, page_size)
+        assert stats["pages_in_use"] == 0
+
+
+def stock_kv_bytes(model, input_ids, mask, **kwargs) -> int:
+    """The most bytes stock's DynamicCache (window-only on sliding layers) holds during generate()."""
+    peak = 0
+
+    def hook(module, args, output):
+        nonlocal peak
+        cache = _compat.output_cache(output)
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+        peak = max(peak, held)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        generate(model, input_ids, mask, **kwargs)
+    finally:
+        handle.remove()
+    return peak
+
+
+def test_greedy_kv_stays_at_stocks_window_only_cache_plus_a_page_per_row_and_group():
+    model = gemma3_style()
+    input_ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    stock = stock_kv_bytes(model, input_ids, None, max_new_tokens=8)
+    hf_paged.wrap(model, num_pages=256, page_size=4)
+    generate(model, input_ids, None, max_new_tokens=8)
+    stats = hf_paged.memory_stats(model)
+    # Paging rounds at both ends of a window (the first page it still needs, the last one it fills):
+    # at most two pages per row for a sliding group, one for the full group.
+    page_slack = sum(2 * (2 if group["window"] else 1) * group["page_bytes"] for group in stats["groups"])
+    assert stats["peak_kv_bytes"] <= stock + page_slack, (stats["peak_kv_bytes"], stock)
+    unwindowed = (40 + 8) * 2 * 6 * 2 * 2 * 16 * 4  # every token of every layer: what was held before groups
+    assert stats["peak_kv_bytes"] < unwindowed / 2
+
+
+def test_assisted_decoding_that_crops_across_the_window_matches_stock():
+    model = tiny_model("mistral")  # window 5 on every layer
+    input_ids = torch.randint(3, 128, (1, 18), generator=torch.Generator().manual_seed(8))
+    input_ids[0, 9:14] = input_ids[0, 2:7]
+    kwargs = dict(max_new_tokens=20, prompt_lookup_num_tokens=4, pad_token_id=0)
+    expected = model.generate(input_ids, **kwargs)
+    assistant = tiny_model("mistral", seed=1)
+    expected_assisted = model.generate(input_ids, assistant_model=assistant, max_new_tokens=20, pad_token_id=0)
+    hf_paged.wrap(model, num_pages=128, page_size=2)
+    assert torch.equal(model.generate(input_ids, **kwargs), expected)
+    assert torch.equal(model.generate(input_ids, assistant_model=assistant, max_new_tokens=20, pad_token_id=0),
+                       expected_assisted)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_crop_back_into_released_pages_raises_and_changes_nothing():
+    model = hf_paged.wrap(tiny_model("mistral"), num_pages=64, page_size=2)
+    input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with PagedCache(model) as cache, torch.no_grad():
+        model(input_ids, **{_compat.model_cache_arg(model): cache})
+        model(input_ids[:, :1], **{_compat.model_cache_arg(model): cache})  # releases pages before the window
+        tables = [list(t) for t in cache.tables.page_tables]
+        used = model.hf_paged_runtime.pool.blocks.num_used_pages
+        with pytest.raises(ValueError, match="activate_past_recording"):
+            cache.crop(-6)
+        assert cache.tables.page_tables == tables and cache.get_seq_length() == 13
+        assert model.hf_paged_runtime.pool.blocks.num_used_pages == used
+        cache.crop(-1)  # within the window: fine
+        assert cache.get_seq_length() == 12
+
+
+def test_a_layer_that_attends_wider_than_its_group_keeps_is_refused_not_answered():
+    model = hf_paged.wrap(tiny_model("mistral"), num_pages=64, page_size=2)
+    runtime = model.hf_paged_runtime
+    narrower = [type(g)(3, g.layers) for g in runtime.groups]  # the cache would keep 3, attention reads 5
+    runtime.groups = narrower
+    input_ids, mask = padded_prompts()
+    with pytest.raises(RuntimeError, match="window"):
+        generate(model, input_ids, mask)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_the_user_decode_loop_matches_dynamic_cache_with_its_windows():
+    model = gemma3_style()
+    input_ids, mask = padded_prompts(batch=2, length=20, pads=(0, 7))
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    name = _compat.model_cache_arg(model)
+
+    def decode(cache):
+        tokens = []
+        with torch.no_grad():
+            out = model(input_ids, attention_mask=mask, position_ids=position_ids, **{name: cache})
+            attention, positions = mask, position_ids[:, -1:]
+            for _ in range(12):
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token)
+                attention = torch.cat([attention, torch.ones_like(token)], dim=1)
+                positions = positions + 1
+                out = model(token, attention_mask=attention, position_ids=positions, **{name: cache})
+        return torch.cat(tokens, dim=1), out.logits
+
+    expected_tokens, expected_logits = decode(DynamicCache(config=model.config))
+    hf_paged.wrap(model, num_pages=64, page_size=2)
+    with PagedCache(model) as cache:
+        tokens, logits = decode(cache)
+        sliding = cache.group_tables[1]
+        assert all(table[0] == sliding.hole for table in sliding.page_tables)  # the window has moved on
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
