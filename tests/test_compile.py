@@ -112,11 +112,11 @@ def test_paged_attention_op_decode_rows():
 
 def test_paged_attention_op_unknown_backend_says_what_to_do():
     inputs, _ = paged_inputs(4, [3], [1])
-    with pytest.raises(ValueError, match="register_runner"):
+    with pytest.raises(ValueError, match="RUNNERS.register"):
         torch.ops.hf_paged.paged_attention(*inputs, 1, 4, 0.5, -1, 0.0, "nope")
 
 
-@pytest.mark.parametrize("write", [torch.ops.hf_paged.write_kv, ops.store_kv])
+@pytest.mark.parametrize("write", [torch.ops.hf_paged.write_kv, ops.write_kv_auto])
 def test_write_kv_writes_keys_and_values_by_slot(write):
     page_size, pool = 4, torch.zeros(2, 6, 4, 2, 3)
     key, value = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
@@ -252,7 +252,7 @@ def test_past_dynamo_recompile_limit_steps_run_eagerly(stock_tokens):
     assert backend.num_graphs == 1 and compiled.num_compiled_steps == NEW_TOKENS - 1
 
 
-def test_other_executors_plan_outside_the_graph_and_run_inside_the_op(stock_tokens, monkeypatch):
+def test_other_executors_plan_outside_the_graph_and_run_inside_the_op(stock_tokens):
     """The contract for FlashInfer: `plan_decode(meta, cache)` before each step, a registered runner per layer."""
     input_ids, mask, expected = stock_tokens
     model = hf_paged.wrap(tiny_model("llama"), num_pages=128, page_size=4, compile=True)
@@ -260,6 +260,8 @@ def test_other_executors_plan_outside_the_graph_and_run_inside_the_op(stock_toke
 
     class RecordingExecutor:
         name = "recording"
+        cascade_by_default = reads_in_place = True
+        op_runner = "recording"
         plan, run = torch_executor.plan, torch_executor.run  # eager steps
 
         def plan_decode(self, meta, cache):
@@ -269,12 +271,15 @@ def test_other_executors_plan_outside_the_graph_and_run_inside_the_op(stock_toke
 
     def runner(*args):
         calls["run"] += 1
-        return ops._run_torch(*args)
+        return ops.run_torch(*args)
 
-    monkeypatch.setitem(ops._RUNNERS, "recording", runner)
-    model.hf_paged_runtime.executor = RecordingExecutor()
-    compiled = compile_decode(model, backend=CountingBackend())
-    assert torch.equal(generate(model, input_ids, mask), expected["greedy"])
+    ops.RUNNERS.register("recording", runner)
+    try:
+        model.hf_paged_runtime.executor = RecordingExecutor()
+        compiled = compile_decode(model, backend=CountingBackend())
+        assert torch.equal(generate(model, input_ids, mask), expected["greedy"])
+    finally:
+        ops.RUNNERS.unregister("recording")
     assert calls == {"plan_decode": NEW_TOKENS - 1, "run": 2 * (NEW_TOKENS - 1)}  # 2 layers
     assert compiled.num_compiled_steps == NEW_TOKENS - 1
 

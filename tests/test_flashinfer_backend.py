@@ -20,8 +20,9 @@ import torch
 
 import hf_paged
 from hf_paged.attention import TorchExecutor, select_executor
-from hf_paged.attention import flashinfer_backend as fb
-from hf_paged.attention import flashinfer_support
+from hf_paged.attention.flashinfer import args as fa
+from hf_paged.attention.flashinfer import support as flashinfer_support
+from hf_paged.attention.flashinfer.executor import FlashInferExecutor
 from hf_paged.pool import LayerSpec
 
 from tiny import padded_prompts, tiny_model
@@ -79,7 +80,7 @@ def beam_forwards():
 def test_plan_arguments_bind_and_carry_the_torch_executors_metadata(beam_forwards):
     kinds = set()
     for meta, params, pool in beam_forwards:
-        host = fb.host_indices(meta)
+        host = fa.host_indices(meta)
         for name in ("qo_indptr", "kv_indptr", "kv_last_page_len"):
             host_tensor, device_tensor = getattr(host, name), getattr(meta, name)
             assert host_tensor.dtype == torch.int32 and device_tensor.dtype == torch.int32, name
@@ -93,7 +94,7 @@ def test_plan_arguments_bind_and_carry_the_torch_executors_metadata(beam_forward
         dtype = torch.bfloat16
         kind, cls = ("decode", DECODE) if meta.is_decode else ("prefill", PREFILL)
         kinds.add(kind)
-        build = fb.decode_plan_args if meta.is_decode else fb.prefill_plan_args
+        build = fa.decode_plan_args if meta.is_decode else fa.prefill_plan_args
         args, kwargs = build(meta, params, dtype, host)
         bound = bind(cls, "plan", args, kwargs).arguments
         bind(cls, "workspace_size", args, kwargs)
@@ -110,13 +111,13 @@ def test_plan_arguments_bind_and_carry_the_torch_executors_metadata(beam_forward
         if not meta.is_decode:
             assert bound["qo_indptr"] is host.qo_indptr and bound["causal"] is True
 
-        wrapper_args, wrapper_kwargs = fb.wrapper_args(kind, torch.zeros(16, dtype=torch.uint8))
+        wrapper_args, wrapper_kwargs = fa.wrapper_args(kind, torch.zeros(16, dtype=torch.uint8))
         bound = bind(cls, "__init__", wrapper_args, wrapper_kwargs).arguments
         assert bound["kv_layout"] == "NHD" and bound["backend"] == "fa2"
         assert bound.get("use_tensor_cores", False) is (kind == "decode")
 
         q = torch.randn(sum(meta.qo_lens), params.num_qo_heads, params.head_dim)
-        run_args, run_kwargs = fb.run_args(q, pool.pools[0], dtype)
+        run_args, run_kwargs = fa.run_args(q, pool.pools[0], dtype)
         bound = bind(cls, "run", run_args, run_kwargs).arguments
         assert bound["q"].dtype == dtype and bound["q"].shape == q.shape
         k_cache, v_cache = bound["paged_kv_cache"]
@@ -237,7 +238,7 @@ class Comparer(TorchExecutor):
     """Runs the torch executor and the FlashInfer executor (on the stand-in) on each forward."""
 
     def __init__(self):
-        self.flashinfer = fb.FlashInferExecutor()
+        self.flashinfer = FlashInferExecutor()
         self.num_compared = 0
         self.plan_types = []
 
@@ -296,7 +297,7 @@ def test_compiled_decode_steps_run_graph_wrappers_planned_outside_the_graph(monk
     kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=8, min_new_tokens=8)
     expected = {mode: model.generate(input_ids, **kwargs, **extra) for mode, extra in modes.items()}
     hf_paged.wrap(model, num_pages=128, page_size=4, compile=True, backend="torch")
-    executor = model.hf_paged_runtime.executor = fb.FlashInferExecutor()
+    executor = model.hf_paged_runtime.executor = FlashInferExecutor()
     compiled = compile_decode(model, backend="eager")
     assert compiled.backend == "flashinfer"
     for mode, extra in modes.items():
@@ -366,7 +367,7 @@ def test_bfloat16_needs_compute_capability_8(monkeypatch, fake_gpu):
     with pytest.raises(ValueError, match="compute capability 7.5"):
         select_executor("flashinfer", layer_specs(spec(dtype=torch.bfloat16)))
     assert isinstance(select_executor("auto", layer_specs(spec(dtype=torch.bfloat16))), TorchExecutor)
-    assert isinstance(select_executor("auto", layer_specs(spec(dtype=torch.float16))), fb.FlashInferExecutor)
+    assert isinstance(select_executor("auto", layer_specs(spec(dtype=torch.float16))), FlashInferExecutor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -374,8 +375,8 @@ def test_bfloat16_needs_compute_capability_8(monkeypatch, fake_gpu):
 def test_auto_picks_flashinfer_for_16_bit_cuda_models(monkeypatch, fake_gpu, dtype, head_dim):
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
     specs = layer_specs(spec(dtype=dtype, head_dim=head_dim))
-    assert isinstance(select_executor("auto", specs), fb.FlashInferExecutor)
-    assert isinstance(select_executor("flashinfer", specs), fb.FlashInferExecutor)
+    assert isinstance(select_executor("auto", specs), FlashInferExecutor)
+    assert isinstance(select_executor("flashinfer", specs), FlashInferExecutor)
     assert isinstance(select_executor("torch", specs), TorchExecutor)
 
 

@@ -16,7 +16,7 @@ import transformers
 
 import hf_paged
 from hf_paged.attention import LayerParams, TorchExecutor
-from hf_paged.attention.flashinfer_backend import FlashInferExecutor
+from hf_paged.attention.flashinfer.executor import FlashInferExecutor
 from hf_paged.config import PagedConfig
 from hf_paged.metadata import ForwardMetadata, build_metadata
 from hf_paged.pool import KVPool, LayerSpec, copy_pages
@@ -115,7 +115,7 @@ CASCADE_CASES = {
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_flashinfer_cascade_matches_torch_executor(page_size, group, case):
     """Shared-prefix attention (prefix level + suffix level + merge_state) against plain attention."""
-    from hf_paged.attention.flashinfer_cascade import FlashInferCascadePlan
+    from hf_paged.attention.flashinfer.cascade import FlashInferCascadePlan
 
     history, qo_lens, fork = CASCADE_CASES[case]
     spec = LayerSpec(2, 128, DEVICE, DTYPE)
