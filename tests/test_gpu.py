@@ -150,6 +150,25 @@ def test_one_executor_serves_many_forwards_and_settings():
     assert pool.blocks.num_used_pages == 0
 
 
+def test_a_plan_that_overflows_the_workspace_grows_it_and_stays_right(monkeypatch):
+    """The growth path reuses each wrapper's own int workspace (FlashInfer's private
+    `_int_workspace_buffer`): if FlashInfer renames it, this fails here rather than in production."""
+    from hf_paged.attention.flashinfer import executor as flashinfer_executor
+
+    monkeypatch.setattr(flashinfer_executor, "WORKSPACE_BYTES", 1 << 10)  # far too small for any plan
+    history, qo_lens, fork = CASES["prefill_ragged"]
+    pool = KVPool(PagedConfig(page_size=16, num_pages=512, backend="torch"), [LayerSpec(2, 128, DEVICE, DTYPE)])
+    meta, _ = build_forward(pool, history, qo_lens, fork, seed=5)
+    params = LayerParams(8, 2, 128, 128**-0.5)
+    q = torch.randn(sum(qo_lens), 8, 128, device=DEVICE).to(DTYPE)
+    flashinfer, torch_executor = FlashInferExecutor(), TorchExecutor()
+    plan = flashinfer.plan(meta, params, pool)
+    [state] = flashinfer._devices.values()
+    assert state.workspace.numel() > 1 << 10 and state.retired, "the workspace did not grow"
+    expected = torch_executor.run(q.float(), pool.pools[0].float(), torch_executor.plan(meta, params, pool))
+    torch.testing.assert_close(flashinfer.run(q, pool.pools[0], plan).float(), expected, atol=ATOL, rtol=RTOL)
+
+
 def test_auto_backend_picks_flashinfer_for_bf16_on_cuda():
     model = small_llama()
     hf_paged.wrap(model, num_pages=64)
