@@ -216,32 +216,32 @@ def log_probs(model: torch.nn.Module, sequences: torch.Tensor, mask: torch.Tenso
 
 
 def token_agreement(stock, paged, model, mask, prompt_len: int, beams: bool) -> float:
-    """Fraction of generated tokens that agree, near-ties aside.
+    """Fraction of all generated tokens (rows x new tokens: never 0) that do not disagree.
 
     Each row agrees up to its first differing token. There the unwrapped `model` judges, by
     teacher forcing: greedy, the two tokens' log-probs after the shared prefix differ by less
     than GREEDY_TIE_NATS; beam search, the paged sequence's summed log-prob is at least the
-    stock one's minus BEAM_TIE_NATS (beam search maximises that sum). A near-tie removes the
-    rest of the row from the count; otherwise the rest of the row counts as disagreeing, so
-    wrong attention (which picks tokens the model does not prefer) fails.
+    stock one's minus BEAM_TIE_NATS (beam search maximises that sum). After a near-tie the row
+    counts as agreeing (either continuation is what the model prefers); otherwise its tokens from
+    the first difference on count as disagreeing, so wrong attention (which picks tokens the
+    model does not prefer) fails. Every token stays in the denominator either way.
     """
     stock_logp = log_probs(model, stock, mask, prompt_len)
     paged_logp = log_probs(model, paged, mask, prompt_len)
-    agree = compared = 0
+    total = stock[:, prompt_len:].numel()
+    disagree = 0
     for row in range(stock.shape[0]):
         same = (stock[row, prompt_len:] == paged[row, prompt_len:]).tolist()
-        first = same.index(False) if False in same else len(same)
-        agree += first
-        compared += first
-        if first == len(same):
+        if all(same):
             continue
+        first = same.index(False)
         if beams:
             tie = bool(paged_logp[row].sum() >= stock_logp[row].sum() - BEAM_TIE_NATS)
         else:
             tie = bool(abs(stock_logp[row, first] - paged_logp[row, first]) < GREEDY_TIE_NATS)
         if not tie:
-            compared += len(same) - first
-    return agree / compared
+            disagree += len(same) - first
+    return 1 - disagree / total
 
 
 @pytest.mark.parametrize("cascade", [False, True])
