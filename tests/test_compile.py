@@ -11,6 +11,7 @@ import hf_paged
 from hf_paged.attention import ops
 from hf_paged.compile import DecodeBuffers, StaticDecodeCache, compile_decode, compiled_decode
 
+from reference import dense_attention
 from tiny import padded_prompts, tiny_model
 
 NEW_TOKENS = 40  # decode steps per generate(): more than the 32 the no-recompile check needs
@@ -69,26 +70,12 @@ def paged_inputs(page_size: int, kv_lens: list[int], qo_lens: list[int], num_kv_
 
 
 def dense_reference(q, dense, qo_lens, sm_scale, window_left, soft_cap):
-    """Row by row, head by head: bottom-right causal softmax attention in float64."""
-    outputs, start = [], 0
-    for (k, v), qo_len in zip(dense, qo_lens):
-        kv_len = k.shape[0]
-        group = q.shape[1] // k.shape[1]
-        rows_q = q[start : start + qo_len].double()
-        start += qo_len
-        k = k.double().repeat_interleave(group, dim=1)  # (M, H_q, D)
-        v = v.double().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", rows_q, k) * sm_scale
-        if soft_cap:
-            scores = soft_cap * torch.tanh(scores / soft_cap)
-        query_pos = torch.arange(kv_len - qo_len, kv_len)[:, None]
-        keys = torch.arange(kv_len)[None]
-        allowed = keys <= query_pos
-        if window_left >= 0:
-            allowed &= keys >= query_pos - window_left
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
-    return torch.cat(outputs).float()
+    """Row by row: the dense reference (tests/reference.py) on each row's new tokens."""
+    starts = [0, *torch.tensor(qo_lens).cumsum(0).tolist()]
+    return torch.cat([
+        dense_attention(q[start:end], k, v, sm_scale, window_left, soft_cap)
+        for (k, v), start, end in zip(dense, starts, starts[1:])
+    ])
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])

@@ -11,25 +11,14 @@ from hf_paged.blocks import BlockManager
 from hf_paged.metadata import build_metadata
 from hf_paged.tables import PageTables
 
+from reference import dense_attention
+
 HEAD_DIM = 8
 
 
 def dense_reference(q, k, v, params: LayerParams):
     """q [Q, H_q, D], k/v [L, H_kv, D] of one row; bottom-right causal, window, soft-cap."""
-    group = params.group_size
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * params.sm_scale
-    if params.logits_soft_cap:
-        scores = torch.tanh(scores / params.logits_soft_cap) * params.logits_soft_cap
-    num_q, num_k = q.shape[0], k.shape[0]
-    query_pos = torch.arange(num_k - num_q, num_k)[:, None]
-    keys = torch.arange(num_k)[None]
-    allowed = keys <= query_pos
-    if params.window_left >= 0:
-        allowed &= keys >= query_pos - params.window_left
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).float()
+    return dense_attention(q, k, v, params.sm_scale, params.window_left, params.logits_soft_cap)
 
 
 def paged_case(page_size, past_lens, new_lens, shared_prefix, num_kv_heads, seed=0):
