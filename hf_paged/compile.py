@@ -241,7 +241,7 @@ class CompiledDecode:
             static = self.caches[key] = StaticDecodeCache(pool.pools, buffers, self.backend)
         return static if static.buffers.fits(meta) else None
 
-    def reserve(self, max_tokens: int) -> None:
+    def size_for(self, max_tokens: int) -> None:
         """Size the buffers for rows of up to `max_tokens` tokens (a power of two of pages)."""
         pages = num_pages_for(max(max_tokens, 1), self.runtime.pool.page_size)
         self.pages_per_row = 1 << (pages - 1).bit_length()
@@ -274,7 +274,7 @@ def compiled_decode(model: torch.nn.Module, max_tokens: int) -> Iterator[Compile
     compiled = runtime.compiled or compile_decode(model)
     base = compiled.base
     previous, previous_pages = base.__dict__.get("forward"), compiled.pages_per_row
-    compiled.reserve(max_tokens)
+    compiled.size_for(max_tokens)
     base.forward = compiled
     try:
         yield compiled

@@ -25,3 +25,18 @@ def memory_stats(model: torch.nn.Module) -> dict[str, int]:
         "peak_shared_pages": runtime.last_peak_shared_pages,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
     }
+
+
+def cache_kv_bytes(cache: object) -> int:
+    """Bytes of keys and values a transformers cache (a stock DynamicCache) holds now.
+
+    The one definition of "stock KV bytes" that scripts/eval.py and scripts/bench.py report next
+    to `peak_kv_bytes`; layers without tensors yet count 0.
+    """
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total

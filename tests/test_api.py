@@ -257,3 +257,14 @@ def test_generate_without_attention_mask_matches_stock():
     hf_paged.unwrap(model)
     with torch.no_grad():
         torch.testing.assert_close(logits, model(input_ids).logits[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_kv_bytes_counts_a_dynamic_caches_keys_and_values():
+    from hf_paged.stats import cache_kv_bytes
+
+    cache = DynamicCache()
+    assert cache_kv_bytes(cache) == 0
+    keys = torch.zeros(3, 2, 5, 8)  # [rows, KV heads, tokens, head dim] float32: 960 bytes
+    cache.update(keys, keys.clone(), layer_idx=0)
+    cache.update(keys, keys.clone(), layer_idx=1)
+    assert cache_kv_bytes(cache) == 2 * 2 * 3 * 2 * 5 * 8 * 4
