@@ -201,6 +201,7 @@ def test_aot_eager_beam_search_with_copy_on_write_matches_stock(stock_tokens):
     assert compiled.num_compiled_steps == 12
 
 
+@pytest.mark.slow
 def test_steps_past_capacity_run_eagerly_and_stay_exact(stock_tokens):
     input_ids, mask, expected = stock_tokens
     model = hf_paged.wrap(tiny_model("llama"), num_pages=128, page_size=4)
@@ -226,6 +227,7 @@ def test_compiled_decode_gemma2_soft_cap_and_sliding_window():
     assert compiled.num_compiled_steps == 11 and backend.num_graphs == 1
 
 
+@pytest.mark.slow
 def test_past_dynamo_recompile_limit_steps_run_eagerly(stock_tokens):
     input_ids, mask, expected = stock_tokens
     model = hf_paged.wrap(tiny_model("llama"), num_pages=128, page_size=4, compile=True)

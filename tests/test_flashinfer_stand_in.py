@@ -275,6 +275,7 @@ def test_executor_matches_torch_executor_through_flashinfer_api(monkeypatch, fam
     assert comparer.num_compared >= 2 * 7  # every layer of every forward
 
 
+@pytest.mark.slow
 def test_compiled_decode_steps_run_graph_wrappers_planned_outside_the_graph(monkeypatch):
     """compile=True: each decode step plans CUDA-graph decode wrappers on the fixed buffers (eagerly)
     and the compiled graph runs them through torch.ops.hf_paged.paged_attention(backend="flashinfer")."""
