@@ -1,7 +1,7 @@
 """Arguments of FlashInfer's wrapper calls, built from the ForwardMetadata.
 
 Pure functions, no FlashInfer import: the CPU tests bind every result against the installed
-FlashInfer's real signatures (tests/test_flashinfer_backend.py).
+FlashInfer's real signatures (tests/test_flashinfer_stand_in.py).
 """
 
 from dataclasses import dataclass
