@@ -11,6 +11,8 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.slow]  # runs scripts/bench.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "scripts", "bench.py")
+# The script imports the hf_paged of this checkout, not whichever one is installed.
+CHECKOUT = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 SIDE_FIELDS = {"time_s": float, "times_s": list, "tokens_per_s": float, "ttft_s": float, "kv_bytes": int}
 PAGED_FIELDS = {"page_size": int, "page_bytes": int, "pool_bytes": int, "peak_pages_in_use": int, "peak_shared_pages": int}
@@ -23,7 +25,7 @@ def run_bench(tmp_path, *flags: str) -> dict:
     path = tmp_path / "bench.json"
     command = [sys.executable, BENCH, "--quick", "--reps", "1", "--json", str(path), *flags]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **CHECKOUT})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout, "the table was not printed"
     return json.loads(path.read_text())

@@ -23,6 +23,8 @@ from hf_paged.evaluation.model import pool_placement
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "eval.py"
+# Scripts started as processes import the hf_paged of this checkout, not whichever one is installed.
+CHECKOUT = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 SMALL_RUN = ["--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--no-warmup"]
 SAMPLE_FIELDS = {"id", "prompt_tokens", "output_text", "output_ids", "reference", "seconds"}
 SUMMARY_FIELDS = {
@@ -228,7 +230,7 @@ def test_truncate_keeps_the_last_tokens_that_fit(tmp_path):
 
 @pytest.mark.subprocess
 def test_bad_input_as_a_process_has_no_traceback():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **CHECKOUT}
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--metric", "bleurt"], capture_output=True, text=True, env=env, timeout=300
     )
@@ -250,7 +252,7 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
     launcher = shutil.which("accelerate")
     assert launcher is not None, "accelerate's launcher is not on PATH; pip install accelerate"
     args = [str(SCRIPT), "--limit", "6", "--batch-size", "2", "--max-new-tokens", "4", "--no-warmup"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **CHECKOUT}
     one = subprocess.run(
         [sys.executable, *args, "--output-dir", str(tmp_path / "one")], capture_output=True, text=True, env=env,
         timeout=300,
