@@ -35,7 +35,8 @@ class PagedCache(Cache):
     length transformers expects. Call `release()` (or use it as a context manager) to give its
     pages back; generate() does so for the caches it creates.
 
-    `max_tokens_per_row` (optional, the prompt plus the new tokens): on the torch executor, the
+    `max_tokens_per_row` (optional, the prompt plus the new tokens): on an executor that
+    `reads_in_place` (the torch executor), the
     rows of the first forward then reserve consecutive pages (PageTables.reserve), so that while
     they share nothing their K/V are read in place instead of gathered. Rows that outgrow it, or
     a pool without such a free run, only lose that shortcut.
@@ -72,9 +73,9 @@ class PagedCache(Cache):
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
         cascade = runtime.config.cascade if runtime is not None else False
-        self.cascade = self.executor.name == "torch" if cascade is None else cascade
+        self.cascade = self.executor.cascade_by_default if cascade is None else cascade
         self._forward: ForwardState | None = None
-        self.max_tokens_per_row = max_tokens_per_row if self.executor.name == "torch" else None
+        self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
 
     # -- forward lifecycle -------------------------------------------------------------------
 
@@ -188,7 +189,7 @@ class PagedCache(Cache):
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
-        ops.store_kv(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
+        ops.write_kv_auto(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:

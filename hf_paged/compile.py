@@ -24,9 +24,9 @@ How it works (`PagedConfig(compile=True)`, or `compile_decode(model, ...)` to pi
   limit, decode steps of that shape run eagerly with one warning, and are never tried again.
 * CPU: `torch.compile` default mode (inductor). CUDA: `mode="reduce-overhead"` (CUDA graphs); the
   pools and buffers are marked static addresses so replays read them in place. An executor that
-  plans outside the graph (FlashInfer's CUDA-graph decode wrapper) gets `plan_decode(meta, cache)`
-  before each compiled step, with the buffers already filled, and runs inside the op via
-  `ops.register_runner`.
+  plans outside the graph (FlashInfer's CUDA-graph decode wrapper) does so in its
+  `plan_decode(meta, cache)`, called before each compiled step with the buffers already filled,
+  and runs inside the op through the runner its `op_runner` names (`ops.RUNNERS`).
 """
 
 import contextlib
@@ -170,11 +170,12 @@ class CompiledDecode:
         self.pages_per_row: int | None = None
         self.num_compiled_steps = 0
         self.num_eager_steps = 0
-        self.backend = runtime.executor.name if ops.has_runner(runtime.executor.name) else "torch"
-        if self.backend != runtime.executor.name:
+        runner = runtime.executor.op_runner
+        self.backend = runner if runner in ops.RUNNERS else "torch"
+        if self.backend != runner:
             warnings.warn(
-                f"the {runtime.executor.name} executor registers no paged_attention runner "
-                "(hf_paged.attention.ops.register_runner); compiled decode steps use the torch executor"
+                f"the {runtime.executor.name} executor's paged_attention runner {runner!r} is not registered "
+                "(hf_paged.attention.ops.RUNNERS.register); compiled decode steps use the torch executor"
             )
         self.warned_limit = False
         self.eager_shapes: set[tuple[int, int]] = set()  # (rows, pages_per_row) past dynamo's recompile limit
@@ -193,9 +194,7 @@ class CompiledDecode:
             return self.forward(*args, **kwargs)
         meta = paged._state().meta
         static.buffers.load(meta, paged.get_seq_length())
-        plan_decode = getattr(self.runtime.executor, "plan_decode", None)
-        if plan_decode is not None:
-            plan_decode(meta, static)  # host lists in meta; fixed device buffers in static.buffers
+        self.runtime.executor.plan_decode(meta, static)  # host lists in meta; fixed device buffers in static.buffers
         arguments.update(attention_mask=None)  # the pages already encode padding
         for name in _compat.CACHE_ARG_NAMES:
             arguments.pop(name, None)
@@ -247,7 +246,7 @@ class CompiledDecode:
             static = self.caches[key] = StaticDecodeCache(pool.pools, buffers, self.backend)
         return static if static.buffers.fits(meta) else None
 
-    def reserve(self, max_tokens: int) -> None:
+    def size_for(self, max_tokens: int) -> None:
         """Size the buffers for rows of up to `max_tokens` tokens (a power of two of pages)."""
         self.pages_per_row = capacity_pages(max_tokens, self.runtime.pool.page_size)
 
@@ -288,7 +287,7 @@ def compiled_decode(model: torch.nn.Module, max_tokens: int) -> Iterator[Compile
     compiled = runtime.compiled or compile_decode(model)
     base = compiled.base
     previous, previous_pages = base.__dict__.get("forward"), compiled.pages_per_row
-    compiled.reserve(max_tokens)
+    compiled.size_for(max_tokens)
     base.forward = compiled
     try:
         yield compiled

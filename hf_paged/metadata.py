@@ -1,6 +1,8 @@
 """Per-forward metadata in FlashInfer's paged format, built once and shared by every layer."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -73,19 +75,27 @@ class ForwardMetadata:
         )
 
 
-def _cumsum(values: list[int]) -> list[int]:
-    out = [0]
-    for value in values:
-        out.append(out[-1] + value)
-    return out
+def cumsum(values: Iterable[int]) -> list[int]:
+    """`[0, v0, v0 + v1, ...]`: the indptr of a list of lengths."""
+    return [0, *accumulate(values)]
 
 
-def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One host-to-device copy; pinned and asynchronous on CUDA."""
+def last_page_lens(kv_lens: list[int], page_size: int) -> list[int]:
+    """Used slots of each row's last page, in [1, page_size]; 0 for a row with no token."""
+    return [(n - 1) % page_size + 1 if n else 0 for n in kv_lens]
+
+
+def host_tensor(values: list[int], dtype: torch.dtype = torch.int32, pin_memory: bool = False) -> torch.Tensor:
+    """A CPU tensor of `values`, pinned when asked (a source for asynchronous copies to a GPU)."""
     host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if pin_memory else host
+
+
+def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy; pinned and asynchronous on CUDA."""
     if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
+        return host_tensor(values, dtype, pin_memory=True).to(device, non_blocking=True)
+    return host_tensor(values, dtype).to(device)
 
 
 def build_metadata(
@@ -107,16 +117,15 @@ def build_metadata(
     kv_indices: list[int] = []
     for table in tables.page_tables:
         kv_indices.extend(table)
-    last_page_len = [(n - 1) % page_size + 1 if n else 0 for n in kv_lens]
-    copy_src = _to_device([c[0] for c in copies], torch.int64, device) if copies else None
-    copy_dst = _to_device([c[1] for c in copies], torch.int64, device) if copies else None
-    kv_indptr = _cumsum([len(t) for t in tables.page_tables])
+    copy_src = to_device([c[0] for c in copies], torch.int64, device) if copies else None
+    copy_dst = to_device([c[1] for c in copies], torch.int64, device) if copies else None
+    kv_indptr = cumsum([len(t) for t in tables.page_tables])
     return ForwardMetadata(
-        qo_indptr=_to_device(_cumsum(qo_lens), torch.int32, device),
-        kv_indptr=_to_device(kv_indptr, torch.int32, device),
-        kv_indices=_to_device(kv_indices, torch.int32, device),
-        kv_last_page_len=_to_device(last_page_len, torch.int32, device),
-        slot_mapping=_to_device(slots, torch.int64, device),
+        qo_indptr=to_device(cumsum(qo_lens), torch.int32, device),
+        kv_indptr=to_device(kv_indptr, torch.int32, device),
+        kv_indices=to_device(kv_indices, torch.int32, device),
+        kv_last_page_len=to_device(last_page_lens(kv_lens, page_size), torch.int32, device),
+        slot_mapping=to_device(slots, torch.int64, device),
         token_index=token_index,
         copy_src=copy_src,
         copy_dst=copy_dst,

@@ -64,3 +64,18 @@ def clear_prefix_cache(model: torch.nn.Module) -> None:
         raise ValueError("clear_prefix_cache needs a model wrapped by hf_paged.wrap(model)")
     if runtime.pool.prefix_cache is not None:
         runtime.pool.prefix_cache.clear()
+
+
+def cache_kv_bytes(cache: object) -> int:
+    """Bytes of keys and values a transformers cache (a stock DynamicCache) holds now.
+
+    The one definition of "stock KV bytes" that scripts/eval.py and scripts/bench.py report next
+    to `peak_kv_bytes`; layers without tensors yet count 0.
+    """
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total

@@ -29,6 +29,7 @@ import torch
 
 import hf_paged
 from hf_paged import _compat
+from hf_paged.stats import cache_kv_bytes
 
 from _bench_workloads import Workload, build_model_pair, generate_kwargs, make_inputs, pages_needed
 
@@ -60,12 +61,7 @@ def stock_kv_bytes(model, inputs: dict, kwargs: dict, seed: int) -> tuple[torch.
         cache = _compat.output_cache(output)
         if cache is None:
             return
-        held = sum(
-            layer.keys.nbytes + layer.values.nbytes
-            for layer in cache.layers
-            if getattr(layer, "keys", None) is not None
-        )
-        peak = max(peak, held)
+        peak = max(peak, cache_kv_bytes(cache))
 
     handle = model.register_forward_hook(hook)
     try:

@@ -1,15 +1,18 @@
 """scripts/bench.py --quick: the JSON document has every field, with consistent types and ratios."""
 
 import json
-import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]  # runs scripts/bench.py as a user would
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "scripts", "bench.py")
+# The script imports the hf_paged of this checkout, not whichever one is installed.
+CHECKOUT = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 SIDE_FIELDS = {"time_s": float, "times_s": list, "tokens_per_s": float, "ttft_s": float, "kv_bytes": int}
 PAGED_FIELDS = {"page_size": int, "page_bytes": int, "pool_bytes": int, "peak_pages_in_use": int, "peak_shared_pages": int}
@@ -23,7 +26,7 @@ def run_bench(tmp_path, *flags: str, output: dict | None = None) -> dict:
     path = tmp_path / "bench.json"
     command = [sys.executable, BENCH, "--quick", "--reps", "1", "--json", str(path), *flags]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **CHECKOUT})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout, "the table was not printed"
     if output is not None:
@@ -31,40 +34,45 @@ def run_bench(tmp_path, *flags: str, output: dict | None = None) -> dict:
     return json.loads(path.read_text())
 
 
+# The --quick model (2 layers, 2 KV heads of dim 64 / 4 = 16, fp32) and page size 4, by hand:
+TOKEN_BYTES = 2 * 2 * 2 * 16 * 4  # layers x (K, V) x KV heads x head dim x 4 bytes = 512
+PAGE_BYTES = 4 * TOKEN_BYTES  # 2048
+
+
+def stock_kv_bytes(workload: dict) -> int:
+    """A DynamicCache at its largest: every row (batch x beams or samples) holds the prompt and all
+    new tokens but the last (the last forward writes its K/V before the last token is chosen)."""
+    rows = workload["batch_size"] * max(workload["num_beams"], workload["num_return_sequences"])
+    return rows * (workload["prompt_len"] + workload["new_tokens"] - 1) * TOKEN_BYTES
+
+
 def check_result(result: dict, with_memory: bool) -> None:
+    workload = result["workload"]
     for name, kind in WORKLOAD_FIELDS.items():
-        assert isinstance(result["workload"][name], kind), name
-    assert isinstance(result["tokens_match"], bool)
-    assert result["tokens_match"], f"{result['workload']['name']}: paged tokens differ from stock"
-    assert result["generated_tokens"] == (
-        result["workload"]["batch_size"] * result["workload"]["num_return_sequences"] * result["workload"]["new_tokens"]
-    )
+        assert isinstance(workload[name], kind), name
+    assert (workload["prompt_len"], workload["new_tokens"]) == (24, 4)  # --quick
+    assert result["tokens_match"] is True, f"{workload['name']}: paged tokens differ from stock"
+    assert result["generated_tokens"] == workload["batch_size"] * workload["num_return_sequences"] * 4
     for side in ("stock", "paged"):
         row = result[side]
         for name, kind in SIDE_FIELDS.items():
             assert isinstance(row[name], kind), f"{side}.{name}: {row.get(name)!r}"
-        assert row["time_s"] > 0 and row["ttft_s"] > 0 and row["kv_bytes"] > 0
-        assert row["time_s"] == pytest.approx(sorted(row["times_s"])[len(row["times_s"]) // 2])
-        assert row["tokens_per_s"] == pytest.approx(result["generated_tokens"] / row["time_s"])
+        assert len(row["times_s"]) == 1  # --reps 1
         if with_memory:
-            assert isinstance(row["peak_mem_bytes"], int) and row["peak_mem_bytes"] >= 0
+            assert isinstance(row["peak_mem_bytes"], int)
         else:
             assert row["peak_mem_bytes"] is None
     paged = result["paged"]
     for name, kind in PAGED_FIELDS.items():
         assert isinstance(paged[name], kind), f"paged.{name}"
-    assert paged["kv_bytes"] == paged["peak_pages_in_use"] * paged["page_bytes"]
+    assert (paged["page_size"], paged["page_bytes"]) == (4, PAGE_BYTES)
+    assert result["stock"]["kv_bytes"] == stock_kv_bytes(workload)
+    # Paged: whole pages, and never more than a page per row beyond the unshared tokens.
+    rows = workload["batch_size"] * max(workload["num_beams"], workload["num_return_sequences"])
+    assert paged["kv_bytes"] % PAGE_BYTES == 0
+    assert paged["kv_bytes"] <= stock_kv_bytes(workload) + rows * PAGE_BYTES
     assert set(result["ratios"]) == set(RATIO_FIELDS)
-    for name in RATIO_FIELDS:
-        stock_value, paged_value = result["stock"][name], result["paged"][name]
-        if paged_value is None or not stock_value:
-            assert result["ratios"][name] is None, name
-        else:
-            assert math.isclose(result["ratios"][name], paged_value / stock_value, rel_tol=1e-9), name
-    if result["targets"] is not None:
-        expected = (result["tokens_match"] and result["ratios"]["time_s"] <= result["targets"]["time_s"]
-                    and result["ratios"]["kv_bytes"] <= result["targets"]["kv_bytes"])
-        assert result["meets_targets"] == expected
+    assert result["ratios"]["peak_mem_bytes"] is None or with_memory
 
 
 def test_json_schema_with_memory_and_plot(tmp_path):

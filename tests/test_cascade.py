@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import hf_paged
-from hf_paged.attention import LayerParams, cascade, torch_backend
+import hf_paged.attention.torch as torch_executor
+from hf_paged.attention import LayerParams, prefix
+from hf_paged.attention.torch import cascade, dense
 from hf_paged.blocks import BlockManager
 from hf_paged.metadata import build_metadata
 from hf_paged.tables import PageTables
@@ -21,7 +23,7 @@ HEAD_DIM = 8
 @pytest.fixture
 def always_cascade(monkeypatch):
     """Take the cascade path whenever a shared prefix exists, however little it saves."""
-    monkeypatch.setattr(cascade, "MIN_SAVED_FRACTION", 0.0)
+    monkeypatch.setattr(prefix, "MIN_SAVED_FRACTION", 0.0)
 
 
 def grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_heads, seed=0):
@@ -69,12 +71,12 @@ def test_cascade_matches_plain_path(always_cascade, page_size, prefix_lens, fork
     pool, meta, zero_page = grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_heads)
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3, -1, soft_cap)
     q = torch.randn(sum(new_lens), num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(9))
-    shared_plan = torch_backend.plan(meta, params, zero_page)
+    shared_plan = torch_executor.plan(meta, params, zero_page)
     assert isinstance(shared_plan, cascade.CascadePlan), "these rows share full pages: cascade must run"
-    plain_plan = torch_backend.plan(dataclasses.replace(meta, cascade=False), params, zero_page)
-    assert isinstance(plain_plan, torch_backend.TorchPlan)
-    expected = torch_backend.run(q, pool, plain_plan)
-    torch.testing.assert_close(torch_backend.run(q, pool, shared_plan), expected, rtol=1e-5, atol=1e-5)
+    plain_plan = torch_executor.plan(dataclasses.replace(meta, cascade=False), params, zero_page)
+    assert isinstance(plain_plan, dense.TorchPlan)
+    expected = torch_executor.run(q, pool, plain_plan)
+    torch.testing.assert_close(torch_executor.run(q, pool, shared_plan), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_read_in_place_only_for_equal_consecutive_runs(always_cascade):
@@ -82,33 +84,46 @@ def test_prefix_read_in_place_only_for_equal_consecutive_runs(always_cascade):
     gathered = [CASES[1], CASES[2]]  # groups whose prefixes differ in length
     for case in IN_PLACE_CASES + gathered:
         _, meta, zero_page = grouped_case(*case, num_kv_heads=2)
-        plan = torch_backend.plan(meta, params, zero_page)
+        plan = torch_executor.plan(meta, params, zero_page)
         in_place = case in IN_PLACE_CASES
         assert (plan.prefix_run is not None) == in_place, case
-        assert (plan.prefix_rows is None) == in_place, case
+        assert (plan.prefix_slots is None) == in_place, case
+
+
+@pytest.mark.parametrize("private,takes_cascade", [(3, True), (4, False)])
+def test_real_threshold_cascade_at_a_quarter_of_the_keys_saved(private, takes_cascade):
+    """The default threshold, not the fixture's 0: two rows share one page (4 keys saved). With 3
+    private tokens each the forward reads 2 * 8 = 16 keys (4 saved = exactly a quarter: cascade);
+    with 4 it reads 18 (4 < 4.5: the plain path)."""
+    pool, meta, zero_page = grouped_case(4, [4], [0, 0], [private, private], [1, 1], 2)
+    assert prefix.find_groups(meta) == [([0, 1], 1)] and sum(meta.kv_lens) == 2 * (5 + private)
+    params = LayerParams(4, 2, HEAD_DIM, 0.3)
+    plan = torch_executor.plan(meta, params, zero_page)
+    assert isinstance(plan, cascade.CascadePlan) == takes_cascade
+    assert (prefix.shared_groups(meta, params) is not None) == takes_cascade  # FlashInfer asks the same
 
 
 def test_groups_are_page_aligned_and_exclude_new_tokens():
     # Parent 0: 20 tokens at page size 8 -> 2 full pages shared; parent 1: 5 tokens, no full page.
     _, meta, _ = grouped_case(8, [20, 5], [0, 0, 0, 1, 1], [4, 0, 12, 3, 0], [1, 1, 1, 1, 1], 1)
-    assert cascade.find_groups(meta) == [([0, 1, 2], 2)]
+    assert prefix.find_groups(meta) == [([0, 1, 2], 2)]
     # Row 1 holds exactly the 2 full pages plus its new token: the prefix stops before that token.
     _, meta, _ = grouped_case(8, [16], [0, 0], [0, 0], [1, 1], 1)
-    assert cascade.find_groups(meta) == [([0, 1], 2)]
+    assert prefix.find_groups(meta) == [([0, 1], 2)]
     # A shared, partly filled page is copied on write: only the full page before it is shared.
     _, meta, _ = grouped_case(8, [12], [0, 0], [0, 0], [3, 1], 1)
-    assert cascade.find_groups(meta) == [([0, 1], 1)]
+    assert prefix.find_groups(meta) == [([0, 1], 1)]
 
 
 def test_plain_path_without_sharing_window_or_flag(always_cascade):
     pool, meta, zero_page = grouped_case(4, [9, 9], [0, 1], [2, 3], [1, 1], 2)
     params = LayerParams(4, 2, HEAD_DIM, 0.3)
-    assert isinstance(torch_backend.plan(meta, params, zero_page), torch_backend.TorchPlan), "no shared pages"
+    assert isinstance(torch_executor.plan(meta, params, zero_page), dense.TorchPlan), "no shared pages"
     pool, meta, zero_page = grouped_case(4, [9], [0, 0], [2, 3], [1, 1], 2)
     windowed = LayerParams(4, 2, HEAD_DIM, 0.3, window_left=3)
-    assert isinstance(torch_backend.plan(meta, windowed, zero_page), torch_backend.TorchPlan)
+    assert isinstance(torch_executor.plan(meta, windowed, zero_page), dense.TorchPlan)
     off = dataclasses.replace(meta, cascade=False)
-    assert isinstance(torch_backend.plan(off, params, zero_page), torch_backend.TorchPlan)
+    assert isinstance(torch_executor.plan(off, params, zero_page), dense.TorchPlan)
 
 
 @pytest.mark.parametrize("page_size", [1, 8, 16])
@@ -117,15 +132,15 @@ def test_fresh_prompts_take_causal_path_equal_to_masked(page_size, num_qo_heads,
     """The executor's other shortcut: prompts with no past run unmasked causal SDPA."""
     pool, meta, zero_page = grouped_case(page_size, [0, 0, 0], [0, 1, 2], [0, 0, 0], [13, 13, 13], num_kv_heads)
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3)
-    plan = torch_backend.plan(meta, params, zero_page)
+    plan = torch_executor.plan(meta, params, zero_page)
     assert plan.causal and plan.mask is None
-    mask = torch_backend.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
+    mask = dense.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
     masked = dataclasses.replace(plan, causal=False, mask=mask)
     q = torch.randn(39, num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(torch_backend.run(q, pool, plan), torch_backend.run(q, pool, masked))
+    torch.testing.assert_close(torch_executor.run(q, pool, plan), torch_executor.run(q, pool, masked))
     padded = build_metadata(tables_with_past(page_size), [13, 13], 13, [], [], None,
                             torch.device("cpu"))
-    assert not torch_backend.plan(padded, params, zero_page).causal, "rows with a past need the mask"
+    assert not torch_executor.plan(padded, params, zero_page).causal, "rows with a past need the mask"
 
 
 def tables_with_past(page_size):
@@ -203,10 +218,10 @@ def test_prefix_ending_in_a_copied_page_is_cut_to_its_consecutive_run(always_cas
     slots, copies = tables.append([1, 1, 1, 1])
     assert [t[:4] for t in tables.page_tables] == [[0, 1, 2, 8], [0, 1, 2, 8], [4, 5, 6, 9], [4, 5, 6, 9]]
     meta = build_metadata(tables, [1, 1, 1, 1], 1, slots, copies, None, torch.device("cpu"), cascade=True)
-    assert cascade.find_groups(meta) == [([0, 1], 4), ([2, 3], 4)]
+    assert prefix.find_groups(meta) == [([0, 1], 4), ([2, 3], 4)]
     params = LayerParams(8, 2, HEAD_DIM, 0.3)
-    plan = torch_backend.plan(meta, params, num_pages)
+    plan = torch_executor.plan(meta, params, num_pages)
     assert plan.prefix_run == (0, 4) and plan.max_prefix == 3 * page_size
     q = torch.randn(4, 8, HEAD_DIM, generator=generator)
-    plain = torch_backend.plan(dataclasses.replace(meta, cascade=False), params, num_pages)
-    torch.testing.assert_close(torch_backend.run(q, pool, plan), torch_backend.run(q, pool, plain), rtol=1e-5, atol=1e-5)
+    plain = torch_executor.plan(dataclasses.replace(meta, cascade=False), params, num_pages)
+    torch.testing.assert_close(torch_executor.run(q, pool, plan), torch_executor.run(q, pool, plain), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ import transformers
 
 import hf_paged
 from hf_paged.attention import LayerParams, TorchExecutor
-from hf_paged.attention.flashinfer_backend import FlashInferExecutor
+from hf_paged.attention.flashinfer.executor import FlashInferExecutor
 from hf_paged.config import PagedConfig
 from hf_paged.metadata import ForwardMetadata, build_metadata
 from hf_paged.pool import KVPool, LayerSpec, copy_pages
@@ -115,7 +115,7 @@ CASCADE_CASES = {
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_flashinfer_cascade_matches_torch_executor(page_size, group, case):
     """Shared-prefix attention (prefix level + suffix level + merge_state) against plain attention."""
-    from hf_paged.attention.flashinfer_cascade import FlashInferCascadePlan
+    from hf_paged.attention.flashinfer.cascade import FlashInferCascadePlan
 
     history, qo_lens, fork = CASCADE_CASES[case]
     spec = LayerSpec(2, 128, DEVICE, DTYPE)
@@ -148,6 +148,25 @@ def test_one_executor_serves_many_forwards_and_settings():
             torch.testing.assert_close(flashinfer.run(q, pool.pools[0], plan).float(), expected, atol=ATOL, rtol=RTOL)
         tables.release()
     assert pool.blocks.num_used_pages == 0
+
+
+def test_a_plan_that_overflows_the_workspace_grows_it_and_stays_right(monkeypatch):
+    """The growth path reuses each wrapper's own int workspace (FlashInfer's private
+    `_int_workspace_buffer`): if FlashInfer renames it, this fails here rather than in production."""
+    from hf_paged.attention.flashinfer import executor as flashinfer_executor
+
+    monkeypatch.setattr(flashinfer_executor, "WORKSPACE_BYTES", 1 << 10)  # far too small for any plan
+    history, qo_lens, fork = CASES["prefill_ragged"]
+    pool = KVPool(PagedConfig(page_size=16, num_pages=512, backend="torch"), [LayerSpec(2, 128, DEVICE, DTYPE)])
+    meta, _ = build_forward(pool, history, qo_lens, fork, seed=5)
+    params = LayerParams(8, 2, 128, 128**-0.5)
+    q = torch.randn(sum(qo_lens), 8, 128, device=DEVICE).to(DTYPE)
+    flashinfer, torch_executor = FlashInferExecutor(), TorchExecutor()
+    plan = flashinfer.plan(meta, params, pool)
+    [state] = flashinfer._devices.values()
+    assert state.workspace.numel() > 1 << 10 and state.retired, "the workspace did not grow"
+    expected = torch_executor.run(q.float(), pool.pools[0].float(), torch_executor.plan(meta, params, pool))
+    torch.testing.assert_close(flashinfer.run(q, pool.pools[0], plan).float(), expected, atol=ATOL, rtol=RTOL)
 
 
 def test_auto_backend_picks_flashinfer_for_bf16_on_cuda():
@@ -197,32 +216,32 @@ def log_probs(model: torch.nn.Module, sequences: torch.Tensor, mask: torch.Tenso
 
 
 def token_agreement(stock, paged, model, mask, prompt_len: int, beams: bool) -> float:
-    """Fraction of generated tokens that agree, near-ties aside.
+    """Fraction of all generated tokens (rows x new tokens: never 0) that do not disagree.
 
     Each row agrees up to its first differing token. There the unwrapped `model` judges, by
     teacher forcing: greedy, the two tokens' log-probs after the shared prefix differ by less
     than GREEDY_TIE_NATS; beam search, the paged sequence's summed log-prob is at least the
-    stock one's minus BEAM_TIE_NATS (beam search maximises that sum). A near-tie removes the
-    rest of the row from the count; otherwise the rest of the row counts as disagreeing, so
-    wrong attention (which picks tokens the model does not prefer) fails.
+    stock one's minus BEAM_TIE_NATS (beam search maximises that sum). After a near-tie the row
+    counts as agreeing (either continuation is what the model prefers); otherwise its tokens from
+    the first difference on count as disagreeing, so wrong attention (which picks tokens the
+    model does not prefer) fails. Every token stays in the denominator either way.
     """
     stock_logp = log_probs(model, stock, mask, prompt_len)
     paged_logp = log_probs(model, paged, mask, prompt_len)
-    agree = compared = 0
+    total = stock[:, prompt_len:].numel()
+    disagree = 0
     for row in range(stock.shape[0]):
         same = (stock[row, prompt_len:] == paged[row, prompt_len:]).tolist()
-        first = same.index(False) if False in same else len(same)
-        agree += first
-        compared += first
-        if first == len(same):
+        if all(same):
             continue
+        first = same.index(False)
         if beams:
             tie = bool(paged_logp[row].sum() >= stock_logp[row].sum() - BEAM_TIE_NATS)
         else:
             tie = bool(abs(stock_logp[row, first] - paged_logp[row, first]) < GREEDY_TIE_NATS)
         if not tie:
-            compared += len(same) - first
-    return agree / compared
+            disagree += len(same) - first
+    return 1 - disagree / total
 
 
 @pytest.mark.parametrize("cascade", [False, True])

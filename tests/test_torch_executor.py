@@ -5,30 +5,20 @@ import dataclasses
 import pytest
 import torch
 
-from hf_paged.attention import LayerParams, ops, torch_backend
+from hf_paged.attention import LayerParams, ops
+from hf_paged.attention.torch import dense as torch_dense
 from hf_paged.blocks import BlockManager
 from hf_paged.metadata import build_metadata
 from hf_paged.tables import PageTables
+
+from reference import dense_attention
 
 HEAD_DIM = 8
 
 
 def dense_reference(q, k, v, params: LayerParams):
     """q [Q, H_q, D], k/v [L, H_kv, D] of one row; bottom-right causal, window, soft-cap."""
-    group = params.group_size
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * params.sm_scale
-    if params.logits_soft_cap:
-        scores = torch.tanh(scores / params.logits_soft_cap) * params.logits_soft_cap
-    num_q, num_k = q.shape[0], k.shape[0]
-    query_pos = torch.arange(num_k - num_q, num_k)[:, None]
-    keys = torch.arange(num_k)[None]
-    allowed = keys <= query_pos
-    if params.window_left >= 0:
-        allowed &= keys >= query_pos - params.window_left
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).float()
+    return dense_attention(q, k, v, params.sm_scale, params.window_left, params.logits_soft_cap)
 
 
 def paged_case(page_size, past_lens, new_lens, shared_prefix, num_kv_heads, seed=0):
@@ -90,7 +80,7 @@ def test_matches_dense_attention(page_size, past_lens, new_lens, shared_prefix, 
     pool, meta, dense, zero_page = paged_case(page_size, past_lens, new_lens, shared_prefix, num_kv_heads)
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3, window_left, soft_cap)
     q = torch.randn(sum(new_lens), num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(9))
-    out = torch_backend.run(q, pool, torch_backend.plan(meta, params, zero_page))
+    out = torch_dense.run(q, pool, torch_dense.plan(meta, params, zero_page))
     start = 0
     for row, n in enumerate(new_lens):
         expected = dense_reference(q[start : start + n], dense[row][0], dense[row][1], params)
@@ -107,7 +97,7 @@ def test_metadata_is_in_flashinfer_format():
     assert meta.kv_indptr.tolist() == [0, 2, 5]
     assert meta.kv_indices[0].item() == meta.kv_indices[2].item(), "the full prefix page is shared"
     assert meta.kv_last_page_len.tolist() == [4, 2]
-    assert torch.equal(torch_backend.kv_lengths(meta), torch.tensor([8, 10]))
+    assert torch.equal(torch_dense.kv_lengths(meta), torch.tensor([8, 10]))
 
 
 # -- rows in consecutive pages: read as a view of the pool, no gather -----------------------------
@@ -130,7 +120,7 @@ def reserved_case(page_size, steps, num_rows, num_kv_heads, reserve_tokens, seed
         slots, copies = tables.append(step)
         assert not copies
         k, v = (torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator) for _ in range(2))
-        ops.store_kv(pool, k, v, torch.tensor(slots))
+        ops.write_kv_auto(pool, k, v, torch.tensor(slots))
         start = 0
         for row, n in enumerate(step):
             dense[row] = [torch.cat([dense[row][i], t[start : start + n]]) for i, t in enumerate((k, v))]
@@ -155,28 +145,28 @@ def test_rows_read_in_place_match_dense_attention(page_size, steps, num_qo_heads
     reserve = sum(step[0] for step in steps) + page_size + 1  # some room left in each run
     pool, meta, dense, zero_page = reserved_case(page_size, steps, len(steps[0]), num_kv_heads, reserve)
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.4, window_left, soft_cap)
-    plan = torch_backend.plan(meta, params, zero_page)
-    assert plan.row_run is not None and plan.kv_rows is None  # nothing is gathered
+    plan = torch_dense.plan(meta, params, zero_page)
+    assert plan.row_run is not None and plan.kv_slots is None  # nothing is gathered
     q = torch.randn(sum(meta.qo_lens), num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(1))
-    out = torch_backend.run(q, pool, plan)
+    out = torch_dense.run(q, pool, plan)
     assert not out.isnan().any()  # the NaN slots past every row's tokens are never read
     start = 0
     for row, n in enumerate(meta.qo_lens):
         expected = dense_reference(q[start : start + n], *dense[row], params)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
-    gathered = torch_backend.plan(dataclasses.replace(meta, kv_indices_host=None), params, zero_page)
-    assert gathered.kv_rows is not None
-    torch.testing.assert_close(out, torch_backend.run(q, pool, gathered), atol=1e-6, rtol=1e-6)
+    gathered = torch_dense.plan(dataclasses.replace(meta, kv_indices_host=None), params, zero_page)
+    assert gathered.kv_slots is not None
+    torch.testing.assert_close(out, torch_dense.run(q, pool, gathered), atol=1e-6, rtol=1e-6)
 
 
 def test_rows_of_unequal_length_are_gathered_even_in_consecutive_pages():
     pool, meta, dense, zero_page = reserved_case(4, [[6, 3], [1, 1]], 2, 2, 16)
     assert meta.kv_lens == [7, 4]
     params = LayerParams(2, 2, HEAD_DIM, 0.4)
-    plan = torch_backend.plan(meta, params, zero_page)
-    assert plan.row_run is None and plan.kv_rows is not None
+    plan = torch_dense.plan(meta, params, zero_page)
+    assert plan.row_run is None and plan.kv_slots is not None
     q = torch.randn(2, 2, HEAD_DIM)
-    out = torch_backend.run(q, pool, plan)
+    out = torch_dense.run(q, pool, plan)
     for row in range(2):
         torch.testing.assert_close(out[row : row + 1], dense_reference(q[row : row + 1], *dense[row], params), atol=1e-5, rtol=1e-5)

@@ -1,40 +1,23 @@
-"""One contract, two executors: the one dispatch point that picks which runs.
+"""Attention executors and the one dispatch point that picks which runs.
 
-An executor has `plan(meta, params, pool) -> plan` (once per forward and distinct layer setting)
-and `run(q [nnz, H_q, D], layer_pool, plan) -> [nnz, H_q, D]` (once per layer). Both read
-exactly the ForwardMetadata; neither gets information the other lacks.
+Layout (imports point down this list only; tests/test_imports.py checks there is no cycle):
+
+- params.py: LayerParams, the per-layer settings a plan is made for.
+- executor.py: the Executor protocol and the capabilities executors declare.
+- prefix.py: shared prefixes (group finding, when cascade pays, suffix metadata); a leaf.
+- torch/: the pure-PyTorch executor: dense.py (plain path), cascade.py (shared prefixes).
+- flashinfer/: the CUDA executor: support.py (can it serve the model), args.py (FlashInfer call
+  arguments), cascade.py, graph.py (CUDA-graph decode steps), executor.py.
+- ops.py: the executors as `torch.library` custom ops for compiled decode steps, with the
+  registry of op runners.
 """
 
-from typing import Protocol
-
-import torch
-
-from ..metadata import ForwardMetadata
-from ..pool import KVPool, LayerSpec
-from . import torch_backend
+from ..pool import LayerSpec
+from .executor import Executor
 from .params import LayerParams
+from .torch import TorchExecutor
 
 __all__ = ["Executor", "LayerParams", "TorchExecutor", "select_executor"]
-
-
-class Executor(Protocol):
-    name: str
-
-    def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> object: ...
-
-    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: object) -> torch.Tensor: ...
-
-
-class TorchExecutor:
-    """The pure-PyTorch executor (any device, any dtype)."""
-
-    name = "torch"
-
-    def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> torch_backend.TorchPlan:
-        return torch_backend.plan(meta, params, pool.zero_page_id)
-
-    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: torch_backend.TorchPlan) -> torch.Tensor:
-        return torch_backend.run(q, layer_pool, plan)
 
 
 def select_executor(backend: str, specs: list[LayerSpec]) -> Executor:
@@ -48,13 +31,13 @@ def select_executor(backend: str, specs: list[LayerSpec]) -> Executor:
         return TorchExecutor()
     if backend not in ("auto", "flashinfer"):
         raise ValueError(f"expected backend to be 'auto', 'torch' or 'flashinfer', got {backend!r}")
-    from . import flashinfer_support
+    from .flashinfer import support
 
-    reasons = flashinfer_support.unsupported_reasons(specs)
+    reasons = support.unsupported_reasons(specs)
     if backend == "flashinfer" or not reasons:  # "auto" imports FlashInfer only when it would use it
-        reasons += flashinfer_support.import_reasons()
+        reasons += support.import_reasons()
     if not reasons:
-        from .flashinfer_backend import FlashInferExecutor
+        from .flashinfer.executor import FlashInferExecutor
 
         return FlashInferExecutor()
     if backend == "flashinfer":

@@ -12,11 +12,12 @@ capacities and fixed-shape index buffers: that is how a compiled decode step kee
 sequences grow (see hf_paged/compile.py). `kv_indices` may be longer than `kv_indptr[-1]`; the tail
 is never used.
 
-`backend` picks the runner. "torch" is built in: it derives the gather indices and the mask from
-the index tensors on every call (cheap next to the K/V gather) and runs the reference executor.
-Other executors register theirs with `register_runner`; a runner may use state it planned earlier,
-outside any compiled or captured region (FlashInfer: the wrapper planned on the same buffers), but
-must not plan inside the op.
+`backend` picks the runner from `RUNNERS`. "torch" is built in: it derives the gather indices and
+the mask from the index tensors on every call (cheap next to the K/V gather) and runs the torch
+executor's plain path. Other executors register theirs (`RUNNERS.register`, e.g. FlashInfer's
+`graph.register()` when its executor is created) and name it in their `op_runner`; a runner may
+use state it planned earlier, outside any compiled or captured region (FlashInfer: the wrapper
+planned on the same buffers), but must not plan inside the op.
 """
 
 from collections.abc import Callable
@@ -24,31 +25,57 @@ from dataclasses import dataclass
 
 import torch
 
-from . import torch_backend
 from .params import LayerParams
-
-Runner = Callable[..., torch.Tensor]
-_RUNNERS: dict[str, Runner] = {}
-
-
-def register_runner(backend: str, runner: Runner) -> None:
-    """Make `paged_attention(..., backend=backend)` call `runner` with the op's other arguments, in order."""
-    _RUNNERS[backend] = runner
-
-
-def has_runner(backend: str) -> bool:
-    return backend == "torch" or backend in _RUNNERS
+from .torch import dense
 
 
 @dataclass(slots=True)
 class PagedIndex:
-    """The index tensors of a ForwardMetadata that `torch_backend.token_rows`/`attention_mask` read."""
+    """The index tensors of a ForwardMetadata that `dense.token_slots`/`attention_mask` read."""
 
     qo_indptr: torch.Tensor
     kv_indptr: torch.Tensor
     kv_indices: torch.Tensor
     kv_last_page_len: torch.Tensor
     page_size: int
+
+
+# A runner gets the op's query and layer pool, its index tensors, the bounds and the layer
+# setting, and returns `[nnz, H_q, D]` in q's dtype.
+Runner = Callable[[torch.Tensor, torch.Tensor, PagedIndex, int, int, LayerParams], torch.Tensor]
+
+
+class RunnerRegistry:
+    """paged_attention's runners by backend name, "torch" built in.
+
+    One per process (`RUNNERS`): the op it serves is process-global too. Registering a name again
+    replaces its runner (every FlashInferExecutor registers the same function).
+    """
+
+    def __init__(self) -> None:
+        self._runners: dict[str, Runner] = {"torch": run_torch}
+
+    def register(self, backend: str, runner: Runner) -> None:
+        """Make `paged_attention(..., backend=backend)` call `runner`."""
+        self._runners[backend] = runner
+
+    def unregister(self, backend: str) -> None:
+        if backend == "torch":
+            raise ValueError("the torch runner is built in and cannot be unregistered")
+        self._runners.pop(backend, None)
+
+    def __contains__(self, backend: str) -> bool:
+        return backend in self._runners
+
+    def get(self, backend: str) -> Runner:
+        """The runner of `backend`; ValueError saying what to do when none is registered."""
+        runner = self._runners.get(backend)
+        if runner is None:
+            raise ValueError(
+                f"no paged_attention runner for backend {backend!r} (known: {sorted(self._runners)}); "
+                "the executor must call hf_paged.attention.ops.RUNNERS.register before its first run"
+            )
+        return runner
 
 
 @torch.library.custom_op("hf_paged::paged_attention", mutates_args=())
@@ -80,21 +107,10 @@ def paged_attention(
     sm_scale, window_left, logits_soft_cap: as in LayerParams (-1 / 0.0 for none).
     Causal attention is bottom-right aligned: a row's new tokens are the last tokens of its KV.
     """
-    if backend == "torch":
-        return _run_torch(
-            q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv,
-            sm_scale, window_left, logits_soft_cap,
-        )
-    runner = _RUNNERS.get(backend)
-    if runner is None:
-        raise ValueError(
-            f"no paged_attention runner for backend {backend!r} (known: {['torch', *sorted(_RUNNERS)]}); "
-            "the executor must call hf_paged.attention.ops.register_runner before its first run"
-        )
-    return runner(
-        q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv,
-        sm_scale, window_left, logits_soft_cap,
-    )
+    runner = RUNNERS.get(backend)
+    index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size=kv_pool.shape[2])
+    params = LayerParams(q.shape[1], kv_pool.shape[3], q.shape[2], sm_scale, window_left, logits_soft_cap)
+    return runner(q, kv_pool, index, max_q, max_kv, params)
 
 
 @paged_attention.register_fake
@@ -103,26 +119,24 @@ def _(q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max
     return q.new_empty(q.shape)
 
 
-def _run_torch(
-    q: torch.Tensor, kv_pool: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, max_q: int, max_kv: int,
-    sm_scale: float, window_left: int, logits_soft_cap: float,
+def run_torch(
+    q: torch.Tensor, kv_pool: torch.Tensor, index: PagedIndex, max_q: int, max_kv: int, params: LayerParams
 ) -> torch.Tensor:
-    """The reference executor on index tensors alone: no host sync, shapes from the bounds only."""
-    page_size, num_kv_heads, head_dim = kv_pool.shape[2], kv_pool.shape[3], kv_pool.shape[4]
-    nnz, num_qo_heads = q.shape[0], q.shape[1]
-    rows = kv_last_page_len.shape[0]
-    index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
-    kv_rows = torch_backend.kv_gather_rows(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
-    params = LayerParams(num_qo_heads, num_kv_heads, head_dim, sm_scale, window_left, logits_soft_cap)
+    """The "torch" runner: the plain torch path on index tensors alone (no host sync, shapes from
+    the bounds only)."""
+    nnz, rows = q.shape[0], index.kv_last_page_len.shape[0]
+    kv_slots = dense.kv_gather_slots(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
     # Some row has fewer than max_q new tokens: scatter into a padded layout.
-    q_rows = torch_backend.padded_query_rows(index, max_q, nnz) if nnz != rows * max_q else None
-    mask = torch_backend.packed_mask(index, max_q, max_kv, params)
-    plan = torch_backend.TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params)
-    return torch_backend.run(q, kv_pool, plan).to(q.dtype)
+    q_positions = dense.padded_query_positions(index, max_q, nnz) if nnz != rows * max_q else None
+    mask = dense.packed_mask(index, max_q, max_kv, params)
+    plan = dense.TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params)
+    return dense.run(q, kv_pool, plan).to(q.dtype)
 
 
-def store_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+RUNNERS = RunnerRegistry()
+
+
+def write_kv_auto(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """`write_kv` for callers that run both eagerly and compiled (PagedCache.update).
 
     Compiling or exporting, it calls the custom op (dynamo records it, as it must for a mutation of
@@ -131,10 +145,10 @@ def store_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot
     if torch.compiler.is_compiling():
         torch.ops.hf_paged.write_kv(kv_pool, key, value, slot_mapping)
     else:
-        _write_kv(kv_pool, key, value, slot_mapping)
+        write_kv_eager(kv_pool, key, value, slot_mapping)
 
 
-def _write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_eager(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     flat = kv_pool.view(2, -1, kv_pool.shape[3], kv_pool.shape[4])  # (2, pages * page_size, H, D)
     flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
     flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))
@@ -148,7 +162,7 @@ def write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot
     key, value:   [nnz, H_kv, D], cast to the pool's dtype.
     slot_mapping: [nnz] int64 `page_id * page_size + offset` of each token.
     """
-    _write_kv(kv_pool, key, value, slot_mapping)
+    write_kv_eager(kv_pool, key, value, slot_mapping)
 
 
 @write_kv.register_fake

@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
 
 from .. import _compat
+from ..stats import cache_kv_bytes
 from . import EvalError
 from .data import Sample
 
@@ -114,17 +115,6 @@ def _trim(row: list[int], eos_ids: set[int]) -> list[int]:
     return row
 
 
-def _stock_kv_bytes(cache) -> int:
-    """Bytes of keys and values held by a stock cache at the end of generate() (its peak: it only grows)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
-
-
 def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, seed: int, device: torch.device, label: str, show_progress: bool) -> tuple[list[dict], RunStats]:
     """Generate every batch; returns one record per sample and the stats of this process.
 
@@ -166,7 +156,7 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
             memory = hf_paged.memory_stats(model)
             kv_bytes, shared, pages = memory["peak_kv_bytes"], memory["peak_shared_pages"], memory["peak_pages_in_use"]
         else:
-            kv_bytes, shared, pages = _stock_kv_bytes(_compat.output_cache(output)), 0, 0
+            kv_bytes, shared, pages = cache_kv_bytes(_compat.output_cache(output)), 0, 0
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, kv_bytes)
         stats.peak_shared_pages = max(stats.peak_shared_pages, shared)
         stats.peak_pages_in_use = max(stats.peak_pages_in_use, pages)

@@ -1,4 +1,4 @@
-"""Reference executor in plain PyTorch: paged attention over FlashInfer-format metadata.
+"""The torch executor's plain path: paged attention over FlashInfer-format metadata.
 
 Runs on any device and is the reference the FlashInfer executor is checked against. `plan()`
 turns the page tables into one gather index and one mask per forward; `run()` gathers a layer's
@@ -15,32 +15,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..metadata import ForwardMetadata
-from ..tables import consecutive_run
-from . import cascade
-from .params import LayerParams
+from ...metadata import ForwardMetadata
+from ...tables import consecutive_run
+from ..params import LayerParams
 
 
 @dataclass(slots=True)
 class TorchPlan:
     """Derived once per forward and layer setting; read by every layer with that setting.
 
-    kv_rows:   [2 * rows * max_kv] int64 rows of `pool.view(-1, H_kv, D)` holding each row's keys
-               then values, padded with the pool's zero page; None with `row_run`.
+    kv_slots:  [2 * rows * max_kv] int64 slots (indices into `pool.view(-1, H_kv, D)`) of each
+               row's keys then values, padded with the pool's zero page; None with `row_run`.
     row_run:   (first page, pages per row): row i's K/V are tokens `:max_kv` of pages
                `first + i * stride ...`, read as a view (see `rows_view`); else None.
     mask:      [rows, 1, group * max_q or 1, max_kv] bool (True = attend), or None when every row
                sees every gathered key.
-    q_rows:    [nnz] int64 positions of the new tokens in the `rows * max_q` padded layout, or
+    q_positions: [nnz] int64 positions of the new tokens in the `rows * max_q` padded layout, or
                None when every row has exactly max_q new tokens.
     causal:    every row is a fresh prompt of max_q tokens (no past, no padding, no window or
                soft cap): plain causal attention, which SDPA runs without a mask, skipping the
                blocks above the diagonal.
     """
 
-    kv_rows: torch.Tensor | None
+    kv_slots: torch.Tensor | None
     mask: torch.Tensor | None
-    q_rows: torch.Tensor | None
+    q_positions: torch.Tensor | None
     num_rows: int
     max_q: int
     max_kv: int
@@ -56,10 +55,11 @@ def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
     return torch.where(num_pages > 0, lengths, torch.zeros_like(lengths))
 
 
-def token_rows(meta: ForwardMetadata, max_kv: int, zero_row: int, first_token: int = 0) -> torch.Tensor:
-    """[rows, max_kv] int64 K rows of `pool.view(-1, H, D)` for tokens `first_token + j` of each row.
+def token_slots(meta: ForwardMetadata, max_kv: int, zero_slot: int, first_token: int = 0) -> torch.Tensor:
+    """[rows, max_kv] int64 key slots (indices into `pool.view(-1, H, D)`) of tokens `first_token + j`
+    of each row.
 
-    Positions past a row's length point at `zero_row`.
+    Positions past a row's length point at `zero_slot`.
     """
     page_size = meta.page_size
     device = meta.kv_indptr.device
@@ -68,10 +68,10 @@ def token_rows(meta: ForwardMetadata, max_kv: int, zero_row: int, first_token: i
     valid = positions[None] < kv_lengths(meta)[:, None]
     num_indices = meta.kv_indices.numel()
     if num_indices == 0:
-        return torch.full(valid.shape, zero_row, dtype=torch.long, device=device)
+        return torch.full(valid.shape, zero_slot, dtype=torch.long, device=device)
     page_ids = meta.kv_indices.long()[page_pos.clamp(max=num_indices - 1)]
-    rows = page_ids * page_size + positions[None] % page_size
-    return torch.where(valid, rows, torch.full_like(rows, zero_row))
+    slots = page_ids * page_size + positions[None] % page_size
+    return torch.where(valid, slots, torch.full_like(slots, zero_slot))
 
 
 def attention_mask(
@@ -94,19 +94,19 @@ def attention_mask(
     return mask
 
 
-def kv_gather_rows(index, max_kv: int, zero_page_id: int, first_token: int = 0) -> torch.Tensor:
-    """[2 * rows * max_kv] int64 rows of `pool.view(-1, H, D)`: every row's keys `first_token ..
+def kv_gather_slots(index, max_kv: int, zero_page_id: int, first_token: int = 0) -> torch.Tensor:
+    """[2 * rows * max_kv] int64 slots of `pool.view(-1, H, D)`: every row's keys `first_token ..
     first_token + max_kv - 1`, then its values.
 
     `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex). The zero page
     is the last page of each plane, so a plane holds `(zero_page_id + 1) * page_size` rows.
     """
     page_size = index.page_size
-    k_rows = token_rows(index, max_kv, zero_page_id * page_size, first_token).reshape(-1)
-    return torch.cat([k_rows, k_rows + (zero_page_id + 1) * page_size])
+    k_slots = token_slots(index, max_kv, zero_page_id * page_size, first_token).reshape(-1)
+    return torch.cat([k_slots, k_slots + (zero_page_id + 1) * page_size])
 
 
-def padded_query_rows(index, max_q: int, nnz: int) -> torch.Tensor:
+def padded_query_positions(index, max_q: int, nnz: int) -> torch.Tensor:
     """[nnz] int64 position of each new token in the `rows * max_q` padded layout."""
     qo_len = (index.qo_indptr[1:] - index.qo_indptr[:-1]).long()
     device = qo_len.device
@@ -125,17 +125,13 @@ def packed_mask(index, max_q: int, max_kv: int, params: LayerParams, first_token
 
 def plan(
     meta: ForwardMetadata, params: LayerParams, zero_page_id: int, allow_causal: bool = True
-) -> "TorchPlan | cascade.CascadePlan":
+) -> TorchPlan:
     """Gather indices and mask for one forward; no host sync beyond meta's host-side lists.
 
-    With `meta.cascade`, rows sharing a page-aligned prefix get a CascadePlan (see cascade.py).
-    `allow_causal=False` always builds the mask (for callers that attend through `attend`, which
+    Every row attends all its pages (shared prefixes included: the executor in __init__.py picks
+    cascade.py instead when that pays). `allow_causal=False` always builds the mask (for callers that attend through `attend`, which
     knows no `causal` flag: cascade's suffix).
     """
-    if meta.cascade:
-        shared = cascade.plan(meta, params, zero_page_id)
-        if shared is not None:
-            return shared
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
     # A sliding-window group releases the pages before every row's window (their entries read the
     # zero page): start reading at the first page some row still holds.
@@ -148,9 +144,9 @@ def plan(
         indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
         row_run = consecutive_run([indices[indptr[r] + skip:indptr[r + 1]] for r in range(rows)], zero_page_id)
     max_kv -= first_token  # keys read per row: tokens first_token .. of each row
-    kv_rows = None if row_run is not None else kv_gather_rows(meta, max_kv, zero_page_id, first_token)
+    kv_slots = None if row_run is not None else kv_gather_slots(meta, max_kv, zero_page_id, first_token)
     uniform_q = all(n == max_q for n in meta.qo_lens)
-    q_rows = None if uniform_q else padded_query_rows(meta, max_q, sum(meta.qo_lens))
+    q_positions = None if uniform_q else padded_query_positions(meta, max_q, sum(meta.qo_lens))
     causal = (
         allow_causal and max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
         and all(n == max_q for n in meta.kv_lens)
@@ -159,7 +155,7 @@ def plan(
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
     mask = packed_mask(meta, max_q, max_kv, params, first_token) if needs_mask else None
-    return TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params, causal, row_run)
+    return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run)
 
 
 def _pages_before_every_window(meta: ForwardMetadata, zero_page_id: int) -> int:
@@ -183,9 +179,9 @@ def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """[nnz, H_q, D] -> [rows, H_kv, group * max_q, D] (group-major within each KV head)."""
     p = plan.params
     rows, max_q = plan.num_rows, plan.max_q
-    if plan.q_rows is not None:
+    if plan.q_positions is not None:
         padded = q.new_zeros(rows * max_q, p.num_qo_heads, p.head_dim)
-        q = padded.index_copy_(0, plan.q_rows, q)
+        q = padded.index_copy_(0, plan.q_positions, q)
     q = q.view(rows, max_q, p.num_kv_heads, p.group_size, p.head_dim)
     return q.permute(0, 2, 3, 1, 4).reshape(rows, p.num_kv_heads, p.group_size * max_q, p.head_dim)
 
@@ -196,13 +192,13 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     rows, max_q = plan.num_rows, plan.max_q
     o = o.view(rows, p.num_kv_heads, p.group_size, max_q, p.head_dim).permute(0, 3, 1, 2, 4)
     o = o.reshape(rows * max_q, p.num_qo_heads, p.head_dim)
-    return o if plan.q_rows is None else o.index_select(0, plan.q_rows)
+    return o if plan.q_positions is None else o.index_select(0, plan.q_positions)
 
 
-def gather_kv(pool: torch.Tensor, kv_rows: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[rows, H_kv, length, D]` (views) from a layer pool."""
     num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
-    kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_rows)
+    kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
     kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 
@@ -247,14 +243,12 @@ def attend(
     return out, lse if return_lse else None
 
 
-def run(q: torch.Tensor, pool: torch.Tensor, plan: "TorchPlan | cascade.CascadePlan") -> torch.Tensor:
+def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
-    if isinstance(plan, cascade.CascadePlan):
-        return cascade.run(q, pool, plan)
     if plan.row_run is not None:
         k, v = rows_view(pool, plan.row_run, plan.num_rows, plan.max_kv)
     else:
-        k, v = gather_kv(pool, plan.kv_rows, plan.num_rows, plan.max_kv)
+        k, v = gather_kv(pool, plan.kv_slots, plan.num_rows, plan.max_kv)
     if plan.causal:
         p = plan.params
         q = q.view(plan.num_rows, plan.max_q, p.num_qo_heads, p.head_dim).transpose(1, 2)  # (R, H_q, Q, D)

@@ -20,106 +20,28 @@ the first plan), so `import hf_paged` stays fast and works without it or without
 - A wrapper holds the plan of one layer setting (`LayerParams`): models whose layers differ
   (sliding-window and full layers) get one wrapper per setting and kind.
 - Compiled decode steps (`PagedConfig(compile=True)`): `plan_decode` plans CUDA-graph decode
-  wrappers on compile.py's fixed buffers, run inside the graph by the op runner of flashinfer_graph.py.
-- Shared-prefix (cascade) attention lives in flashinfer_cascade.py and runs when `meta.cascade`;
-  for this executor that needs an explicit `PagedConfig(cascade=True)` (not yet run on a GPU).
+  wrappers on compile.py's fixed buffers, run inside the graph by the op runner of graph.py, which
+  the executor registers (`graph.register()`) when it is created.
+- Shared-prefix (cascade) attention lives in cascade.py; `plan` takes it when `meta.cascade` and
+  rows share a prefix worth it. For this executor that needs an explicit
+  `PagedConfig(cascade=True)` (`cascade_by_default` False: not yet run on a GPU).
 """
 
 import contextlib
 from dataclasses import dataclass, field
-from itertools import accumulate
 from typing import Any
 
 import torch
 
-from ..metadata import ForwardMetadata
-from ..pool import KVPool
-from .flashinfer_support import import_flashinfer
-from .params import LayerParams
+from ...metadata import ForwardMetadata
+from ...pool import KVPool
+from ..params import LayerParams
+from . import cascade, graph
+from .args import WRAPPER_CLASS_OF, WRAPPER_CLASSES, Args, decode_plan_args, host_indices, plan_args, run_args
+from .args import wrapper_args, wrapper_kind
+from .support import import_flashinfer
 
 WORKSPACE_BYTES = 128 << 20
-KERNEL_BACKEND = "fa2"
-WRAPPER_CLASSES = {"decode": "BatchDecodeWithPagedKVCacheWrapper", "prefill": "BatchPrefillWithPagedKVCacheWrapper"}
-
-Args = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-# -- argument building (pure: CPU tests bind these against FlashInfer's signatures) -------------
-
-
-@dataclass(slots=True)
-class HostIndices:
-    """Host copies (int32, CPU) of the metadata's device tensors of the same names.
-
-    qo_indptr [rows + 1], kv_indptr [rows + 1], kv_last_page_len [rows].
-    """
-
-    qo_indptr: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_last_page_len: torch.Tensor
-
-
-def host_indices(meta: ForwardMetadata, pin_memory: bool = False) -> HostIndices:
-    """Build the host index arrays from `meta`'s host lists (no device read).
-
-    A row's page table holds exactly `ceil(kv_len / page_size)` pages (see PageTables).
-    """
-    page_size = meta.page_size
-    num_pages = [-(-n // page_size) for n in meta.kv_lens]
-    last_page_len = [(n - 1) % page_size + 1 if n else 0 for n in meta.kv_lens]
-
-    def tensor(values: list[int]) -> torch.Tensor:
-        host = torch.tensor(values, dtype=torch.int32)
-        return host.pin_memory() if pin_memory else host
-
-    qo_indptr, kv_indptr = [0, *accumulate(meta.qo_lens)], [0, *accumulate(num_pages)]
-    return HostIndices(tensor(qo_indptr), tensor(kv_indptr), tensor(last_page_len))
-
-
-def _common_kwargs(params: LayerParams, dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "pos_encoding_mode": "NONE",  # transformers applies RoPE itself
-        "window_left": params.window_left,
-        "logits_soft_cap": params.logits_soft_cap,
-        "q_data_type": dtype,
-        "kv_data_type": dtype,
-        "sm_scale": params.sm_scale,
-    }
-
-
-def decode_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices) -> Args:
-    """Arguments of `BatchDecodeWithPagedKVCacheWrapper.plan` (and `.workspace_size`)."""
-    # indptr [rows + 1] and last_page_len [rows] int32 on the CPU; indices [num_table_pages] int32 on the device.
-    args = (host.kv_indptr, meta.kv_indices, host.kv_last_page_len)
-    args += (params.num_qo_heads, params.num_kv_heads, params.head_dim, meta.page_size)
-    return args, _common_kwargs(params, dtype)
-
-
-def prefill_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices) -> Args:
-    """Arguments of `BatchPrefillWithPagedKVCacheWrapper.plan` (and `.workspace_size`)."""
-    # As decode, plus qo_indptr [rows + 1] int32 on the CPU; head_dim is head_dim_qk (= head_dim_vo).
-    args = (host.qo_indptr, host.kv_indptr, meta.kv_indices, host.kv_last_page_len)
-    args += (params.num_qo_heads, params.num_kv_heads, params.head_dim, meta.page_size)
-    return args, {"causal": True, **_common_kwargs(params, dtype)}
-
-
-def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:
-    """Constructor arguments of the decode (`kind="decode"`) or prefill wrapper."""
-    kwargs: dict[str, Any] = {"kv_layout": "NHD", "backend": KERNEL_BACKEND}
-    if kind == "decode":
-        kwargs["use_tensor_cores"] = True
-    return (workspace,), kwargs
-
-
-def run_args(q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype) -> Args:
-    """Arguments of `wrapper.run`: q `[nnz, H_q, D]` in the planned dtype, and the layer's pool
-    `[2, num_pages + 1, page_size, H_kv, D]` as FlashInfer's `(k_cache, v_cache)` pair (each NHD)."""
-    return (q.to(dtype).contiguous(), kv_planes(layer_pool)), {}
-
-
-def kv_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key and value planes `[num_pages + 1, page_size, H_kv, D]` of a layer pool."""
-    return layer_pool[0], layer_pool[1]
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -129,12 +51,11 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-# -- the executor --------------------------------------------------------------------------------
-
-
 @dataclass(slots=True, weakref_slot=True)
-class _Wrapper:
-    """A long-lived FlashInfer wrapper, the dtype of its last plan, and that plan's copy event."""
+class WrapperRecord:
+    """A long-lived FlashInfer wrapper, the dtype of its last plan, and that plan's copy event.
+
+    graph.py's runner reads `wrapper` and `dtype` of the records `plan_decode` publishes."""
 
     wrapper: Any
     dtype: torch.dtype | None = None
@@ -145,7 +66,7 @@ class _Wrapper:
 class _DeviceState:
     workspace: torch.Tensor  # [bytes] uint8, zero-filled, shared by every wrapper on the device
     # (kind, params) -> wrapper; ("graph", buffer address, params) for compiled decode steps
-    wrappers: dict[tuple, _Wrapper] = field(default_factory=dict)
+    wrappers: dict[tuple, WrapperRecord] = field(default_factory=dict)
     settings: set[LayerParams] = field(default_factory=set)  # every layer setting planned so far
     retired: list[torch.Tensor] = field(default_factory=list)  # old workspaces captured graphs may read
 
@@ -164,26 +85,29 @@ class FlashInferExecutor:
     """The CUDA executor: FlashInfer's paged prefill and decode kernels on the pool's pages."""
 
     name = "flashinfer"
+    cascade_by_default = False  # cascade.py has not been run on a GPU yet
+    reads_in_place = False  # reads pages where they are: a page reservation would buy nothing
+    op_runner = graph.RUNNER
 
     def __init__(self) -> None:
         self._devices: dict[torch.device, _DeviceState] = {}
+        graph.register()  # compiled decode steps call graph.run_planned through the op
 
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Any:
         """Plan the wrapper(s) for `params` on `meta`'s device: a FlashInferPlan, or a cascade plan
         when `meta.cascade` and rows share a prefix worth it. Never reads device memory."""
         device = meta.kv_indptr.device
         dtype = next((spec.dtype for spec in pool.specs if spec.device == device), pool.specs[0].dtype)
-        kind = "decode" if meta.is_decode else "prefill"
+        kind = wrapper_kind(meta)
         state = self._state(device)
         state.settings.add(params)
         if sum(meta.qo_lens) == 0:
             return FlashInferPlan(None, dtype, kind, params)
         if meta.cascade:
-            shared = flashinfer_cascade.plan(self, meta, params, dtype)
+            shared = cascade.plan(self.plan_wrapper, meta, params, dtype)
             if shared is not None:
                 return shared
-        build = decode_plan_args if kind == "decode" else prefill_plan_args
-        args, kwargs = build(meta, params, dtype, host_indices(meta, pin_memory=device.type == "cuda"))
+        args, kwargs = plan_args(meta, params, dtype)
         return FlashInferPlan(self.plan_wrapper(device, (kind, params), args, kwargs, dtype), dtype, kind, params)
 
     def plan_wrapper(self, device: torch.device, key: tuple, args: tuple, kwargs: dict, dtype: torch.dtype) -> Any:
@@ -191,16 +115,15 @@ class FlashInferExecutor:
         "prefix" (cascade), on `device`; returns the FlashInfer wrapper."""
         state = self._state(device)
         with _device_guard(device):
-            kind = "decode" if key[0] == "decode" else "prefill"
-            record = self._wrapper(state, key, wrapper_args(kind, state.workspace))
+            record = self._wrapper(state, key, wrapper_args(WRAPPER_CLASS_OF[key[0]], state.workspace))
             self._plan(device, record, args, kwargs, dtype)
         return record.wrapper
 
     def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: FlashInferPlan) -> torch.Tensor:
         """Attention of `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]` in q's dtype."""
         with _device_guard(q.device):
-            if isinstance(plan, flashinfer_cascade.FlashInferCascadePlan):
-                return flashinfer_cascade.run(q, layer_pool, plan).to(q.dtype)
+            if isinstance(plan, cascade.FlashInferCascadePlan):
+                return cascade.run(q, layer_pool, plan).to(q.dtype)
             if plan.wrapper is None:
                 return q.new_empty(q.shape)
             args, kwargs = run_args(q, layer_pool, plan.dtype)
@@ -209,7 +132,7 @@ class FlashInferExecutor:
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Before a compiled decode step (compile.py): plan, for every layer setting planned so far,
         a CUDA-graph decode wrapper on the step's fixed buffers `cache.buffers`, which the
-        "flashinfer" runner of `torch.ops.hf_paged.paged_attention` then runs (flashinfer_graph.py)."""
+        "flashinfer" runner of `torch.ops.hf_paged.paged_attention` then runs (graph.py)."""
         buffers = cache.buffers
         device = buffers.kv_indptr.device
         dtype = cache.pools[0].dtype
@@ -219,10 +142,10 @@ class FlashInferExecutor:
             for params in state.settings:
                 record = self._wrapper(
                     state, ("graph", buffers.kv_indptr.data_ptr(), params),
-                    flashinfer_graph.graph_wrapper_args(buffers, state.workspace),
+                    graph.graph_wrapper_args(buffers, state.workspace),
                 )
                 self._plan(device, record, *decode_plan_args(meta, params, dtype, host), dtype)
-                flashinfer_graph.publish(buffers.kv_indptr, params, record)
+                graph.PLANNED.publish(buffers.kv_indptr, params, record)
 
     def _state(self, device: torch.device) -> _DeviceState:
         state = self._devices.get(device)
@@ -231,16 +154,15 @@ class FlashInferExecutor:
             state = self._devices[device] = _DeviceState(workspace)
         return state
 
-    def _wrapper(self, state: _DeviceState, key: tuple, constructor_args: Args) -> _Wrapper:
+    def _wrapper(self, state: _DeviceState, key: tuple, constructor_args: Args) -> WrapperRecord:
         record = state.wrappers.get(key)
         if record is None:
-            kind = "decode" if key[0] in ("decode", "graph") else "prefill"  # "prefix": cascade's prefix level
-            cls = getattr(import_flashinfer(), WRAPPER_CLASSES[kind])
+            cls = getattr(import_flashinfer(), WRAPPER_CLASSES[WRAPPER_CLASS_OF[key[0]]])
             args, kwargs = constructor_args
-            record = state.wrappers[key] = _Wrapper(cls(*args, **kwargs))
+            record = state.wrappers[key] = WrapperRecord(cls(*args, **kwargs))
         return record
 
-    def _plan(self, device: torch.device, record: _Wrapper, args: tuple, kwargs: dict, dtype: torch.dtype) -> None:
+    def _plan(self, device: torch.device, record: WrapperRecord, args: tuple, kwargs: dict, dtype: torch.dtype) -> None:
         if record.planned is not None:
             # plan() refills the wrapper's pinned buffer and copies it asynchronously: wait for the
             # previous plan's copy (not for the whole previous forward).
@@ -257,7 +179,7 @@ class FlashInferExecutor:
             record.planned = record.planned or torch.cuda.Event()
             record.planned.record()
 
-    def _grow_workspace(self, device: torch.device, record: _Wrapper, args: tuple, kwargs: dict) -> None:
+    def _grow_workspace(self, device: torch.device, record: WrapperRecord, args: tuple, kwargs: dict) -> None:
         """Give every wrapper on `device` a float workspace as large as this plan needs."""
         state = self._devices[device]
         float_bytes, int_bytes = record.wrapper.workspace_size(*args, **kwargs)
@@ -271,6 +193,3 @@ class FlashInferExecutor:
                 int_buffer = torch.empty(int(int_bytes), dtype=torch.uint8, device=device)
             other.wrapper.reset_workspace_buffer(state.workspace, int_buffer)
 
-
-# Last: both import this module. flashinfer_graph registers the "flashinfer" paged_attention runner.
-from . import flashinfer_cascade, flashinfer_graph  # noqa: E402

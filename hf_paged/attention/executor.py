@@ -1,0 +1,40 @@
+"""The contract every attention executor meets, and the capabilities it declares.
+
+An executor has `plan(meta, params, pool) -> plan` (once per forward and distinct layer setting)
+and `run(q [nnz, H_q, D], layer_pool, plan) -> [nnz, H_q, D]` (once per layer). Both read
+exactly the ForwardMetadata; neither gets information the other lacks. Whether a forward takes
+the plain or the shared-prefix (cascade) path is the executor's own choice inside `plan`.
+
+The rest of hf_paged never tells executors apart by name: the cache and the compiled decode
+steps ask the capabilities below.
+"""
+
+from typing import Any, Protocol
+
+import torch
+
+from ..metadata import ForwardMetadata
+from ..pool import KVPool
+from .params import LayerParams
+
+
+class Executor(Protocol):
+    name: str  # for messages and `memory_stats`; never compared
+    # PagedConfig(cascade=None) turns shared-prefix attention on exactly when this is True.
+    cascade_by_default: bool
+    # Reads rows that sit in consecutive pages as views of the pool: PagedCache then has its rows
+    # reserve runs of pages (`max_tokens_per_row`); an executor that reads pages where they are
+    # gains nothing from a reservation.
+    reads_in_place: bool
+    # The `torch.ops.hf_paged.paged_attention` backend compiled decode steps call (ops.RUNNERS);
+    # "torch" is always there.
+    op_runner: str
+
+    def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> object: ...
+
+    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: object) -> torch.Tensor: ...
+
+    def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
+        """Before every compiled decode step, outside the compiled region: prepare what `op_runner`
+        reads inside it. `cache` is compile.StaticDecodeCache, its `buffers` already filled."""
+        ...

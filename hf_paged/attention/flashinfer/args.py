@@ -1,0 +1,106 @@
+"""Arguments of FlashInfer's wrapper calls, built from the ForwardMetadata.
+
+Pure functions, no FlashInfer import: the CPU tests bind every result against the installed
+FlashInfer's real signatures (tests/test_flashinfer_stand_in.py).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...metadata import ForwardMetadata, cumsum, host_tensor, last_page_lens
+from ..params import LayerParams
+
+KERNEL_BACKEND = "fa2"
+WRAPPER_CLASSES = {"decode": "BatchDecodeWithPagedKVCacheWrapper", "prefill": "BatchPrefillWithPagedKVCacheWrapper"}
+# Wrapper kinds the executor keeps ("graph": compiled decode steps, "prefix": cascade's prefix
+# level) -> the FlashInfer wrapper class (WRAPPER_CLASSES key) each is an instance of.
+WRAPPER_CLASS_OF = {"decode": "decode", "graph": "decode", "prefill": "prefill", "prefix": "prefill"}
+
+Args = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def wrapper_kind(meta: ForwardMetadata) -> str:
+    """"decode" for a decode forward (`meta.is_decode`: one new token per row, no padding), else
+    "prefill" (prompts, ragged `qo_indptr`, rows without new tokens)."""
+    return "decode" if meta.is_decode else "prefill"
+
+
+@dataclass(slots=True)
+class HostIndices:
+    """Host copies (int32, CPU) of the metadata's device tensors of the same names.
+
+    qo_indptr [rows + 1], kv_indptr [rows + 1], kv_last_page_len [rows].
+    """
+
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_last_page_len: torch.Tensor
+
+
+def host_indices(meta: ForwardMetadata, pin_memory: bool = False) -> HostIndices:
+    """Build the host index arrays from `meta`'s host lists (no device read).
+
+    A row's page table holds exactly `ceil(kv_len / page_size)` pages (see PageTables).
+    """
+    page_size = meta.page_size
+    num_pages = [-(-n // page_size) for n in meta.kv_lens]
+    return HostIndices(
+        host_tensor(cumsum(meta.qo_lens), pin_memory=pin_memory),
+        host_tensor(cumsum(num_pages), pin_memory=pin_memory),
+        host_tensor(last_page_lens(meta.kv_lens, page_size), pin_memory=pin_memory),
+    )
+
+
+def layer_kwargs(params: LayerParams, dtype: torch.dtype) -> dict[str, Any]:
+    """The keyword arguments of every `plan` call that come from the layer setting and dtype."""
+    return {
+        "pos_encoding_mode": "NONE",  # transformers applies RoPE itself
+        "window_left": params.window_left,
+        "logits_soft_cap": params.logits_soft_cap,
+        "q_data_type": dtype,
+        "kv_data_type": dtype,
+        "sm_scale": params.sm_scale,
+    }
+
+
+def decode_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices) -> Args:
+    """Arguments of `BatchDecodeWithPagedKVCacheWrapper.plan` (and `.workspace_size`)."""
+    # indptr [rows + 1] and last_page_len [rows] int32 on the CPU; indices [num_table_pages] int32 on the device.
+    args = (host.kv_indptr, meta.kv_indices, host.kv_last_page_len)
+    args += (params.num_qo_heads, params.num_kv_heads, params.head_dim, meta.page_size)
+    return args, layer_kwargs(params, dtype)
+
+
+def prefill_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices) -> Args:
+    """Arguments of `BatchPrefillWithPagedKVCacheWrapper.plan` (and `.workspace_size`)."""
+    # As decode, plus qo_indptr [rows + 1] int32 on the CPU; head_dim is head_dim_qk (= head_dim_vo).
+    args = (host.qo_indptr, host.kv_indptr, meta.kv_indices, host.kv_last_page_len)
+    args += (params.num_qo_heads, params.num_kv_heads, params.head_dim, meta.page_size)
+    return args, {"causal": True, **layer_kwargs(params, dtype)}
+
+
+def plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype) -> Args:
+    """`plan` arguments of the `wrapper_kind(meta)` wrapper, host arrays pinned on CUDA."""
+    build = decode_plan_args if wrapper_kind(meta) == "decode" else prefill_plan_args
+    return build(meta, params, dtype, host_indices(meta, pin_memory=meta.kv_indptr.device.type == "cuda"))
+
+
+def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:
+    """Constructor arguments of the decode (`kind="decode"`) or prefill wrapper."""
+    kwargs: dict[str, Any] = {"kv_layout": "NHD", "backend": KERNEL_BACKEND}
+    if kind == "decode":
+        kwargs["use_tensor_cores"] = True
+    return (workspace,), kwargs
+
+
+def run_args(q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype) -> Args:
+    """Arguments of `wrapper.run`: q `[nnz, H_q, D]` in the planned dtype, and the layer's pool
+    `[2, num_pages + 1, page_size, H_kv, D]` as FlashInfer's `(k_cache, v_cache)` pair (each NHD)."""
+    return (q.to(dtype).contiguous(), kv_planes(layer_pool)), {}
+
+
+def kv_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value planes `[num_pages + 1, page_size, H_kv, D]` of a layer pool."""
+    return layer_pool[0], layer_pool[1]

@@ -1,0 +1,47 @@
+"""The pure-PyTorch executor (any device, any dtype): plain paged attention (dense.py) or, when
+rows share a prefix worth it (attention/prefix.py), shared-prefix attention (cascade.py)."""
+
+from typing import Any
+
+import torch
+
+from ...metadata import ForwardMetadata
+from ...pool import KVPool
+from ..params import LayerParams
+from . import cascade, dense
+
+Plan = dense.TorchPlan | cascade.CascadePlan
+
+
+def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Plan:
+    """A cascade plan when `meta.cascade` and rows share a prefix worth it, else a plain one."""
+    if meta.cascade:
+        shared = cascade.plan(meta, params, zero_page_id)
+        if shared is not None:
+            return shared
+    return dense.plan(meta, params, zero_page_id)
+
+
+def run(q: torch.Tensor, pool: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+    if isinstance(plan, cascade.CascadePlan):
+        return cascade.run(q, pool, plan)
+    return dense.run(q, pool, plan)
+
+
+class TorchExecutor:
+    """The pure-PyTorch executor (any device, any dtype)."""
+
+    name = "torch"
+    cascade_by_default = True  # measured: it pays on CPU (README, Measured)
+    reads_in_place = True  # dense.rows_view / the cascade's prefix_run
+    op_runner = "torch"  # built into ops.paged_attention
+
+    def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Plan:
+        return plan(meta, params, pool.zero_page_id)
+
+    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan) -> torch.Tensor:
+        return run(q, layer_pool, plan)
+
+    def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
+        """Nothing to prepare: the torch runner derives everything from the step's buffers."""
