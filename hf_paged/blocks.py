@@ -7,16 +7,24 @@ may also ask for one particular free page (`take`), and for the first page of a 
 (`find_free_run`): that is how rows that share nothing get consecutive pages (PageTables.reserve).
 """
 
+import threading
+
 from .errors import OutOfPagesError
 
 
 class BlockManager:
-    """Owns page ids `0 .. num_pages-1`: their reference counts and the free list."""
+    """Owns page ids `0 .. num_pages-1`: their reference counts and the free list.
+
+    Several caches (threads) share one BlockManager. The methods here do not lock; a caller that
+    checks and then mutates (PageTables) holds `lock` across both, so no other thread can take the
+    pages it counted on in between. Reentrant, so a locked caller may call another locked one.
+    """
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"expected num_pages >= 1, got {num_pages}")
         self.num_pages = num_pages
+        self.lock = threading.RLock()
         self.ref_counts = [0] * num_pages
         # Stack, top at the end: page 0 is handed out first on a fresh pool.
         self.free_page_ids = list(range(num_pages - 1, -1, -1))

@@ -8,16 +8,45 @@ from transformers.cache_utils import Cache
 from .attention import Executor, LayerParams, ops
 from .metadata import ForwardMetadata, build_metadata
 from .pool import KVPool, copy_pages
+from .runtime import Runtime, runtime_of
 from .tables import PageTables
 
 
 @dataclass(slots=True)
 class ForwardState:
-    """Everything one forward shares across layers."""
+    """Everything one forward shares across layers.
+
+    num_written / num_attended: layers whose K/V this forward wrote / that attended through this
+    cache. They differ only when the model dropped the cache keyword on its way to the attention
+    function (see wrap.CACHE_KWARG): end_forward then raises instead of letting wrong tokens out.
+    """
 
     meta: ForwardMetadata
     metas: dict[torch.device, ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
+    num_written: int = 0
+    num_attended: int = 0
+
+
+def check_left_padding(attention_mask: torch.Tensor) -> None:
+    """Raise ValueError when a row of a 2-D padding mask has a pad (0) after a token (1).
+
+    The paged path stores only real tokens and aligns every row's new tokens at its end, which is
+    exactly stock's result for left padding only; right padding and holes would silently differ.
+    """
+    mask = attention_mask.to(torch.int8)
+    holes = mask.cummax(dim=1).values > mask  # a 0 after some 1 of the same row
+    if bool(holes.any()):
+        _raise_padding_error(holes)
+
+
+def _raise_padding_error(holes: torch.Tensor) -> None:
+    row = int(holes.any(dim=1).nonzero()[0, 0])
+    raise ValueError(
+        f"hf_paged needs left padding: row {row} of attention_mask has padding (0) after a real token (1) "
+        '(right padding, or a hole). Pad on the left: tokenizer.padding_side = "left", as generate() '
+        "expects for decoder-only models"
+    )
 
 
 class PagedCache(Cache):
@@ -38,23 +67,24 @@ class PagedCache(Cache):
         self, model: torch.nn.Module | None = None, *, pool: KVPool | None = None, max_tokens_per_row: int | None = None
     ):
         super().__init__(layers=[])
+        self.runtime: Runtime | None = None
+        self.executor: Executor
         if pool is None:
-            runtime = getattr(model, "hf_paged_runtime", None)
-            if runtime is None:
-                raise ValueError("PagedCache(model) needs a model wrapped by hf_paged.wrap(model)")
-            pool = runtime.pool
-            self.executor: Executor = runtime.executor
+            self.runtime = runtime_of(model, "PagedCache(model)")
+            # A pool that no longer matches the model (model.to(dtype), ...) is replaced here.
+            pool, self.executor = self.runtime.open_pool(self)
+            cascade = self.runtime.config.cascade
         else:
             from .attention import select_executor
 
             self.executor = select_executor("torch", pool.specs)
+            pool.open_cache(self)
+            cascade = False
         self.pool = pool
         self.tables = PageTables(pool.blocks, pool.page_size)
         self.seq_length = 0
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
-        runtime = getattr(model, "hf_paged_runtime", None)
-        cascade = runtime.config.cascade if runtime is not None else False
         self.cascade = self.executor.name == "torch" if cascade is None else cascade
         self._forward: ForwardState | None = None
         self.max_tokens_per_row = max_tokens_per_row if self.executor.name == "torch" else None
@@ -68,6 +98,28 @@ class PagedCache(Cache):
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
+        if self.runtime is not None:
+            change = self.runtime.pool_mismatch(self.pool)
+            if change is not None:
+                raise ValueError(
+                    f"the model's dtype or device changed after this PagedCache was created ({change}); "
+                    "release() it and create a new PagedCache(model), which gets a pool that matches"
+                )
+        new_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
+                raise ValueError(
+                    "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
+                    f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
+                )
+            mask = attention_mask.to(torch.int8)
+            holes = mask.cummax(dim=1).values > mask
+            new_mask = mask[:, -q_len:].to(torch.bool)
+            any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
+            if any_hole:
+                _raise_padding_error(holes)
+            if all_new:
+                new_mask = None
         if self.tables.num_rows == 0 and self.seq_length == 0:
             self.tables.add_rows(batch_size)
             if self.max_tokens_per_row:
@@ -79,16 +131,9 @@ class PagedCache(Cache):
             )
         token_index = None
         qo_lens = [q_len] * batch_size
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
-                raise ValueError(
-                    "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
-                    f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
-                )
-            new_mask = attention_mask[:, -q_len:].to(torch.bool)
-            if not bool(new_mask.all()):
-                qo_lens = new_mask.sum(dim=1).tolist()
-                token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
+        if new_mask is not None:  # some new tokens are pads: they are not stored
+            qo_lens = new_mask.sum(dim=1).tolist()
+            token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
         slots, copies = self.tables.append(qo_lens)
         meta = build_metadata(self.tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade)
         self.seq_length += q_len
@@ -99,8 +144,15 @@ class PagedCache(Cache):
                 layer_meta = self._meta_on(pool.device)
                 copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
 
-    def end_forward(self) -> None:
-        self._forward = None
+    def end_forward(self, completed: bool = True) -> None:
+        """Close the forward; `completed=False` when it raised (then nothing is checked)."""
+        state, self._forward = self._forward, None
+        if completed and state is not None and state.num_written != state.num_attended:
+            raise RuntimeError(
+                f"{state.num_written} layers wrote K/V to this PagedCache but {state.num_attended} attended "
+                "through it: this model does not pass keyword arguments down to its attention function, "
+                "which hf_paged needs; please report the model class to hf_paged"
+            )
 
     def _state(self) -> ForwardState:
         if self._forward is None:
@@ -134,11 +186,13 @@ class PagedCache(Cache):
             )
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
         ops.store_kv(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
+        self._forward.num_written += 1
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
         """Paged attention of `query [batch, H_q, q_len, D]` for one layer; returns `[batch, q_len, H_q, D]`."""
         state = self._state()
+        state.num_attended += 1
         pool = self.pool.pools[layer_idx]
         meta = self._meta_on(pool.device)
         key = (pool.device, params)
@@ -152,6 +206,10 @@ class PagedCache(Cache):
             return out.view(batch, q_len, num_heads, head_dim)
         full = out.new_zeros(batch * q_len, num_heads, head_dim)
         return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of a layer, for models that do not pass it to the attention function."""
+        return self.runtime.layer_window(layer_idx) if self.runtime is not None else None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens per row before the current forward (pads included), as transformers expects."""
@@ -205,6 +263,7 @@ class PagedCache(Cache):
         self.seq_length = 0
         self._forward = None
         self.is_released = True
+        self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
         if self.is_released:

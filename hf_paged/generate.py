@@ -6,8 +6,9 @@ import inspect
 import torch
 
 from . import _compat
-from .cache import PagedCache
+from .cache import PagedCache, check_left_padding
 from .compile import generate_max_tokens, maybe_compiled_decode
+from .runtime import Runtime
 
 
 def _expand_size(model, generation_config, kwargs: dict) -> int:
@@ -58,18 +59,24 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
     model(**inputs)
 
 
-def make_generate(model):
-    """A bound generate() for `model` that runs on a PagedCache by default."""
+def make_generate(model, runtime: Runtime):
+    """A bound generate() for `model` that runs on a PagedCache by default.
+
+    Calls may run concurrently (several threads, one model): each owns its PagedCache on the
+    shared pool and nothing else of the call is shared. A call that finds the pool short raises
+    OutOfPagesError (it does not wait for pages other calls hold: two calls waiting for each other
+    would never finish); size the pool for the calls you run at once.
+    """
     original = type(model).generate
 
     @functools.wraps(original)
     def generate(inputs=None, generation_config=None, **kwargs):
-        runtime = model.hf_paged_runtime
         use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
         if _compat.user_cache(kwargs) is not None or use_cache is False:
             return original(model, inputs, generation_config, **kwargs)
-        blocks = runtime.pool.blocks
-        blocks.reset_peaks()
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            check_left_padding(attention_mask)  # before any page is taken or any forward runs
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, generation_config, kwargs)
         fork = expand > 1 and _can_prefill_once(model, input_ids, generation_config, kwargs)
@@ -79,7 +86,7 @@ def make_generate(model):
             reserve = input_ids.shape[1]
         else:
             reserve = generate_max_tokens(model, inputs, generation_config, kwargs) if expand == 1 else None
-        cache = PagedCache(model, max_tokens_per_row=reserve)
+        cache = PagedCache(model, max_tokens_per_row=reserve)  # a new pool if the model's dtype/device changed
         try:
             if fork:
                 prefill_prompt(model, cache, input_ids, kwargs.get("attention_mask"))
@@ -89,7 +96,8 @@ def make_generate(model):
                 return original(model, inputs, generation_config, **kwargs)
         finally:
             cache.release()
-            runtime.last_peak_pages = blocks.peak_used_pages
-            runtime.last_peak_shared_pages = blocks.peak_shared_pages
+            # This call's own peaks (its page tables count them), whatever other calls hold.
+            runtime.last_peak_pages = cache.tables.peak_pages_held
+            runtime.last_peak_shared_pages = cache.tables.peak_shared_held
 
     return generate

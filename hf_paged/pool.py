@@ -7,6 +7,7 @@ view of the pool, read with no gather (see PageTables.reserve and the torch exec
 """
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,10 @@ class KVPool:
     `pools[i]` is `[2, num_pages + 1, page_size, num_kv_heads, head_dim]` (`[0]` keys, `[1]`
     values, each NHD) in layer i's dtype on layer i's device. The extra last page is kept zero and
     never handed out: padded reads of the torch executor point there.
+
+    Many caches, one pool: every open PagedCache draws pages from `blocks`, whose lock makes each
+    page-table change atomic. `num_open_caches()` counts the caches not yet released (a cache that
+    is garbage-collected unreleased stops counting; its pages are lost until the pool is replaced).
     """
 
     def __init__(self, config: PagedConfig, specs: list[LayerSpec]):
@@ -78,6 +83,7 @@ class KVPool:
         self.num_pages = choose_num_pages(config, specs)
         self.blocks = BlockManager(self.num_pages)
         self.zero_page_id = self.num_pages
+        self._open_caches: weakref.WeakSet = weakref.WeakSet()
         self.pools: list[torch.Tensor] = []
         for spec in specs:
             pool = torch.empty(
@@ -87,6 +93,18 @@ class KVPool:
             )
             pool[:, self.zero_page_id].zero_()
             self.pools.append(pool)
+
+    def open_cache(self, cache: object) -> None:
+        with self.blocks.lock:
+            self._open_caches.add(cache)
+
+    def close_cache(self, cache: object) -> None:
+        with self.blocks.lock:
+            self._open_caches.discard(cache)
+
+    def num_open_caches(self) -> int:
+        with self.blocks.lock:
+            return len(self._open_caches)
 
     @property
     def page_bytes(self) -> int:

@@ -2,16 +2,18 @@
 
 import torch
 
+from .runtime import runtime_of
+
 
 def memory_stats(model: torch.nn.Module) -> dict[str, int]:
     """Pool geometry and occupancy of a wrapped model.
 
-    `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) cover the most
-    recent generate() call; `*_bytes` count keys and values of all layers.
+    `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) are those of
+    the generate() call that finished last, counted by its own cache: pages that concurrent calls
+    held meanwhile are not included. `pages_in_use` is the whole pool's, now. `*_bytes` count keys
+    and values of all layers.
     """
-    runtime = getattr(model, "hf_paged_runtime", None)
-    if runtime is None:
-        raise ValueError("memory_stats needs a model wrapped by hf_paged.wrap(model)")
+    runtime = runtime_of(model, "memory_stats")
     pool = runtime.pool
     blocks = pool.blocks
     return {

@@ -12,7 +12,15 @@ run as it grows, so its tokens lie contiguously in every layer's pool and the to
 all rows as one strided view instead of gathering them (it checks the page lists themselves with
 `consecutive_run`). A reservation holds no page: a page is taken only when a token needs it, and a
 page someone else holds meanwhile is simply allocated elsewhere, which ends the row's reservation.
+
+Several PageTables (caches of concurrent calls) share one BlockManager: every method that changes
+pages holds `blocks.lock` from its check to its last change. Pages are never shared between
+tables, so the change of the pool's used and shared counts while a table holds the lock is that
+table's own: that is how each table counts its pages and its peaks without mixing calls.
 """
+
+import contextlib
+from collections.abc import Iterator
 
 from .blocks import BlockManager
 from .errors import OutOfPagesError
@@ -33,6 +41,25 @@ class PageTables:
         # Reservation: row i's next page is to be `home[i] + len(table)` (< home[i] + stride); -1: none.
         self.home: list[int] = []
         self.stride = 0
+        # This table's pages (distinct, and those held by several of its rows), now and at their peak.
+        self.num_pages_held = 0
+        self.num_shared_held = 0
+        self.peak_pages_held = 0
+        self.peak_shared_held = 0
+
+    @contextlib.contextmanager
+    def _changing_pages(self) -> Iterator[None]:
+        """Hold the pool's lock and count what this table's change did to the pool."""
+        blocks = self.blocks
+        with blocks.lock:
+            used, shared = blocks.num_used_pages, blocks.num_shared_pages
+            try:
+                yield
+            finally:
+                self.num_pages_held += blocks.num_used_pages - used
+                self.num_shared_held += blocks.num_shared_pages - shared
+                self.peak_pages_held = max(self.peak_pages_held, self.num_pages_held)
+                self.peak_shared_held = max(self.peak_shared_held, self.num_shared_held)
 
     @property
     def num_rows(self) -> int:
@@ -53,7 +80,8 @@ class PageTables:
         stride = num_pages_for(tokens_per_row, self.page_size)
         if not self.num_rows or stride < 1 or any(self.num_tokens):
             return False
-        first = self.blocks.find_free_run(self.num_rows * stride)
+        with self.blocks.lock:  # a consistent free map (the run may still be taken by others later)
+            first = self.blocks.find_free_run(self.num_rows * stride)
         if first is None:
             return False
         self.home = [first + row * stride for row in range(self.num_rows)]
@@ -88,6 +116,10 @@ class PageTables:
         """
         if len(num_new_tokens) != self.num_rows:
             raise ValueError(f"expected {self.num_rows} token counts, got {len(num_new_tokens)}")
+        with self._changing_pages():
+            return self._append(num_new_tokens)
+
+    def _append(self, num_new_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         num_needed = self.num_pages_to_append(num_new_tokens)
         if not self.blocks.can_allocate(num_needed):
             raise OutOfPagesError(num_needed, self.blocks.num_free_pages, self.blocks.num_pages)
@@ -128,6 +160,10 @@ class PageTables:
 
     def select_rows(self, row_ids: list[int]) -> None:
         """Replace the rows by `[row[i] for i in row_ids]`: reorder, repeat or drop rows, sharing pages."""
+        with self._changing_pages():
+            self._select_rows(row_ids)
+
+    def _select_rows(self, row_ids: list[int]) -> None:
         for row_id in row_ids:
             if not 0 <= row_id < self.num_rows:
                 raise IndexError(f"row {row_id} out of range for {self.num_rows} rows")
@@ -144,6 +180,10 @@ class PageTables:
 
     def crop(self, num_tokens_to_remove: list[int]) -> None:
         """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end."""
+        with self._changing_pages():
+            self._crop(num_tokens_to_remove)
+
+    def _crop(self, num_tokens_to_remove: list[int]) -> None:
         for row, num_remove in enumerate(num_tokens_to_remove):
             if num_remove <= 0:
                 continue
@@ -156,8 +196,9 @@ class PageTables:
 
     def release(self) -> None:
         """Return every page of every row, last row and last page first."""
-        for table in reversed(self.page_tables):
-            self.blocks.free(table)
+        with self._changing_pages():
+            for table in reversed(self.page_tables):
+                self.blocks.free(table)
         self.page_tables = []
         self.num_tokens = []
         self.home = []
