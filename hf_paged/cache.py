@@ -140,9 +140,10 @@ class PagedCache(Cache):
         self._forward = ForwardState(meta)
         self._forward.metas[meta.slot_mapping.device] = meta
         if meta.copy_src is not None:  # copy-on-write, every layer, before any layer writes
-            for pool in self.pool.pools:
-                layer_meta = self._meta_on(pool.device)
-                copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
+            with self.pool.write_lock:
+                for pool in self.pool.pools:
+                    layer_meta = self._meta_on(pool.device)
+                    copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
 
     def end_forward(self, completed: bool = True) -> None:
         """Close the forward; `completed=False` when it raised (then nothing is checked)."""

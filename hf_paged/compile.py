@@ -169,7 +169,7 @@ class CompiledDecode:
 
     Concurrent generate() calls: the dispatcher stays installed while any call is inside
     `compiled_decode`, each thread sizes its own steps (`pages_per_row` is per thread), and one
-    compiled step runs at a time (`step_lock`), since steps of one shape share their buffers.
+    forward runs at a time through the dispatcher (`KVPool.write_lock`).
     """
 
     def __init__(self, model: torch.nn.Module, **compile_options):
@@ -182,7 +182,6 @@ class CompiledDecode:
         self.cache_arg = _compat.cache_arg_name(self.forward)
         self.caches: dict[tuple[int, int], StaticDecodeCache] = {}
         self._per_thread = threading.local()
-        self.step_lock = threading.Lock()
         self.install_lock = threading.Lock()
         self.num_installed = 0  # calls inside compiled_decode
         self.replaced_forward = None  # the instance-level forward the dispatcher replaced, if any
@@ -213,22 +212,20 @@ class CompiledDecode:
         """The hooked module's forward: compiled for a decode step that fits, eager otherwise."""
         paged = kwargs.get(CACHE_KWARG)  # this forward's PagedCache, which wrap's pre-hook passes
         arguments = self._arguments(args, kwargs)
-        with self.step_lock:
+        # One forward at a time: steps of one shape share their buffers, and a compiled graph may
+        # write the whole pool back (functionalized in-place op), which would undo another call's writes.
+        with self.runtime.pool.write_lock:
             static = self._static_cache(paged, arguments) if paged is not None else None
-            if static is not None:
-                output = self._run_compiled(paged, static, arguments)
-        if static is None:
-            self.num_eager_steps += 1
-            return self.forward(*args, **kwargs)
-        if output is None:
-            if not self.warned_limit:
-                self.warned_limit = True
-                warnings.warn(
-                    "torch._dynamo.config.recompile_limit reached (one graph per model class, row count "
-                    "and capacity); these decode steps run eagerly. Raise the limit to compile more shapes."
-                )
-            self.num_eager_steps += 1
-            return self.forward(*args, **kwargs)
+            output = self._run_compiled(paged, static, arguments) if static is not None else None
+            if output is None:
+                if static is not None and not self.warned_limit:  # past the recompile limit: nothing ran
+                    self.warned_limit = True
+                    warnings.warn(
+                        "torch._dynamo.config.recompile_limit reached (one graph per model class, row count "
+                        "and capacity); these decode steps run eagerly. Raise the limit to compile more shapes."
+                    )
+                self.num_eager_steps += 1
+                return self.forward(*args, **kwargs)
         self.num_compiled_steps += 1
         if _compat.output_cache(output) is static:
             _compat.set_output_cache(output, paged)

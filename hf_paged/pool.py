@@ -7,6 +7,7 @@ view of the pool, read with no gather (see PageTables.reserve and the torch exec
 """
 
 import os
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -75,6 +76,8 @@ class KVPool:
     Many caches, one pool: every open PagedCache draws pages from `blocks`, whose lock makes each
     page-table change atomic. `num_open_caches()` counts the caches not yet released (a cache that
     is garbage-collected unreleased stops counting; its pages are lost until the pool is replaced).
+    `write_lock` is held by a compiled decode step (a compiled graph may write the whole pool back,
+    functionalized) and by copy-on-write copies, so neither overwrites the other's pages.
     """
 
     def __init__(self, config: PagedConfig, specs: list[LayerSpec]):
@@ -84,6 +87,7 @@ class KVPool:
         self.blocks = BlockManager(self.num_pages)
         self.zero_page_id = self.num_pages
         self._open_caches: weakref.WeakSet = weakref.WeakSet()
+        self.write_lock = threading.RLock()
         self.pools: list[torch.Tensor] = []
         for spec in specs:
             pool = torch.empty(
