@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache
 
 from .attention import Executor, LayerParams, ops
 from .metadata import ForwardMetadata, build_metadata
+from .padding import padding_holes, raise_padding_error
 from .pool import KVPool, copy_pages
 from .runtime import Runtime, runtime_of
 from .tables import PageTables
@@ -26,27 +27,6 @@ class ForwardState:
     plans: dict[tuple, object] = field(default_factory=dict)
     num_written: int = 0
     num_attended: int = 0
-
-
-def check_left_padding(attention_mask: torch.Tensor) -> None:
-    """Raise ValueError when a row of a 2-D padding mask has a pad (0) after a token (1).
-
-    The paged path stores only real tokens and aligns every row's new tokens at its end, which is
-    exactly stock's result for left padding only; right padding and holes would silently differ.
-    """
-    mask = attention_mask.to(torch.int8)
-    holes = mask.cummax(dim=1).values > mask  # a 0 after some 1 of the same row
-    if bool(holes.any()):
-        _raise_padding_error(holes)
-
-
-def _raise_padding_error(holes: torch.Tensor) -> None:
-    row = int(holes.any(dim=1).nonzero()[0, 0])
-    raise ValueError(
-        f"hf_paged needs left padding: row {row} of attention_mask has padding (0) after a real token (1) "
-        '(right padding, or a hole). Pad on the left: tokenizer.padding_side = "left", as generate() '
-        "expects for decoder-only models"
-    )
 
 
 class PagedCache(Cache):
@@ -112,12 +92,11 @@ class PagedCache(Cache):
                     "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
                     f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
                 )
-            mask = attention_mask.to(torch.int8)
-            holes = mask.cummax(dim=1).values > mask
-            new_mask = mask[:, -q_len:].to(torch.bool)
+            holes = padding_holes(attention_mask)
+            new_mask = attention_mask[:, -q_len:].to(torch.bool)
             any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
             if any_hole:
-                _raise_padding_error(holes)
+                raise_padding_error(holes)
             if all_new:
                 new_mask = None
         if self.tables.num_rows == 0 and self.seq_length == 0:

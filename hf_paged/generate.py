@@ -6,8 +6,9 @@ import inspect
 import torch
 
 from . import _compat
-from .cache import PagedCache, check_left_padding
+from .cache import PagedCache
 from .compile import generate_max_tokens, maybe_compiled_decode
+from .padding import check_left_padding
 from .runtime import Runtime
 
 

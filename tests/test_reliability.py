@@ -195,3 +195,18 @@ def test_unwrap_restores_a_generate_the_user_set_on_the_instance():
     assert model.generate is my_generate
     model.generate(torch.tensor([[5, 6]]), max_new_tokens=1, pad_token_id=0)
     assert len(calls) == 1
+
+
+def test_a_model_that_drops_the_cache_keyword_on_its_way_to_attention_raises_instead_of_diverging():
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=32, page_size=4)
+    input_ids, mask = padded_prompts()
+
+    def drop(module, args, kwargs):  # as a decoder layer that does not pass **kwargs on would
+        kwargs.pop("hf_paged_cache", None)
+        return args, kwargs
+
+    handle = model.model.layers[1].register_forward_pre_hook(drop, with_kwargs=True)
+    with pytest.raises(RuntimeError, match="2 layers wrote K/V .* but 1 attended"):
+        _generate(model, input_ids, mask)
+    handle.remove()
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
