@@ -49,6 +49,8 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     cache = kwargs.pop(CACHE_KWARG, None)  # a PagedCache, or a compiled step's StaticDecodeCache
     if cache is None:
         return _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:  # wrap() refuses these; never ignore them
+        raise UnsupportedModelError(type(module).__name__, "attention sinks are not supported")
     layer_idx = module.layer_idx
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else cache.layer_window(layer_idx)
     head_dim = query.shape[-1]
