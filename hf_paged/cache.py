@@ -19,7 +19,7 @@ class ForwardState:
 
     num_written / num_attended: layers whose K/V this forward wrote / that attended through this
     cache. They differ only when the model dropped the cache keyword on its way to the attention
-    function (see wrap.CACHE_KWARG): end_forward then raises instead of letting wrong tokens out.
+    function (see runtime.CACHE_KWARG): end_forward then raises instead of letting wrong tokens out.
     """
 
     meta: ForwardMetadata
