@@ -13,16 +13,13 @@ from __future__ import annotations
 import inspect
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .attention import Executor, select_executor
 from .config import PagedConfig
 from .pool import KVPool, LayerSpec
-
-if TYPE_CHECKING:
-    from .compile import CompiledDecode
 
 RUNTIME_ATTR = "hf_paged_runtime"
 # How a forward's PagedCache reaches the attention function: the decoder's pre-hook adds it to the
@@ -65,7 +62,9 @@ class Runtime:
     decoder: torch.nn.Module  # the hooked module; compile.py compiles its forward
     attention_modules: list[torch.nn.Module]  # by layer index
     handles: list = field(default_factory=list)
-    compiled: CompiledDecode | None = None  # made on the first compiled generate()
+    # hf_paged.compile.CompiledDecode, made on the first compiled generate() (not imported: compile
+    # sits above the runtime).
+    compiled: Any = None
     instance_generate: Any = None  # a `generate` the user had set on the instance; unwrap() restores it
     last_peak_pages: int = 0  # of the generate() call that finished last (each call counts its own)
     last_peak_shared_pages: int = 0
