@@ -7,6 +7,7 @@ may also ask for one particular free page (`take`), and for the first page of a 
 (`find_free_run`): that is how rows that share nothing get consecutive pages (PageTables.reserve).
 """
 
+import threading
 from typing import Protocol
 
 from .errors import OutOfPagesError
@@ -21,12 +22,18 @@ class Evictor(Protocol):
 
 
 class BlockManager:
-    """Owns page ids `0 .. num_pages-1`: their reference counts and the free list."""
+    """Owns page ids `0 .. num_pages-1`: their reference counts and the free list.
+
+    Several caches (threads) share one BlockManager. The methods here do not lock; a caller that
+    checks and then mutates (PageTables) holds `lock` across both, so no other thread can take the
+    pages it counted on in between. Reentrant, so a locked caller may call another locked one.
+    """
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"expected num_pages >= 1, got {num_pages}")
         self.num_pages = num_pages
+        self.lock = threading.RLock()
         self.ref_counts = [0] * num_pages
         # Stack, top at the end: page 0 is handed out first on a fresh pool.
         self.free_page_ids = list(range(num_pages - 1, -1, -1))
@@ -38,6 +45,7 @@ class BlockManager:
         self.peak_shared_pages = 0
         # Asked for pages when the free list is short, before anything is refused.
         self.evictor: Evictor | None = None
+        self.num_evicted_pages = 0
         # Free pages promised to a row's reservation (PageTables.reserve): `allocate` hands them out
         # last, so other rows of the cache (another group of layers) do not break the run.
         self._reserved = bytearray(num_pages)
@@ -68,7 +76,7 @@ class BlockManager:
         if num > len(self.free_page_ids):
             if not self.can_allocate(num):
                 raise OutOfPagesError(num, self.num_available_pages, self.num_pages)
-            self.evictor.evict(num - len(self.free_page_ids))
+            self.num_evicted_pages += self.evictor.evict(num - len(self.free_page_ids))
         if num == 0:
             return []
         if self.num_reserved:

@@ -9,17 +9,26 @@ from .attention import Executor, LayerParams, ops
 from .errors import OutOfPagesError
 from .groups import GroupSpec, group_of_layer
 from .metadata import ForwardMetadata, build_metadata
+from .padding import padding_holes, raise_padding_error
 from .pool import KVPool, copy_pages
+from .runtime import Runtime, runtime_of
 from .tables import PageTables
 
 
 @dataclass(slots=True)
 class ForwardState:
-    """Everything one forward shares across layers: one metadata per group of layers (groups.py)."""
+    """Everything one forward shares across layers: one metadata per group of layers (groups.py).
+
+    num_written / num_attended: layers whose K/V this forward wrote / that attended through this
+    cache. They differ only when the model dropped the cache keyword on its way to the attention
+    function (see runtime.CACHE_KWARG): end_forward then raises instead of letting wrong tokens out.
+    """
 
     group_metas: list[ForwardMetadata]
     metas: dict[tuple[int, torch.device], ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
+    num_written: int = 0
+    num_attended: int = 0
 
     @property
     def meta(self) -> ForwardMetadata:
@@ -46,20 +55,22 @@ class PagedCache(Cache):
         self, model: torch.nn.Module | None = None, *, pool: KVPool | None = None, max_tokens_per_row: int | None = None
     ):
         super().__init__(layers=[])
+        self.runtime: Runtime | None = None
+        self.executor: Executor
         if pool is None:
-            runtime = getattr(model, "hf_paged_runtime", None)
-            if runtime is None:
-                raise ValueError("PagedCache(model) needs a model wrapped by hf_paged.wrap(model)")
-            pool = runtime.pool
-            self.executor: Executor = runtime.executor
+            self.runtime = runtime_of(model, "PagedCache(model)")
+            # A pool that no longer matches the model (model.to(dtype), ...) is replaced here.
+            pool, self.executor = self.runtime.open_pool(self)
+            cascade = self.runtime.config.cascade
         else:
             from .attention import select_executor
 
             self.executor = select_executor("torch", pool.specs)
+            pool.open_cache(self)
+            cascade = False
         self.pool = pool
-        runtime = getattr(model, "hf_paged_runtime", None)
         all_layers = [GroupSpec(None, tuple(range(pool.num_layers)))]
-        self.groups: list[GroupSpec] = runtime.groups if runtime is not None else all_layers
+        self.groups: list[GroupSpec] = self.runtime.groups if self.runtime is not None else all_layers
         self.group_tables = [PageTables(pool.blocks, pool.page_size, group.window) for group in self.groups]
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
         self.group_page_bytes = [
@@ -72,7 +83,6 @@ class PagedCache(Cache):
         self.seq_length = 0
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
-        cascade = runtime.config.cascade if runtime is not None else False
         self.cascade = self.executor.cascade_by_default if cascade is None else cascade
         self._forward: ForwardState | None = None
         self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
@@ -86,6 +96,27 @@ class PagedCache(Cache):
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
+        if self.runtime is not None:
+            change = self.runtime.pool_mismatch(self.pool)
+            if change is not None:
+                raise ValueError(
+                    f"the model's dtype or device changed after this PagedCache was created ({change}); "
+                    "release() it and create a new PagedCache(model), which gets a pool that matches"
+                )
+        new_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
+                raise ValueError(
+                    "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
+                    f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
+                )
+            holes = padding_holes(attention_mask)
+            new_mask = attention_mask[:, -q_len:].to(torch.bool)
+            any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
+            if any_hole:
+                raise_padding_error(holes)
+            if all_new:
+                new_mask = None
         if self.tables.num_rows == 0 and self.seq_length == 0:
             self.add_rows(batch_size)
             for tables in self.group_tables:
@@ -98,36 +129,32 @@ class PagedCache(Cache):
             )
         token_index = None
         qo_lens = [q_len] * batch_size
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
-                raise ValueError(
-                    "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
-                    f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
-                )
-            new_mask = attention_mask[:, -q_len:].to(torch.bool)
-            if not bool(new_mask.all()):
-                qo_lens = new_mask.sum(dim=1).tolist()
-                token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
-        if not self.recording:
-            for tables in self.group_tables:
-                tables.drop_out_of_window()
+        if new_mask is not None:  # some new tokens are pads: they are not stored
+            qo_lens = new_mask.sum(dim=1).tolist()
+            token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
         blocks = self.pool.blocks
-        num_needed = sum(tables.num_pages_to_append(qo_lens) for tables in self.group_tables)
-        if not blocks.can_allocate(num_needed):  # every group's pages, before any group takes one
-            raise OutOfPagesError(num_needed, blocks.num_available_pages, blocks.num_pages)
-        metas = []
-        for tables in self.group_tables:
-            slots, copies = tables.append(qo_lens)
-            metas.append(build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade))
+        with blocks.lock:  # other caches share the pool: check every group's need and take it at once
+            if not self.recording:
+                for tables in self.group_tables:
+                    tables.drop_out_of_window()
+            num_needed = sum(tables.num_pages_to_append(qo_lens) for tables in self.group_tables)
+            if not blocks.can_allocate(num_needed):  # every group's pages, before any group takes one
+                raise OutOfPagesError(num_needed, blocks.num_available_pages, blocks.num_pages)
+            appended = [tables.append(qo_lens) for tables in self.group_tables]
+        metas = [
+            build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade)
+            for tables, (slots, copies) in zip(self.group_tables, appended)
+        ]
         self.seq_length += q_len
         self._forward = ForwardState(metas)
         for group, meta in enumerate(metas):
             self._forward.metas[(group, meta.slot_mapping.device)] = meta
             if meta.copy_src is not None:  # copy-on-write, every layer of the group, before any layer writes
-                for layer in self.groups[group].layers:
-                    pool = self.pool.pools[layer]
-                    layer_meta = self._meta_on(pool.device, group)
-                    copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
+                with self.pool.write_lock:
+                    for layer in self.groups[group].layers:
+                        pool = self.pool.pools[layer]
+                        layer_meta = self._meta_on(pool.device, group)
+                        copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
 
     def add_rows(self, num_rows: int) -> None:
         """Append `num_rows` empty rows to every group's tables."""
@@ -148,15 +175,24 @@ class PagedCache(Cache):
             total += len(held) * self.group_page_bytes[group]
         self.peak_kv_bytes = max(self.peak_kv_bytes, total)
 
-    def end_forward(self) -> None:
-        """After the forward: windows let go of what the next queries cannot see, and the peaks are noted
-        (as the memory stock's window-only cache holds after a forward, which the benchmark compares)."""
-        if self._forward is not None and not self.recording:
-            for tables in self.group_tables:
-                tables.drop_out_of_window()
-        if self._forward is not None:
+    def end_forward(self, completed: bool = True) -> None:
+        """Close the forward; `completed=False` when it raised (then nothing is checked).
+
+        Windows let go of what the next queries cannot see, and the peaks are noted (as the memory
+        stock's window-only cache holds after a forward, which the benchmark compares).
+        """
+        state, self._forward = self._forward, None
+        if state is not None:
+            if not self.recording:
+                for tables in self.group_tables:
+                    tables.drop_out_of_window()
             self._note_peaks()
-        self._forward = None
+        if completed and state is not None and state.num_written != state.num_attended:
+            raise RuntimeError(
+                f"{state.num_written} layers wrote K/V to this PagedCache but {state.num_attended} attended "
+                "through it: this model does not pass keyword arguments down to its attention function, "
+                "which hf_paged needs; please report the model class to hf_paged"
+            )
 
     def _state(self) -> ForwardState:
         if self._forward is None:
@@ -190,11 +226,13 @@ class PagedCache(Cache):
             )
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
         ops.write_kv_auto(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
+        self._forward.num_written += 1
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
         """Paged attention of `query [batch, H_q, q_len, D]` for one layer; returns `[batch, q_len, H_q, D]`."""
         state = self._state()
+        state.num_attended += 1
         pool = self.pool.pools[layer_idx]
         group = self.layer_group[layer_idx]
         window = self.groups[group].window
@@ -216,6 +254,10 @@ class PagedCache(Cache):
             return out.view(batch, q_len, num_heads, head_dim)
         full = out.new_zeros(batch * q_len, num_heads, head_dim)
         return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of a layer, for models that do not pass it to the attention function."""
+        return self.runtime.layer_window(layer_idx) if self.runtime is not None else None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens per row before the current forward (pads included), as transformers expects."""
@@ -284,6 +326,7 @@ class PagedCache(Cache):
         self.seq_length = 0
         self._forward = None
         self.is_released = True
+        self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
         if self.is_released:

@@ -31,8 +31,9 @@ How it works (`PagedConfig(compile=True)`, or `compile_decode(model, ...)` to pi
 
 import contextlib
 import inspect
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers.cache_utils import Cache
@@ -41,6 +42,7 @@ from . import _compat
 from .attention import ops  # registers torch.ops.hf_paged.*
 from .attention.params import LayerParams
 from .metadata import ForwardMetadata
+from .runtime import CACHE_KWARG, runtime_of
 from .tables import num_pages_for
 
 
@@ -96,12 +98,20 @@ class StaticDecodeCache(Cache):
     hf_paged's attention function call inside the compiled region.
     """
 
-    def __init__(self, pools: list[torch.Tensor], buffers: DecodeBuffers, backend: str):
+    def __init__(
+        self, pools: list[torch.Tensor], buffers: DecodeBuffers, backend: str,
+        layer_window: Callable[[int], int | None] | None = None,
+    ):
         super().__init__(layers=[])
         self.pools = pools
         self.buffers = buffers
         self.backend = backend
         self.num_layers = len(pools)
+        self._layer_window = layer_window
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of a layer, for models that do not pass it to the attention function."""
+        return self._layer_window(layer_idx) if self._layer_window is not None else None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the new K/V `[rows, H_kv, 1, D]` into their slots. Returns the inputs unchanged."""
@@ -156,10 +166,14 @@ class CompiledDecode:
 
     Installed as the hooked module's `forward` inside `compiled_decode(...)`. `num_compiled_steps` and
     `num_eager_steps` count the forwards that went each way while installed.
+
+    Concurrent generate() calls: the dispatcher stays installed while any call is inside
+    `compiled_decode`, each thread sizes its own steps (`pages_per_row` is per thread), and one
+    forward runs at a time through the dispatcher (`KVPool.write_lock`).
     """
 
     def __init__(self, model: torch.nn.Module, **compile_options):
-        runtime = model.hf_paged_runtime
+        runtime = runtime_of(model, "compile_decode(model)")
         self.runtime = runtime
         self.base = runtime.decoder
         forward = self.base.forward
@@ -167,7 +181,10 @@ class CompiledDecode:
         self.compiled = torch.compile(self.forward, **compile_options)
         self.cache_arg = _compat.cache_arg_name(self.forward)
         self.caches: dict[tuple[int, int], StaticDecodeCache] = {}
-        self.pages_per_row: int | None = None
+        self._per_thread = threading.local()
+        self.install_lock = threading.Lock()
+        self.num_installed = 0  # calls inside compiled_decode
+        self.replaced_forward = None  # the instance-level forward the dispatcher replaced, if any
         self.num_compiled_steps = 0
         self.num_eager_steps = 0
         runner = runtime.executor.op_runner
@@ -184,14 +201,40 @@ class CompiledDecode:
         for pool in pools:
             torch._dynamo.mark_static_address(pool)
 
+    @property
+    def pages_per_row(self) -> int | None:
+        """Capacity of this thread's current call, in pages per row; None outside a compiled call."""
+        return getattr(self._per_thread, "pages_per_row", None)
+
+    @pages_per_row.setter
+    def pages_per_row(self, value: int | None) -> None:
+        self._per_thread.pages_per_row = value
+
     def __call__(self, *args, **kwargs):
         """The hooked module's forward: compiled for a decode step that fits, eager otherwise."""
-        paged = self.runtime.cache
+        paged = kwargs.get(CACHE_KWARG)  # this forward's PagedCache, which wrap's pre-hook passes
         arguments = self._arguments(args, kwargs)
-        static = self._static_cache(paged, arguments) if paged is not None else None
-        if static is None:
-            self.num_eager_steps += 1
-            return self.forward(*args, **kwargs)
+        # One forward at a time: steps of one shape share their buffers, and a compiled graph may
+        # write the whole pool back (functionalized in-place op), which would undo another call's writes.
+        with self.runtime.pool.write_lock:
+            static = self._static_cache(paged, arguments) if paged is not None else None
+            output = self._run_compiled(paged, static, arguments) if static is not None else None
+            if output is None:
+                if static is not None and not self.warned_limit:  # past the recompile limit: nothing ran
+                    self.warned_limit = True
+                    warnings.warn(
+                        "torch._dynamo.config.recompile_limit reached (one graph per model class, row count "
+                        "and capacity); these decode steps run eagerly. Raise the limit to compile more shapes."
+                    )
+                self.num_eager_steps += 1
+                return self.forward(*args, **kwargs)
+        self.num_compiled_steps += 1
+        if _compat.output_cache(output) is static:
+            _compat.set_output_cache(output, paged)
+        return output
+
+    def _run_compiled(self, paged, static: StaticDecodeCache, arguments: dict):
+        """Load this step into the buffers and run the compiled forward; None past the recompile limit."""
         meta = paged._state().meta
         static.buffers.load(meta, paged.get_seq_length())
         self.runtime.executor.plan_decode(meta, static)  # host lists in meta; fixed device buffers in static.buffers
@@ -199,28 +242,13 @@ class CompiledDecode:
         for name in _compat.CACHE_ARG_NAMES:
             arguments.pop(name, None)
         arguments[self.cache_arg] = static
-        self.runtime.cache = static
+        arguments[CACHE_KWARG] = static  # what the attention function attends through
         try:
-            output = self.compiled(**arguments)
+            return self.compiled(**arguments)
         except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the graph ran: nothing written
-            output = None
             # Never retry this shape: each attempt would print torch's recompile_limit warning again.
             self.eager_shapes.add((meta.num_rows, self.pages_per_row))
-        finally:
-            self.runtime.cache = paged
-        if output is None:
-            if not self.warned_limit:
-                self.warned_limit = True
-                warnings.warn(
-                    "torch._dynamo.config.recompile_limit reached (one graph per model class, row count "
-                    "and capacity); these decode steps run eagerly. Raise the limit to compile more shapes."
-                )
-            self.num_eager_steps += 1
-            return self.forward(*args, **kwargs)
-        self.num_compiled_steps += 1
-        if _compat.output_cache(output) is static:
-            _compat.set_output_cache(output, paged)
-        return output
+            return None
 
     def _arguments(self, args: tuple, kwargs: dict) -> dict:
         bound = self.runtime.forward_signature.bind_partial(*args, **kwargs).arguments
@@ -243,7 +271,7 @@ class CompiledDecode:
         if static is None:
             pool = self.runtime.pool
             buffers = DecodeBuffers(meta.num_rows, self.pages_per_row, pool.page_size, pool.zero_page_id, self.device)
-            static = self.caches[key] = StaticDecodeCache(pool.pools, buffers, self.backend)
+            static = self.caches[key] = StaticDecodeCache(pool.pools, buffers, self.backend, self.runtime.layer_window)
         return static if static.buffers.fits(meta) else None
 
     def size_for(self, max_tokens: int) -> None:
@@ -262,7 +290,7 @@ def capacity_pages(max_tokens: int, page_size: int) -> int:
 
 def default_compile_options(model: torch.nn.Module) -> dict:
     """fullgraph, static shapes; CUDA graphs (`mode="reduce-overhead"`) on CUDA, default mode elsewhere."""
-    on_cuda = any(pool.device.type == "cuda" for pool in model.hf_paged_runtime.pool.pools)
+    on_cuda = any(pool.device.type == "cuda" for pool in runtime_of(model, "compile_decode(model)").pool.pools)
     return dict(fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else None)
 
 
@@ -272,9 +300,7 @@ def compile_decode(model: torch.nn.Module, **compile_options) -> CompiledDecode:
     `PagedConfig(compile=True)` calls this with `default_compile_options(model)` on the first
     generate(); call it yourself to choose, e.g., `backend="aot_eager"` or another `mode`.
     """
-    runtime = getattr(model, "hf_paged_runtime", None)
-    if runtime is None:
-        raise ValueError("compile_decode(model) needs a model wrapped by hf_paged.wrap(model)")
+    runtime = runtime_of(model, "compile_decode(model)")
     options = {**default_compile_options(model), **compile_options}
     runtime.compiled = CompiledDecode(model, **options)
     return runtime.compiled
@@ -283,19 +309,27 @@ def compile_decode(model: torch.nn.Module, **compile_options) -> CompiledDecode:
 @contextlib.contextmanager
 def compiled_decode(model: torch.nn.Module, max_tokens: int) -> Iterator[CompiledDecode]:
     """Run the wrapped model's decode steps compiled inside this block (rows of up to `max_tokens`)."""
-    runtime = model.hf_paged_runtime
-    compiled = runtime.compiled or compile_decode(model)
+    runtime = runtime_of(model, "compiled_decode(model)")
+    with runtime.lock:
+        compiled = runtime.compiled or compile_decode(model)
     base = compiled.base
-    previous, previous_pages = base.__dict__.get("forward"), compiled.pages_per_row
+    previous_pages = compiled.pages_per_row
     compiled.size_for(max_tokens)
-    base.forward = compiled
+    with compiled.install_lock:  # installed by the first call in, removed by the last one out
+        if compiled.num_installed == 0:
+            compiled.replaced_forward = base.__dict__.get("forward")
+            base.forward = compiled
+        compiled.num_installed += 1
     try:
         yield compiled
     finally:
-        if previous is None:
-            del base.forward
-        else:
-            base.forward = previous
+        with compiled.install_lock:
+            compiled.num_installed -= 1
+            if compiled.num_installed == 0:
+                if compiled.replaced_forward is None:
+                    del base.forward
+                else:
+                    base.forward = compiled.replaced_forward
         compiled.pages_per_row = previous_pages
 
 
@@ -318,6 +352,6 @@ def maybe_compiled_decode(
     model: torch.nn.Module, inputs, generation_config, kwargs: dict
 ) -> contextlib.AbstractContextManager:
     """`compiled_decode` sized for this generate() call when `PagedConfig(compile=True)`, else a no-op."""
-    if not model.hf_paged_runtime.config.compile:
+    if not runtime_of(model, "generate()").config.compile:
         return contextlib.nullcontext()
     return compiled_decode(model, generate_max_tokens(model, inputs, generation_config, kwargs))

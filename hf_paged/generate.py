@@ -12,6 +12,8 @@ from .cache import PagedCache
 from .prefill import can_use_prefix_cache, prefill_with_prefix_cache, weights_key
 from .prefix_cache import PrefixCache
 from .compile import generate_max_tokens, maybe_compiled_decode
+from .padding import check_left_padding
+
 
 
 def _runs_on_a_cache(settings) -> bool:
@@ -130,6 +132,11 @@ class PagedGenerate:
         functools.update_wrapper(self, type(self.model).generate)
 
     def __call__(self, inputs=None, generation_config=None, **kwargs):
+        """Calls may run concurrently (several threads, one model): each owns its PagedCache on the
+        shared pool and nothing else of the call is shared. A call that finds the pool short raises
+        OutOfPagesError (it does not wait for pages other calls hold: two calls waiting for each other
+        would never finish); size the pool for the calls you run at once.
+        """
         model = self.model
         original = type(model).generate
         runtime = model.hf_paged_runtime
@@ -140,8 +147,9 @@ class PagedGenerate:
         if not _runs_on_a_cache(settings):
             with _stock_attention(model, runtime):
                 return original(model, inputs, generation_config, **kwargs)
-        blocks = runtime.pool.blocks
-        blocks.reset_peaks()
+        attention_mask = kwargs.get("attention_mask")
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            check_left_padding(attention_mask)  # before any page is taken or any forward runs
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
         prefix_cache = _usable_prefix_cache(model, input_ids, settings, kwargs)
@@ -154,7 +162,7 @@ class PagedGenerate:
             reserve = input_ids.shape[1]
         else:
             reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None
-        cache = PagedCache(model, max_tokens_per_row=reserve)
+        cache = PagedCache(model, max_tokens_per_row=reserve)  # a new pool if the model's dtype/device changed
         try:
             if prefix_cache is not None:
                 prefill_with_prefix_cache(model, cache, prefix_cache, input_ids, kwargs.get("attention_mask"))
@@ -168,8 +176,10 @@ class PagedGenerate:
                 return original(model, inputs, generation_config, **kwargs)
         finally:
             cache.release()
-            runtime.last_peak_pages = blocks.peak_used_pages
-            runtime.last_peak_shared_pages = blocks.peak_shared_pages
+            # This call's own peaks (its page tables count them), whatever other calls hold; with
+            # several groups of layers, the sum of each group's peak.
+            runtime.last_peak_pages = sum(tables.peak_pages_held for tables in cache.group_tables)
+            runtime.last_peak_shared_pages = sum(tables.peak_shared_held for tables in cache.group_tables)
             runtime.last_peak_kv_bytes = cache.peak_kv_bytes
             runtime.last_peak_group_pages = list(cache.peak_group_pages)
 

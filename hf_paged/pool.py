@@ -7,6 +7,8 @@ view of the pool, read with no gather (see PageTables.reserve and the torch exec
 """
 
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,12 @@ class KVPool:
     `pools[i]` is `[2, num_pages + 1, page_size, num_kv_heads, head_dim]` (`[0]` keys, `[1]`
     values, each NHD) in layer i's dtype on layer i's device. The extra last page is kept zero and
     never handed out: padded reads of the torch executor point there.
+
+    Many caches, one pool: every open PagedCache draws pages from `blocks`, whose lock makes each
+    page-table change atomic. `num_open_caches()` counts the caches not yet released (a cache that
+    is garbage-collected unreleased stops counting; its pages are lost until the pool is replaced).
+    `write_lock` is held by a compiled decode step (a compiled graph may write the whole pool back,
+    functionalized) and by copy-on-write copies, so neither overwrites the other's pages.
     """
 
     def __init__(self, config: PagedConfig, specs: list[LayerSpec]):
@@ -84,6 +92,8 @@ class KVPool:
         self.specs = specs
         self.num_pages = choose_num_pages(config, specs)
         self.zero_page_id = self.num_pages
+        self._open_caches: weakref.WeakSet = weakref.WeakSet()
+        self.write_lock = threading.RLock()
         self.pools: list[torch.Tensor] = []
         try:
             for spec in specs:
@@ -104,6 +114,18 @@ class KVPool:
                 f"{self.num_pages * self.page_bytes / 2**30:.1f} GiB on {sorted({str(s.device) for s in specs})}; "
                 "pass a smaller num_pages, or max_memory (bytes, or a fraction of free memory such as 0.2)"
             ) from error
+
+    def open_cache(self, cache: object) -> None:
+        with self.blocks.lock:
+            self._open_caches.add(cache)
+
+    def close_cache(self, cache: object) -> None:
+        with self.blocks.lock:
+            self._open_caches.discard(cache)
+
+    def num_open_caches(self) -> int:
+        with self.blocks.lock:
+            return len(self._open_caches)
 
     @property
     def page_bytes(self) -> int:

@@ -2,22 +2,25 @@
 
 import torch
 
+from .runtime import runtime_of
+
 
 def memory_stats(model: torch.nn.Module) -> dict:
     """Pool geometry and occupancy of a wrapped model.
 
+    `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) are those of
+    the generate() call that finished last, counted by its own cache: pages that concurrent calls
+    held meanwhile are not included. `pages_in_use` is the whole pool's, now. `*_bytes` count keys
+    and values of all layers.
+
     `groups` lists each group of layers (groups.py: full attention, or one sliding window) with
     its page bytes and the pages its rows held at the peak of the last call; with more than one
     group, `peak_kv_bytes` adds up each group's pages at its own bytes (a page id stores K/V of
-    one group's layers only). With the prefix cache on, `pages_in_use` includes the `cached_pages` it keeps between calls,
-    and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
-
-    `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) cover the most
-    recent generate() call; `*_bytes` count keys and values of all layers.
+    one group's layers only). With the prefix cache on, `pages_in_use` includes the
+    `cached_pages` it keeps between calls, and `prefix_*` count looked-up tokens, hit pages, hit
+    tokens and evicted pages since wrap().
     """
-    runtime = getattr(model, "hf_paged_runtime", None)
-    if runtime is None:
-        raise ValueError("memory_stats needs a model wrapped by hf_paged.wrap(model)")
+    runtime = runtime_of(model, "memory_stats")
     pool = runtime.pool
     blocks = pool.blocks
     stats = {
@@ -59,9 +62,7 @@ def memory_stats(model: torch.nn.Module) -> dict:
 def clear_prefix_cache(model: torch.nn.Module) -> None:
     """Empty the prefix cache of a wrapped model (`PagedConfig(prefix_cache=True)`): its pages
     return to the pool. A no-op when the cache is off."""
-    runtime = getattr(model, "hf_paged_runtime", None)
-    if runtime is None:
-        raise ValueError("clear_prefix_cache needs a model wrapped by hf_paged.wrap(model)")
+    runtime = runtime_of(model, "clear_prefix_cache")
     if runtime.pool.prefix_cache is not None:
         runtime.pool.prefix_cache.clear()
 

@@ -12,7 +12,15 @@ run as it grows, so its tokens lie contiguously in every layer's pool and the to
 all rows as one strided view instead of gathering them (it checks the page lists themselves with
 `consecutive_run`). A reservation holds no page: a page is taken only when a token needs it, and a
 page someone else holds meanwhile is simply allocated elsewhere, which ends the row's reservation.
+
+Several PageTables (caches of concurrent calls) share one BlockManager: every method that changes
+pages holds `blocks.lock` from its check to its last change. Pages are never shared between
+tables, so the change of the pool's used and shared counts while a table holds the lock is that
+table's own: that is how each table counts its pages and its peaks without mixing calls.
 """
+
+import contextlib
+from collections.abc import Iterator
 
 from .blocks import BlockManager
 from .errors import OutOfPagesError
@@ -37,6 +45,26 @@ class PageTables:
         # Reservation: row i's next page is to be `home[i] + len(table)` (< home[i] + stride); -1: none.
         self.home: list[int] = []
         self.stride = 0
+        # This table's pages (distinct, and those held by several of its rows), now and at their peak.
+        self.num_pages_held = 0
+        self.num_shared_held = 0
+        self.peak_pages_held = 0
+        self.peak_shared_held = 0
+
+    @contextlib.contextmanager
+    def _changing_pages(self) -> Iterator[None]:
+        """Hold the pool's lock and count what this table's change did to the pool."""
+        blocks = self.blocks
+        with blocks.lock:
+            used, shared, evicted = blocks.num_used_pages, blocks.num_shared_pages, blocks.num_evicted_pages
+            try:
+                yield
+            finally:
+                # Pages the prefix cache gave back to make room were not this table's: add them back.
+                self.num_pages_held += blocks.num_used_pages - used + blocks.num_evicted_pages - evicted
+                self.num_shared_held += blocks.num_shared_pages - shared
+                self.peak_pages_held = max(self.peak_pages_held, self.num_pages_held)
+                self.peak_shared_held = max(self.peak_shared_held, self.num_shared_held)
 
     @property
     def num_rows(self) -> int:
@@ -62,26 +90,22 @@ class PageTables:
         if self.window is None:
             return 0
         page_size, hole, dropped = self.page_size, self.hole, 0
-        for row, table in enumerate(self.page_tables):
-            num_dead = max(0, self.num_tokens[row] - self.window + 1) // page_size
-            release = [page for page in table[:num_dead] if page != hole]
-            if release:
-                self.blocks.free(release)
-                table[:num_dead] = [hole] * num_dead
-                dropped += len(release)
+        with self._changing_pages():
+            for row, table in enumerate(self.page_tables):
+                num_dead = max(0, self.num_tokens[row] - self.window + 1) // page_size
+                release = [page for page in table[:num_dead] if page != hole]
+                if release:
+                    self.blocks.free(release)
+                    table[:num_dead] = [hole] * num_dead
+                    dropped += len(release)
         return dropped
-
-    def first_needed_page(self, row: int) -> int:
-        """Index of the first page the row's next query can see (0 without a window)."""
-        if self.window is None:
-            return 0
-        return max(0, self.num_tokens[row] - self.window + 1) // self.page_size
 
     def adopt(self, row: int, page_ids: list[int], num_tokens: int) -> None:
         """Start the empty row `row` with shared full pages `page_ids` holding `num_tokens` tokens."""
         if self.num_tokens[row] or num_tokens != len(page_ids) * self.page_size:
             raise ValueError(f"row {row} must be empty and the pages full, got {num_tokens} tokens in {len(page_ids)}")
-        self.blocks.fork(page_ids)
+        with self._changing_pages():
+            self.blocks.fork(page_ids)
         self.page_tables[row] = list(page_ids)
         self.num_tokens[row] = num_tokens
         self._end_reservation(row)
@@ -104,7 +128,8 @@ class PageTables:
             return False
         # `highest`: at the top of the pool, away from the pages the free stack hands out first
         # (other groups of the same cache allocate from there while these rows grow).
-        first = self.blocks.find_free_run(self.num_rows * stride, highest)
+        with self.blocks.lock:  # a consistent free map (the run may still be taken by others later)
+            first = self.blocks.find_free_run(self.num_rows * stride, highest)
         if first is None:
             return False
         self.home = [first + row * stride for row in range(self.num_rows)]
@@ -140,6 +165,10 @@ class PageTables:
         """
         if len(num_new_tokens) != self.num_rows:
             raise ValueError(f"expected {self.num_rows} token counts, got {len(num_new_tokens)}")
+        with self._changing_pages():
+            return self._append(num_new_tokens)
+
+    def _append(self, num_new_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
         num_needed = self.num_pages_to_append(num_new_tokens)
         if not self.blocks.can_allocate(num_needed):
             raise OutOfPagesError(num_needed, self.blocks.num_available_pages, self.blocks.num_pages)
@@ -180,6 +209,10 @@ class PageTables:
 
     def select_rows(self, row_ids: list[int]) -> None:
         """Replace the rows by `[row[i] for i in row_ids]`: reorder, repeat or drop rows, sharing pages."""
+        with self._changing_pages():
+            self._select_rows(row_ids)
+
+    def _select_rows(self, row_ids: list[int]) -> None:
         for row_id in row_ids:
             if not 0 <= row_id < self.num_rows:
                 raise IndexError(f"row {row_id} out of range for {self.num_rows} rows")
@@ -217,6 +250,10 @@ class PageTables:
         Raises ValueError, changing nothing, when a row would need a page its window has released.
         """
         self.check_crop(num_tokens_to_remove)
+        with self._changing_pages():
+            self._crop(num_tokens_to_remove)
+
+    def _crop(self, num_tokens_to_remove: list[int]) -> None:
         for row, num_remove in enumerate(num_tokens_to_remove):
             if num_remove <= 0:
                 continue
@@ -229,10 +266,11 @@ class PageTables:
 
     def release(self) -> None:
         """Return every page of every row, last row and last page first."""
-        for row in range(self.num_rows):
-            self._end_reservation(row)
-        for table in reversed(self.page_tables):
-            self.blocks.free(self.held(table))
+        with self._changing_pages():
+            for row in range(self.num_rows):
+                self._end_reservation(row)
+            for table in reversed(self.page_tables):
+                self.blocks.free(self.held(table))
         self.page_tables = []
         self.num_tokens = []
         self.home = []

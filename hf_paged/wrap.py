@@ -2,7 +2,7 @@
 
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -10,68 +10,16 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import _compat
-from .attention import Executor, LayerParams, select_executor
+from .attention import LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
 from .errors import UnsupportedModelError
 from .groups import layer_groups
-from .pool import KVPool, LayerSpec
+from .pool import KVPool
+from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs
 
 ATTN_NAME = "hf_paged"
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
-# Families that route through the attention interface but need what the executors lack.
-UNSUPPORTED_MODEL_TYPES = {"gpt_oss": "attention sinks are not supported"}
-
-
-@dataclass(eq=False)
-class Runtime:
-    """What `wrap` attaches to a model (as `model.hf_paged_runtime`).
-
-    A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at the
-    copy's modules, and its pool and executor are made on first use (they never travel, see
-    `NOT_COPIED`), so copying costs no pool memory.
-    """
-
-    config: PagedConfig
-    pool: KVPool
-    executor: Executor
-    original_attn_implementation: str
-    layer_types: list[str] | None
-    sliding_window: int | None
-    forward_signature: inspect.Signature
-    handles: list = field(default_factory=list)
-    attention_modules: list[torch.nn.Module] = field(default_factory=list)
-    cache: PagedCache | None = None
-    decoder: torch.nn.Module | None = None  # the hooked module; compile.py compiles its forward
-    compiled: object | None = None  # hf_paged.compile.CompiledDecode, made on first compiled generate()
-    last_peak_pages: int = 0
-    last_peak_shared_pages: int = 0
-    groups: list = field(default_factory=list)  # hf_paged.groups.GroupSpec per group of layers
-    last_peak_kv_bytes: int = 0
-    last_peak_group_pages: list[int] = field(default_factory=list)
-
-    NOT_COPIED = ("pool", "executor", "cache", "compiled")
-
-    def __getstate__(self) -> dict:
-        state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
-        if "kv_shapes" not in state:  # (num_kv_heads, head_dim) per layer: what the copy's pool needs
-            state["kv_shapes"] = [(spec.num_kv_heads, spec.head_dim) for spec in self.pool.specs]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.cache = self.compiled = None
-        _register_functions()  # an unpickled model in a fresh process names the "hf_paged" implementation
-
-    def __getattr__(self, name: str):
-        # Only reached for what a copy left out: its own pool and executor, for its own weights.
-        if name not in ("pool", "executor") or "kv_shapes" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        weights = [next(module.parameters()) for module in self.attention_modules]
-        specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
-        self.executor = select_executor(self.config.backend, specs)
-        self.pool = KVPool(self.config, specs)
-        return getattr(self, name)
 
 
 @dataclass(slots=True)
@@ -99,23 +47,17 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     query `[batch, H_q, q_len, D]`; key/value are what the cache's update returned. Returns
     `([batch, q_len, H_q, D], None)`.
     """
-    runtime: Runtime | None = getattr(module, "hf_paged_runtime", None)
-    cache = runtime.cache if runtime is not None else None
+    cache = kwargs.pop(CACHE_KWARG, None)  # a PagedCache, or a compiled step's StaticDecodeCache
     if cache is None:
-        return _original_attention(module, runtime, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise NotImplementedError("hf_paged does not support attention sinks")
+        return _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:  # wrap() refuses these; never ignore them
+        raise UnsupportedModelError(type(module).__name__, "attention sinks are not supported")
     layer_idx = module.layer_idx
-    if "sliding_window" in kwargs:
-        window = kwargs["sliding_window"]
-    elif runtime.layer_types is not None and runtime.layer_types[layer_idx] == "sliding_attention":
-        window = runtime.sliding_window
-    else:
-        window = None
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else cache.layer_window(layer_idx)
     head_dim = query.shape[-1]
     params = LayerParams(
         num_qo_heads=query.shape[1],
-        num_kv_heads=runtime.pool.specs[layer_idx].num_kv_heads,
+        num_kv_heads=key.shape[1],  # the cache's update() returns the new K/V `[batch, H_kv, q_len, D]`
         head_dim=head_dim,
         sm_scale=float(scaling) if scaling is not None else head_dim**-0.5,
         window_left=window - 1 if window else -1,
@@ -124,8 +66,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     return cache.attend(layer_idx, query, params), None
 
 
-def _original_attention(module, runtime, query, key, value, attention_mask, scaling, dropout, **kwargs):
+def _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
     """Stock attention, for forwards that run without a PagedCache."""
+    runtime = find_runtime(module)  # the one thing a forward without a cache needs: what to fall back to
     implementation = runtime.original_attn_implementation if runtime is not None else "sdpa"
     if isinstance(attention_mask, PagedMask):
         mask_impl = implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
@@ -137,11 +80,28 @@ def _original_attention(module, runtime, query, key, value, attention_mask, scal
     return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
-def _register_functions() -> None:
+def _register_functions() -> list[dict]:
+    """Register the attention and mask functions; returns the mappings this call added them to."""
+    added = []
     if ATTN_NAME not in ALL_ATTENTION_FUNCTIONS._global_mapping:
         AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+        added.append(ALL_ATTENTION_FUNCTIONS._global_mapping)
     if ATTN_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionMaskInterface.register(ATTN_NAME, paged_mask)
+        added.append(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)
+    return added
+
+
+def _has_attention_sinks(module: torch.nn.Module) -> bool:
+    """Whether an attention layer adds sink logits (gpt-oss's `s_aux`), which the executors cannot."""
+    if getattr(module, "sinks", None) is not None:
+        return True
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    # Passes sinks from somewhere other than a `sinks` attribute we could inspect.
+    return ("s_aux=" in source or "sinks=" in source) and not hasattr(module, "sinks")
 
 
 def _attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -163,9 +123,6 @@ def check_supported(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(name, "encoder-decoder models are not supported (decoder-only only)")
     text_config = config.get_text_config()
-    model_type = getattr(text_config, "model_type", "")
-    if model_type in UNSUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(name, UNSUPPORTED_MODEL_TYPES[model_type])
     if getattr(text_config, "kv_lora_rank", None):
         raise UnsupportedModelError(name, "multi-head latent attention (MLA) caches are not supported")
     if getattr(text_config, "num_kv_shared_layers", 0):
@@ -178,6 +135,8 @@ def check_supported(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     if not modules:
         raise UnsupportedModelError(name, "no attention layers with a layer_idx were found")
     for module in modules.values():
+        if _has_attention_sinks(module):
+            raise UnsupportedModelError(name, f"{type(module).__name__} uses attention sinks, which are not supported")
         source = inspect.getsource(sys.modules[type(module).__module__])
         if "ALL_ATTENTION_FUNCTIONS.get_interface(" not in source:
             raise UnsupportedModelError(
@@ -220,18 +179,6 @@ def _find_decoder(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -
     return best
 
 
-def _layer_specs(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -> list[LayerSpec]:
-    text_config = model.config.get_text_config()
-    num_heads = text_config.num_attention_heads
-    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
-    specs = []
-    for layer_idx in range(len(modules)):
-        weight = next(modules[layer_idx].parameters())
-        specs.append(LayerSpec(num_kv_heads, head_dim, weight.device, weight.dtype))
-    return specs
-
-
 def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides) -> torch.nn.Module:
     """Serve `model`'s generate() and forward from a paged KV cache. Patches in place, returns `model`.
 
@@ -240,19 +187,19 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
-    runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
+    runtime = find_runtime(model)
     config = _requested_config(runtime, config, overrides)
     if runtime is not None and runtime.config == config:
         return model
     modules = check_supported(model)
     base = _find_decoder(model, modules)
-    specs = _layer_specs(model, modules)
+    text_config = model.config.get_text_config()
+    attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
+    specs = layer_specs(text_config, attention_modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
     pool = KVPool(config, specs)  # raises (budget below one page, allocation failed) before anything is patched
     if runtime is not None:
         unwrap(model)
-    _register_functions()
-    text_config = model.config.get_text_config()
     runtime = Runtime(
         config=config,
         pool=pool,
@@ -261,22 +208,30 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         layer_types=getattr(text_config, "layer_types", None),
         sliding_window=getattr(text_config, "sliding_window", None),
         forward_signature=inspect.signature(base.forward),
+        decoder=base,
+        attention_modules=attention_modules,
+        instance_generate=model.__dict__.get("generate"),
         # compile=True keeps one group: compiled decode steps read one metadata for every layer.
         groups=layer_groups(text_config, len(specs), enabled=not config.compile),
     )
-    model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:
+    registered = _register_functions()
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+        if model.config._attn_implementation != ATTN_NAME:
+            raise UnsupportedModelError(type(model).__name__, "its attention implementation cannot be replaced")
+    except BaseException:
+        # Leave no trace: the original implementation, and no function this call registered.
         model.set_attn_implementation(runtime.original_attn_implementation)
-        raise UnsupportedModelError(type(model).__name__, "its attention implementation cannot be replaced")
-    runtime.attention_modules = list(modules.values())
-    runtime.decoder = base
-    for module in runtime.attention_modules:
-        module.hf_paged_runtime = runtime
+        for mapping in registered:
+            del mapping[ATTN_NAME]
+        raise
+    for module in attention_modules:
+        setattr(module, RUNTIME_ATTR, runtime)  # read only by forwards without a PagedCache
     runtime.handles = [
         base.register_forward_pre_hook(_make_begin_hook(runtime), with_kwargs=True),
-        base.register_forward_hook(_make_end_hook(runtime), with_kwargs=True, always_call=True),
+        base.register_forward_hook(_make_end_hook(), with_kwargs=True, always_call=True),
     ]
-    model.hf_paged_runtime = runtime
+    setattr(model, RUNTIME_ATTR, runtime)
     from .generate import make_generate
 
     model.generate = make_generate(model)
@@ -295,7 +250,7 @@ def _requested_config(runtime: Runtime | None, config: PagedConfig | None, overr
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Remove everything `wrap` added; the model behaves exactly as before. No-op if not wrapped."""
-    runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
+    runtime = find_runtime(model)
     if runtime is None:
         return model
     pool = runtime.__dict__.get("pool")  # a copy that never generated has none
@@ -304,10 +259,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for handle in runtime.handles:
         handle.remove()
     for module in runtime.attention_modules:
-        del module.hf_paged_runtime
+        delattr(module, RUNTIME_ATTR)
     model.set_attn_implementation(runtime.original_attn_implementation)
-    del model.hf_paged_runtime
-    if "generate" in model.__dict__:
+    delattr(model, RUNTIME_ATTR)
+    if runtime.instance_generate is not None:
+        model.generate = runtime.instance_generate  # the user's own instance-level generate
+    elif "generate" in model.__dict__:
         del model.generate
     return model
 
@@ -322,14 +279,17 @@ class _BeginForward:
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _register_functions()  # an unpickled model in a fresh process names the "hf_paged" implementation
+
     def __call__(self, module, args, kwargs):
         runtime = self.runtime
         arguments = runtime.forward_signature.bind_partial(*args, **kwargs).arguments
         cache = _compat.find_cache(arguments)
-        runtime.cache = None
         if not isinstance(cache, PagedCache):
             return None
-        if cache.pool is not runtime.pool:
+        if cache.runtime is not runtime and cache.pool is not runtime.pool:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
         inputs = arguments.get("input_ids")
         if inputs is None:
@@ -337,20 +297,16 @@ class _BeginForward:
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
         cache.begin_forward(inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device)
-        runtime.cache = cache
-        return None
+        return args, {**kwargs, CACHE_KWARG: cache}
 
 
 class _EndForward:
     """Forward hook of the decoder (always called, also on errors): ends the forward in the cache."""
 
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-
     def __call__(self, module, args, kwargs, output):
-        if self.runtime.cache is not None:
-            self.runtime.cache.end_forward()
-            self.runtime.cache = None
+        cache = kwargs.get(CACHE_KWARG)
+        if isinstance(cache, PagedCache):  # (a compiled step's dispatcher may have swapped in its own)
+            cache.end_forward(completed=output is not None)
         return None
 
 
@@ -358,5 +314,5 @@ def _make_begin_hook(runtime: Runtime) -> _BeginForward:
     return _BeginForward(runtime)
 
 
-def _make_end_hook(runtime: Runtime) -> _EndForward:
-    return _EndForward(runtime)
+def _make_end_hook() -> _EndForward:
+    return _EndForward()

@@ -10,6 +10,7 @@ import torch
 import hf_paged
 from hf_paged.attention import ops
 from hf_paged.compile import DecodeBuffers, StaticDecodeCache, compile_decode, compiled_decode
+from hf_paged.runtime import CACHE_KWARG
 
 from reference import dense_attention
 from tiny import padded_prompts, tiny_model
@@ -300,13 +301,13 @@ def test_export_a_decode_step():
 
         def forward(self, input_ids, position_ids):
             # .forward, not __call__: wrap's hooks would treat a non-PagedCache forward as stock.
-            out = self.decoder.forward(
-                input_ids=input_ids, position_ids=position_ids, past_key_values=static, use_cache=True
+            out = self.decoder.forward(  # the cache reaches attention as wrap's pre-hook would pass it
+                input_ids=input_ids, position_ids=position_ids, past_key_values=static, use_cache=True,
+                **{CACHE_KWARG: static},
             )
             return out.last_hidden_state
 
     next_ids, positions = torch.tensor([[5], [7]]), torch.full((2, 1), input_ids.shape[1])
-    runtime.cache = static  # what the attention function reads, as during a compiled step
     try:
         program = torch.export.export(DecodeStep(runtime.decoder), (next_ids, positions))
         targets = [str(node.target) for node in program.graph.nodes]
@@ -317,7 +318,6 @@ def test_export_a_decode_step():
         with torch.no_grad():
             exported = program.module()(next_ids, positions)
     finally:
-        runtime.cache = None
         cache.end_forward()
     cache.crop(-1)
     with torch.no_grad():

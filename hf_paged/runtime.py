@@ -1,0 +1,160 @@
+"""Runtime: what `wrap()` attaches to a model, below the cache (it knows pools and executors, not caches).
+
+One Runtime per wrapped model, shared by every PagedCache on it and by every thread that calls
+generate(). It never holds a "current cache": each forward gets its cache through the forward's
+keyword arguments (see CACHE_KWARG), so concurrent calls cannot see each other's caches.
+
+The model is reached from user code only through `runtime_of(model)` (the `hf_paged_runtime`
+attribute is where wrap() puts it); everything below that gets the runtime, or the cache, passed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .attention import Executor, select_executor
+from .config import PagedConfig
+from .pool import KVPool, LayerSpec
+
+RUNTIME_ATTR = "hf_paged_runtime"
+# How a forward's PagedCache reaches the attention function: the decoder's pre-hook adds it to the
+# forward's keyword arguments, which every tested family passes down (decoder -> layer -> attention
+# module -> attention function; checked on transformers 5.23 and 5.24). The alternatives, a cache
+# attribute on the model or a per-thread context variable, are state that the compiled path would
+# have to swap; a keyword is an argument like any other, so two calls on two threads, or a compiled
+# step (which passes its StaticDecodeCache the same way), can never see each other's cache. A model
+# that drops the keyword is caught by PagedCache.end_forward (layers wrote K/V but none attended).
+CACHE_KWARG = "hf_paged_cache"
+
+
+def layer_specs(text_config: Any, modules: list[torch.nn.Module]) -> list[LayerSpec]:
+    """What layer i stores per token: heads and head dim from the config, device and dtype from its weights."""
+    num_heads = text_config.num_attention_heads
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    specs = []
+    for module in modules:
+        weight = next(module.parameters())
+        specs.append(LayerSpec(num_kv_heads, head_dim, weight.device, weight.dtype))
+    return specs
+
+
+@dataclass(eq=False)
+class Runtime:
+    """The pool, executor and hooks of one wrapped model.
+
+    `lock` guards replacing the pool and opening caches on it (so a pool is never replaced under
+    an open cache); the pool's own page bookkeeping has its own lock (`BlockManager.lock`).
+    """
+
+    config: PagedConfig
+    pool: KVPool
+    executor: Executor
+    original_attn_implementation: str
+    layer_types: list[str] | None
+    sliding_window: int | None
+    forward_signature: inspect.Signature
+    decoder: torch.nn.Module  # the hooked module; compile.py compiles its forward
+    attention_modules: list[torch.nn.Module]  # by layer index
+    handles: list = field(default_factory=list)
+    # hf_paged.compile.CompiledDecode, made on the first compiled generate() (not imported: compile
+    # sits above the runtime).
+    compiled: Any = None
+    instance_generate: Any = None  # a `generate` the user had set on the instance; unwrap() restores it
+    last_peak_pages: int = 0  # of the generate() call that finished last (each call counts its own)
+    last_peak_shared_pages: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    groups: list = field(default_factory=list)  # hf_paged.groups.GroupSpec per group of layers
+    last_peak_kv_bytes: int = 0
+    last_peak_group_pages: list[int] = field(default_factory=list)
+
+    # A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at
+    # the copy's modules, and its pool and executor are made on first use (they never travel), so
+    # copying costs no pool memory.
+    NOT_COPIED = ("pool", "executor", "compiled", "lock")
+
+    def __getstate__(self) -> dict:
+        state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
+        if "kv_shapes" not in state:  # (num_kv_heads, head_dim) per layer: what the copy's pool needs
+            state["kv_shapes"] = [(spec.num_kv_heads, spec.head_dim) for spec in self.pool.specs]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.compiled = None
+        self.lock = threading.RLock()
+
+    def __getattr__(self, name: str):
+        # Only reached for what a copy left out: its own pool and executor, for its own weights.
+        if name not in ("pool", "executor") or "kv_shapes" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        weights = [next(module.parameters()) for module in self.attention_modules]
+        specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
+        self.executor = select_executor(self.config.backend, specs)
+        self.pool = KVPool(self.config, specs)
+        return getattr(self, name)
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx` from the config, or None for full attention."""
+        if self.layer_types is not None and self.layer_types[layer_idx] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def current_specs(self) -> list[LayerSpec]:
+        """The pool specs the model's layers need now (after any `.to()`, `.half()`, device map change)."""
+        return [
+            replace(spec, device=weight.device, dtype=weight.dtype)
+            for spec, weight in zip(self.pool.specs, (next(m.parameters()) for m in self.attention_modules))
+        ]
+
+    def pool_mismatch(self, pool: KVPool) -> str | None:
+        """What differs between `pool` and the model's layers now ("layer 0: float32 on cpu -> ..."), or None."""
+        for layer_idx, (spec, module) in enumerate(zip(pool.specs, self.attention_modules)):
+            weight = next(module.parameters())
+            if weight.dtype != spec.dtype or weight.device != spec.device:
+                return f"layer {layer_idx}: pool {spec.dtype} on {spec.device}, model {weight.dtype} on {weight.device}"
+        return None
+
+    def open_pool(self, cache: object) -> tuple[KVPool, Executor]:
+        """The pool (and executor) a new cache uses; registers `cache` as open on it.
+
+        The pool follows the model: when the model's dtype or devices changed since the pool was
+        made, a new pool (and executor) is made to match, if no cache is open on the old one.
+        Otherwise raises ValueError saying what to release. Atomic with respect to other threads.
+        """
+        with self.lock:
+            change = self.pool_mismatch(self.pool)
+            if change is not None:
+                open_caches = self.pool.num_open_caches()
+                if open_caches:
+                    raise ValueError(
+                        f"the model's dtype or device changed since its page pool was made ({change}) while "
+                        f"{open_caches} PagedCache(s) are still open on that pool: let running generate() calls "
+                        "finish and release() your own caches, then call again (a new pool is made to match)"
+                    )
+                specs = self.current_specs()
+                executor = select_executor(self.config.backend, specs)  # raises before anything changes
+                self.pool = KVPool(self.config, specs)
+                self.executor = executor
+                self.compiled = None  # its graphs and static addresses are those of the old pool
+            self.pool.open_cache(cache)
+            return self.pool, self.executor
+
+
+def find_runtime(model: torch.nn.Module) -> Runtime | None:
+    """The Runtime of a wrapped model, or None."""
+    runtime = getattr(model, RUNTIME_ATTR, None)
+    return runtime if isinstance(runtime, Runtime) else None
+
+
+def runtime_of(model: torch.nn.Module, needed_by: str = "this") -> Runtime:
+    """The Runtime of a wrapped model; ValueError saying to wrap it otherwise."""
+    runtime = find_runtime(model)
+    if runtime is None:
+        raise ValueError(f"{needed_by} needs a model wrapped by hf_paged.wrap(model)")
+    return runtime
