@@ -1,6 +1,5 @@
 """The generate() wrapper: prefill the prompt once per input, fork the rows, release every page."""
 
-import contextlib
 import functools
 import inspect
 import warnings
@@ -13,6 +12,7 @@ from .prefill import can_use_prefix_cache, prefill_with_prefix_cache, weights_ke
 from .prefix_cache import PrefixCache
 from .compile import generate_max_tokens, maybe_compiled_decode
 from .padding import check_left_padding
+from .runtime import stock_masks
 
 
 
@@ -32,17 +32,6 @@ def _runs_on_a_cache(settings) -> bool:
         )
         return False
     return True
-
-
-@contextlib.contextmanager
-def _stock_attention(model, runtime):
-    """The model's own attention implementation for one stock generate() (its caches build their own masks)."""
-    paged = model.config._attn_implementation
-    model.set_attn_implementation(runtime.original_attn_implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(paged)
 
 
 def _expand_size(model, generation_config, kwargs: dict) -> int:
@@ -145,7 +134,9 @@ class PagedGenerate:
         if _compat.user_cache(kwargs) is not None:
             return original(model, inputs, generation_config, **kwargs)
         if not _runs_on_a_cache(settings):
-            with _stock_attention(model, runtime):
+            # Stock's masks in this thread only (other threads' paged calls keep theirs); attention
+            # without a PagedCache runs the original implementation.
+            with stock_masks(runtime.original_attn_implementation):
                 return original(model, inputs, generation_config, **kwargs)
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:

@@ -57,6 +57,9 @@ def prefill_with_prefix_cache(
     remainder = [len(tokens) - 1 - skip for tokens, skip in zip(rows, done)]
     width = max(remainder)
     cache.seq_length = length - 1 - width  # the padded past transformers sees before this forward
+    # Sliding-window groups keep every prompt page until they are in the prefix cache (an entry
+    # needs the page of every group); they let go of what they cannot see at the next forward.
+    cache.recording = True
     if width > 0:
         ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
         new = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
@@ -81,3 +84,4 @@ def prefill_with_prefix_cache(
     cache.seq_length = length - 1
     for row, tokens in enumerate(rows):
         prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])
+    cache.recording = False

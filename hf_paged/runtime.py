@@ -10,8 +10,10 @@ attribute is where wrap() puts it); everything below that gets the runtime, or t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +32,29 @@ RUNTIME_ATTR = "hf_paged_runtime"
 # step (which passes its StaticDecodeCache the same way), can never see each other's cache. A model
 # that drops the keyword is caught by PagedCache.end_forward (layers wrote K/V but none attended).
 CACHE_KWARG = "hf_paged_cache"
+
+# A stock generate() on a wrapped model (use_cache=False, a cache_implementation) needs stock's
+# masks as the model builds them (a static cache pre-builds masks that the model reads as tensors).
+# Switching the model's attention implementation would switch it for other threads' paged calls
+# too; instead this thread's mask function builds the original implementation's masks while the
+# call runs (`stock_masks`), and attention without a PagedCache runs stock anyway.
+_STOCK_MASKS = threading.local()
+
+
+@contextlib.contextmanager
+def stock_masks(implementation: str) -> Iterator[None]:
+    """Inside this block, this thread's hf_paged mask function returns `implementation`'s masks."""
+    previous = getattr(_STOCK_MASKS, "implementation", None)
+    _STOCK_MASKS.implementation = implementation
+    try:
+        yield
+    finally:
+        _STOCK_MASKS.implementation = previous
+
+
+def stock_mask_implementation() -> str | None:
+    """The implementation whose masks this thread builds now (`stock_masks`), or None."""
+    return getattr(_STOCK_MASKS, "implementation", None)
 
 
 def layer_specs(text_config: Any, modules: list[torch.nn.Module]) -> list[LayerSpec]:

@@ -14,9 +14,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
     and values of all layers.
 
     `groups` lists each group of layers (groups.py: full attention, or one sliding window) with
-    its page bytes and the pages its rows held at the peak of the last call; with more than one
-    group, `peak_kv_bytes` adds up each group's pages at its own bytes (a page id stores K/V of
-    one group's layers only). With the prefix cache on, `pages_in_use` includes the
+    its page bytes and the pages its rows held at the peak of the last call; when a group has a
+    sliding window, `peak_kv_bytes` is what the rows held after each forward (a window lets go of
+    what it cannot see at the end of a forward, the measure of stock's window-only cache), each
+    group's pages at its own bytes (a page id stores K/V of one group's layers only). With the prefix cache on, `pages_in_use` includes the
     `cached_pages` it keeps between calls, and `prefix_*` count looked-up tokens, hit pages, hit
     tokens and evicted pages since wrap().
     """
@@ -34,8 +35,9 @@ def memory_stats(model: torch.nn.Module) -> dict:
         "peak_shared_pages": runtime.last_peak_shared_pages,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
     }
-    if len(runtime.groups) > 1:
-        # A page id holds K/V of one group's layers only: count each group's pages at its bytes.
+    if any(group.window is not None for group in runtime.groups):
+        # Counted by the cache after each forward (a sliding group has let go of what it cannot see),
+        # each group's pages at its own bytes: a page id holds K/V of one group's layers only.
         stats["peak_kv_bytes"] = runtime.last_peak_kv_bytes
     stats["groups"] = [
         {

@@ -16,7 +16,7 @@ from .config import PagedConfig
 from .errors import UnsupportedModelError
 from .groups import layer_groups
 from .pool import KVPool
-from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs
+from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs, stock_mask_implementation
 
 ATTN_NAME = "hf_paged"
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -37,8 +37,16 @@ class PagedMask:
         return ALL_MASK_ATTENTION_FUNCTIONS[implementation](*self.args, **self.kwargs)
 
 
-def paged_mask(*args, **kwargs) -> PagedMask:
+def paged_mask(*args, **kwargs):
+    """The registered mask function: a lazy PagedMask, or stock's mask inside a stock generate()."""
+    implementation = stock_mask_implementation()
+    if implementation is not None:
+        return PagedMask(args, kwargs).materialize(_mask_implementation(implementation))
     return PagedMask(args, kwargs)
+
+
+def _mask_implementation(implementation: str) -> str:
+    return implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
 
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -71,8 +79,7 @@ def _original_attention(module, query, key, value, attention_mask, scaling, drop
     runtime = find_runtime(module)  # the one thing a forward without a cache needs: what to fall back to
     implementation = runtime.original_attn_implementation if runtime is not None else "sdpa"
     if isinstance(attention_mask, PagedMask):
-        mask_impl = implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS else "eager"
-        attention_mask = attention_mask.materialize(mask_impl)
+        attention_mask = attention_mask.materialize(_mask_implementation(implementation))
     if implementation == "eager":
         function = sys.modules[type(module).__module__].eager_attention_forward
     else:
