@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import _compat
+from . import _compat, patches
 from .attention import Executor, LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
@@ -38,6 +38,7 @@ class Runtime:
     cache: PagedCache | None = None
     decoder: torch.nn.Module | None = None  # the hooked module; compile.py compiles its forward
     compiled: object | None = None  # hf_paged.compile.CompiledDecode, made on first compiled generate()
+    patch: object | None = None  # the hf_paged.patches module serving this family's attention, if any
     last_peak_pages: int = 0
     last_peak_shared_pages: int = 0
 
@@ -211,9 +212,10 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     runtime: Runtime | None = getattr(model, "hf_paged_runtime", None)
     if runtime is not None and runtime.config == config:
         return model
-    modules = check_supported(model)
+    patch = patches.find_patch(model)  # families whose attention bypasses the interface
+    modules = patch.attention_modules(model) if patch else check_supported(model)
     base = _find_decoder(model, modules)
-    specs = _layer_specs(model, modules)
+    specs = patches.layer_specs(patch, modules) if patch else _layer_specs(model, modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
     if runtime is not None:
         unwrap(model)
@@ -228,15 +230,19 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         layer_types=getattr(text_config, "layer_types", None),
         sliding_window=getattr(text_config, "sliding_window", None),
         forward_signature=inspect.signature(base.forward),
+        patch=patch,
     )
-    model.set_attn_implementation(ATTN_NAME)
-    if model.config._attn_implementation != ATTN_NAME:
+    if patch is None:
+        model.set_attn_implementation(ATTN_NAME)
+    if patch is None and model.config._attn_implementation != ATTN_NAME:
         model.set_attn_implementation(runtime.original_attn_implementation)
         raise UnsupportedModelError(type(model).__name__, "its attention implementation cannot be replaced")
     runtime.attention_modules = list(modules.values())
     runtime.decoder = base
     for module in runtime.attention_modules:
         module.hf_paged_runtime = runtime
+    if patch is not None:
+        patches.install(patch, runtime.attention_modules)
     runtime.handles = [
         base.register_forward_pre_hook(_make_begin_hook(runtime), with_kwargs=True),
         base.register_forward_hook(_make_end_hook(runtime), with_kwargs=True, always_call=True),
@@ -255,9 +261,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for handle in runtime.handles:
         handle.remove()
+    patches.remove(runtime.attention_modules)
     for module in runtime.attention_modules:
         del module.hf_paged_runtime
-    model.set_attn_implementation(runtime.original_attn_implementation)
+    if runtime.patch is None:
+        model.set_attn_implementation(runtime.original_attn_implementation)
     del model.hf_paged_runtime
     if "generate" in model.__dict__:
         del model.generate
