@@ -119,6 +119,7 @@ class StaticDecodeCache(Cache):
         out = torch.ops.hf_paged.paged_attention(
             q, self.pools[layer_idx], b.qo_indptr, b.kv_indptr, b.kv_indices, b.kv_last_page_len,
             1, b.max_kv, params.sm_scale, params.window_left, params.logits_soft_cap, self.backend,
+            list(params.alibi_slopes) if params.alibi_slopes else None,
         )
         return out.view(rows, q_len, num_heads, head_dim)
 
@@ -229,7 +230,12 @@ class CompiledDecode:
 
     def _static_cache(self, paged, arguments: dict) -> StaticDecodeCache | None:
         """The StaticDecodeCache for this forward, or None when it must run eagerly."""
-        if self.pages_per_row is None or self.device is None or arguments.get("position_ids") is None:
+        if self.pages_per_row is None or self.device is None:
+            return None
+        # Positions come from position_ids (the step drops the mask); a patched family whose forward
+        # takes none (ALiBi: Bloom, MPT) needs none, its attention reads positions off the pages.
+        no_positions = self.runtime.patch is not None and "position_ids" not in self.runtime.forward_signature.parameters
+        if arguments.get("position_ids") is None and not no_positions:
             return None
         meta = paged._state().meta
         if not meta.is_decode or meta.slot_mapping.device != self.device:

@@ -65,7 +65,10 @@ def make_generate(model):
     @functools.wraps(original)
     def generate(inputs=None, generation_config=None, **kwargs):
         runtime = model.hf_paged_runtime
-        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        # generate() reads use_cache from the model's generation config when the call gives none
+        # (MPT's defaults to False: it then re-feeds the whole sequence each step, with no cache).
+        config = generation_config if generation_config is not None else model.generation_config
+        use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
         if _compat.user_cache(kwargs) is not None or use_cache is False:
             return original(model, inputs, generation_config, **kwargs)
         blocks = runtime.pool.blocks

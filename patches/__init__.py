@@ -9,9 +9,9 @@ A family module (one per model type, listed in FAMILIES) provides:
   raising UnsupportedModelError for a variant the patch does not serve (decided from the config
   and the modules' classes, before anything is touched);
 * `kv_shape(module) -> (num_kv_heads, head_dim)`: what the layer's pool holds;
-* `paged_forward(module, cache, *args, **kwargs)`: the module's forward on the paged cache,
+* `paged_forward(module, paged, *args, **kwargs)`: the module's forward on the paged cache,
   taking the stock forward's arguments: it computes q/k/v as stock does, writes K/V with
-  `cache.update`, attends with `cache.attend` and projects the output.
+  `paged.update`, attends with `paged.attend` and projects the output.
 
 `install` gives each attention module an instance attribute `forward` (a bound `_dispatch`) that
 runs the paged forward while a PagedCache drives the model and the class's own forward otherwise;

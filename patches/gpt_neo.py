@@ -20,14 +20,14 @@ def kv_shape(module: torch.nn.Module) -> tuple[int, int]:
     return module.num_heads, module.head_dim
 
 
-def paged_forward(self, cache, hidden_states, attention_mask=None, layer_past=None, use_cache=False,
+def paged_forward(self, paged, hidden_states, attention_mask=None, layer_past=None, use_cache=False,
                   output_attentions=False, **kwargs):
     query = self._split_heads(self.q_proj(hidden_states), self.num_heads, self.head_dim)
     key = self._split_heads(self.k_proj(hidden_states), self.num_heads, self.head_dim)
     value = self._split_heads(self.v_proj(hidden_states), self.num_heads, self.head_dim)
-    cache.update(key, value, self.layer_id)
+    paged.update(key, value, self.layer_id)
     window = self.config.window_size if self.attention_type == "local" else 0
     params = LayerParams(self.num_heads, self.num_heads, self.head_dim, 1.0, window - 1 if window else -1)
-    out = cache.attend(self.layer_id, query, params)  # (batch, q_len, H, D)
+    out = paged.attend(self.layer_id, query, params)  # (batch, q_len, H, D)
     out = self.out_proj(out.reshape(*out.shape[:2], self.num_heads * self.head_dim))
     return self.resid_dropout(out), None

@@ -16,7 +16,17 @@ from hf_paged import UnsupportedModelError, _compat, patches
 
 from tiny import COMMON, padded_prompts
 
+FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **COMMON)
+
 CONFIGS = {
+    "mpt": lambda: transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, **COMMON),
+    "mpt_clip_qkv_6_heads": lambda: transformers.MptConfig(
+        d_model=48, n_heads=6, n_layers=2, max_seq_len=64, attn_config=dict(clip_qkv=0.5, softmax_scale=0.3), **COMMON
+    ),
+    "falcon": lambda: transformers.FalconConfig(**FALCON),  # multi-query (one KV head)
+    "falcon_mha": lambda: transformers.FalconConfig(**FALCON, multi_query=False, num_kv_heads=4),
+    "falcon_new_arch": lambda: transformers.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **COMMON),
     "gpt_neo": lambda: transformers.GPTNeoConfig(
         hidden_size=64, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]], window_size=5,
         max_position_embeddings=64, **COMMON
@@ -30,12 +40,9 @@ MODES = [
 ]
 
 
-def tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+def tiny(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = CONFIGS[family]()
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
 
 
 def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int, ...] = (0, 5), new: int = 10):
@@ -44,11 +51,12 @@ def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int
     def generate(**mode):
         torch.manual_seed(7)
         return model.generate(
-            input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, **mode
+            input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+            use_cache=True, **mode,  # MPT's config turns the cache off by default
         )
 
     expected = [generate(**mode) for mode in MODES]
-    hf_paged.wrap(model, num_pages=128, page_size=4)
+    hf_paged.wrap(model, num_pages=512, page_size=4)
     assert model.hf_paged_runtime.patch is not None
     for mode, tokens in zip(MODES, expected):
         assert torch.equal(generate(**mode), tokens), mode
@@ -58,6 +66,19 @@ def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_patched_family_gives_stock_tokens(family):
     assert_same_tokens(tiny(family))
+
+
+def test_a_model_whose_generation_config_turns_the_cache_off_generates_as_stock():
+    """MPT's config has use_cache=False: stock generate() re-feeds the whole sequence with no cache;
+    the wrapped generate() must do the same rather than hand it a PagedCache."""
+    model = tiny("mpt_clip_qkv_6_heads")
+    assert model.generation_config.use_cache is False
+    input_ids, mask = padded_prompts(batch=2, length=13, pads=(0, 5))
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
+    expected = model.generate(input_ids, **kwargs)
+    hf_paged.wrap(model, num_pages=512, page_size=4)
+    assert torch.equal(model.generate(input_ids, **kwargs), expected)
+    assert hf_paged.memory_stats(model)["peak_pages_in_use"] == 0  # no PagedCache was used
 
 
 def test_unwrap_restores_the_class_forward_bit_for_bit():

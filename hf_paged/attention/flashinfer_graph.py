@@ -49,10 +49,11 @@ def publish(kv_indptr: torch.Tensor, params: LayerParams, record: Any) -> None:
 def run_planned(
     q: torch.Tensor, kv_pool: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, max_q: int, max_kv: int,
-    sm_scale: float, window_left: int, logits_soft_cap: float,
+    sm_scale: float, window_left: int, logits_soft_cap: float, alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
     """The "flashinfer" runner of `paged_attention`: q `[rows, H_q, D]` -> `[rows, H_q, D]` in q's dtype."""
-    params = LayerParams(q.shape[1], kv_pool.shape[3], q.shape[2], sm_scale, window_left, logits_soft_cap)
+    slopes = tuple(alibi_slopes) if alibi_slopes else None
+    params = LayerParams(q.shape[1], kv_pool.shape[3], q.shape[2], sm_scale, window_left, logits_soft_cap, slopes)
     record = _PLANNED.get((kv_indptr.data_ptr(), params))
     if record is None:
         raise RuntimeError(

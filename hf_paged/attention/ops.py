@@ -3,7 +3,8 @@
 Two ops, both opaque to torch.compile (dynamo records a call, never traces inside):
 
 * `torch.ops.hf_paged.paged_attention(q, kv_pool, qo_indptr, kv_indptr, kv_indices,
-  kv_last_page_len, max_q, max_kv, sm_scale, window_left, logits_soft_cap, backend) -> out`
+  kv_last_page_len, max_q, max_kv, sm_scale, window_left, logits_soft_cap, backend,
+  alibi_slopes=None) -> out`
 * `torch.ops.hf_paged.write_kv(kv_pool, key, value, slot_mapping) -> None` (mutates `kv_pool`)
 
 They take tensors in FlashInfer's paged format and plain scalars; nothing else. `max_q` and `max_kv`
@@ -65,6 +66,7 @@ def paged_attention(
     window_left: int,
     logits_soft_cap: float,
     backend: str,
+    alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
     """Paged attention of the new tokens of every row; returns `[nnz, H_q, D]` in q's dtype.
 
@@ -77,13 +79,13 @@ def paged_attention(
     kv_indices:       [>= kv_indptr[-1]] int32 page ids.
     kv_last_page_len: [rows] int32 used slots of each row's last page (0 for an empty row).
     max_q, max_kv:    upper bounds of the new tokens and of the KV length of any row.
-    sm_scale, window_left, logits_soft_cap: as in LayerParams (-1 / 0.0 for none).
+    sm_scale, window_left, logits_soft_cap, alibi_slopes: as in LayerParams (-1 / 0.0 / None for none).
     Causal attention is bottom-right aligned: a row's new tokens are the last tokens of its KV.
     """
     if backend == "torch":
         return _run_torch(
             q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv,
-            sm_scale, window_left, logits_soft_cap,
+            sm_scale, window_left, logits_soft_cap, alibi_slopes,
         )
     runner = _RUNNERS.get(backend)
     if runner is None:
@@ -93,20 +95,20 @@ def paged_attention(
         )
     return runner(
         q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv,
-        sm_scale, window_left, logits_soft_cap,
+        sm_scale, window_left, logits_soft_cap, alibi_slopes,
     )
 
 
 @paged_attention.register_fake
 def _(q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv, sm_scale,
-      window_left, logits_soft_cap, backend):
+      window_left, logits_soft_cap, backend, alibi_slopes=None):
     return q.new_empty(q.shape)
 
 
 def _run_torch(
     q: torch.Tensor, kv_pool: torch.Tensor, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor, max_q: int, max_kv: int,
-    sm_scale: float, window_left: int, logits_soft_cap: float,
+    sm_scale: float, window_left: int, logits_soft_cap: float, alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
     """The reference executor on index tensors alone: no host sync, shapes from the bounds only."""
     page_size, num_kv_heads, head_dim = kv_pool.shape[2], kv_pool.shape[3], kv_pool.shape[4]
@@ -114,10 +116,14 @@ def _run_torch(
     rows = kv_last_page_len.shape[0]
     index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size)
     kv_rows = torch_backend.kv_gather_rows(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
-    params = LayerParams(num_qo_heads, num_kv_heads, head_dim, sm_scale, window_left, logits_soft_cap)
+    slopes = tuple(alibi_slopes) if alibi_slopes else None
+    params = LayerParams(num_qo_heads, num_kv_heads, head_dim, sm_scale, window_left, logits_soft_cap, slopes)
     # Some row has fewer than max_q new tokens: scatter into a padded layout.
     q_rows = torch_backend.padded_query_rows(index, max_q, nnz) if nnz != rows * max_q else None
-    mask = torch_backend.packed_mask(index, max_q, max_kv, params)
+    if slopes:
+        mask = torch_backend.alibi_mask(index, max_q, max_kv, params)
+    else:
+        mask = torch_backend.packed_mask(index, max_q, max_kv, params)
     plan = torch_backend.TorchPlan(kv_rows, mask, q_rows, rows, max_q, max_kv, params)
     return torch_backend.run(q, kv_pool, plan).to(q.dtype)
 
