@@ -13,9 +13,12 @@ A family module (one per model type, listed in FAMILIES) provides:
   taking the stock forward's arguments: it computes q/k/v as stock does, writes K/V with
   `paged.update`, attends with `paged.attend` and projects the output.
 
-`install` gives each attention module an instance attribute `forward` (a bound `_dispatch`) that
-runs the paged forward while a PagedCache drives the model and the class's own forward otherwise;
-`remove` deletes it, so the class forward is what the module runs again, bit for bit.
+A module may set `METHOD` (default "forward") to replace a smaller piece that computes scores
+(GPT-J's `_attn`); `paged_forward` then takes that method's arguments.
+
+`install` gives each attention module an instance attribute named METHOD (a bound `_dispatch`)
+that runs the paged version while a PagedCache drives the model and the class's own method
+otherwise; `remove` deletes it, so the class's method is what the module runs again, bit for bit.
 """
 
 import importlib
@@ -53,19 +56,26 @@ def find_patch(model: torch.nn.Module) -> ModuleType | None:
 def install(patch: ModuleType, modules: list[torch.nn.Module]) -> None:
     """Replace each module's forward by the paged dispatch (each module already has `hf_paged_runtime`)."""
     for module in modules:
-        module.forward = MethodType(_dispatch, module)
+        setattr(module, method_name(patch), MethodType(_dispatch, module))
 
 
 def remove(modules: list[torch.nn.Module]) -> None:
-    """Undo `install`: the modules run their class's forward again."""
+    """Undo `install`: the modules run their class's methods again."""
+    runtime = modules[0].hf_paged_runtime if modules else None
+    if runtime is None or runtime.patch is None:
+        return
     for module in modules:
-        module.__dict__.pop("forward", None)
+        module.__dict__.pop(method_name(runtime.patch), None)
+
+
+def method_name(patch: ModuleType) -> str:
+    return getattr(patch, "METHOD", "forward")
 
 
 def _dispatch(self: torch.nn.Module, *args, **kwargs):
     runtime = self.hf_paged_runtime
     if runtime.cache is None:  # no PagedCache in this forward (training, a DynamicCache): stock
-        return type(self).forward(self, *args, **kwargs)
+        return getattr(type(self), method_name(runtime.patch))(self, *args, **kwargs)
     return runtime.patch.paged_forward(self, runtime.cache, *args, **kwargs)
 
 

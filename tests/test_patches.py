@@ -19,6 +19,13 @@ from tiny import COMMON, padded_prompts
 FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **COMMON)
 
 CONFIGS = {
+    "xglm": lambda: transformers.XGLMConfig(
+        d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=64, **COMMON
+    ),
+    "gpt_neox_japanese": lambda: transformers.GPTNeoXJapaneseConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2,
+        max_position_embeddings=64, **COMMON
+    ),
     "mpt": lambda: transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, **COMMON),
     "mpt_clip_qkv_6_heads": lambda: transformers.MptConfig(
         d_model=48, n_heads=6, n_layers=2, max_seq_len=64, attn_config=dict(clip_qkv=0.5, softmax_scale=0.3), **COMMON
