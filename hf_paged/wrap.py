@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import _compat, patches
+from . import _compat, patches, refusals
 from .attention import Executor, LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
@@ -193,6 +193,8 @@ def _layer_specs(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) ->
     text_config = model.config.get_text_config()
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
+    if getattr(text_config, "multi_query", False):  # GPT-BigCode: one K/V head, no num_key_value_heads
+        num_kv_heads = 1
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
     specs = []
     for layer_idx in range(len(modules)):
@@ -214,6 +216,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         return model
     patch = patches.find_patch(model)  # families whose attention bypasses the interface
     modules = patch.attention_modules(model) if patch else check_supported(model)
+    refusals.check(model, modules, patched=patch is not None)  # structures that would give other tokens
     base = _find_decoder(model, modules)
     specs = patches.layer_specs(patch, modules) if patch else _layer_specs(model, modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
