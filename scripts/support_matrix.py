@@ -20,6 +20,7 @@ import contextlib
 import io
 import signal
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -188,12 +189,13 @@ def readme_block(text: str) -> str:
     counts = {result: sum(r == result for r, _ in rows.values()) for result in RESULTS}
     return "\n".join([
         README_BEGIN,
-        f"- **Families** (generated from [docs/support.md](docs/support.md), transformers {generated_with(text)}): "
+        *textwrap.wrap(f"- **Families** (generated from [docs/support.md](docs/support.md), transformers {generated_with(text)}): "
         f"{counts['pass']} of the {len(rows)} causal-LM model types give the unwrapped model's tokens, "
         f"{counts['refused']} are refused with a reason, {counts['not built']} could not be built as tiny "
         f"models, {counts['error']} raise and {counts['MISMATCH']} give different tokens. Served: "
         + ", ".join(f"`{t}`" for t in served) + ". Through `hf_paged.patches` (attention that bypasses the "
-        "interface): " + ", ".join(f"`{t}`" for t in patched) + ".",
+        "interface): " + ", ".join(f"`{t}`" for t in patched) + ".", width=100, subsequent_indent="  ",
+                       break_on_hyphens=False),
         README_END,
     ])
 
