@@ -119,3 +119,11 @@ def test_a_family_that_routes_through_the_interface_gets_no_patch():
 def test_patches_live_in_hf_paged_namespace_only():
     assert patches.__name__ == "hf_paged.patches"
     assert importlib.util.find_spec("patches") is None or "hf_paged" not in str(importlib.util.find_spec("patches").origin)
+
+
+def test_falcon_with_alibi_is_refused_before_it_is_touched():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(transformers.FalconConfig(**FALCON, alibi=True)).eval()
+    with pytest.raises(UnsupportedModelError, match="bfloat16"):
+        hf_paged.wrap(model, num_pages=64, page_size=4)
+    assert not hasattr(model, "hf_paged_runtime") and not any("forward" in m.__dict__ for m in model.modules())
