@@ -10,12 +10,16 @@ Known differences:
   which see the keywords before that rename, may meet either name.
 - Output classes of 5.24 read and write `past_key_values` as an alias of `cache`; 5.23's have no
   `cache` field.
+- 5.24 moved GPT-J and CodeGen onto transformers' attention interface (5.23's attention modules
+  compute scores themselves). Whether a family routes through the interface is read off its
+  modeling source (`routes_through_interface`); hf_paged.patches serves the families that do not.
 - 5.24 added `crop`, `is_croppable` and `is_compileable` to more cache *layer* classes. PagedCache
   keeps no layers (`layers=[]`) and defines every `Cache` method itself, so those additions need
   nothing here; the container API (`Cache`'s methods) is the same in both releases.
 """
 
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -116,3 +120,10 @@ def layer_windows(config: Any, num_layers: int) -> list[int | None]:
         window = kwargs.get("sliding_window") if kind == "sliding_attention" else None
         windows.append(window if isinstance(window, int) and window > 0 else None)
     return windows
+
+
+def routes_through_interface(module: Any) -> bool:
+    """Whether the modeling code of `module`'s class (a model or a layer) calls attention through
+    transformers' `ALL_ATTENTION_FUNCTIONS` (which hf_paged's registered function then serves)."""
+    source = inspect.getsource(sys.modules[type(module).__module__])
+    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source

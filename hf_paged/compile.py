@@ -129,6 +129,7 @@ class StaticDecodeCache(Cache):
         out = torch.ops.hf_paged.paged_attention(
             q, self.pools[layer_idx], b.qo_indptr, b.kv_indptr, b.kv_indices, b.kv_last_page_len,
             1, b.max_kv, params.sm_scale, params.window_left, params.logits_soft_cap, self.backend,
+            list(params.alibi_slopes) if params.alibi_slopes else None,
         )
         return out.view(rows, q_len, num_heads, head_dim)
 
@@ -243,12 +244,18 @@ class CompiledDecode:
             arguments.pop(name, None)
         arguments[self.cache_arg] = static
         arguments[CACHE_KWARG] = static  # what the attention function attends through
+        patched = self.runtime.patch is not None
+        if patched:  # patched attention reads this thread's cache from the runtime (runtime.patched_forward)
+            self.runtime.set_patched_cache(static)
         try:
             return self.compiled(**arguments)
         except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the graph ran: nothing written
             # Never retry this shape: each attempt would print torch's recompile_limit warning again.
             self.eager_shapes.add((meta.num_rows, self.pages_per_row))
             return None
+        finally:
+            if patched:
+                self.runtime.set_patched_cache(paged)
 
     def _arguments(self, args: tuple, kwargs: dict) -> dict:
         bound = self.runtime.forward_signature.bind_partial(*args, **kwargs).arguments
@@ -259,7 +266,12 @@ class CompiledDecode:
 
     def _static_cache(self, paged, arguments: dict) -> StaticDecodeCache | None:
         """The StaticDecodeCache for this forward, or None when it must run eagerly."""
-        if self.pages_per_row is None or self.device is None or arguments.get("position_ids") is None:
+        if self.pages_per_row is None or self.device is None:
+            return None
+        # Positions come from position_ids (the step drops the mask); a patched family whose forward
+        # takes none (ALiBi: Bloom, MPT) needs none, its attention reads positions off the pages.
+        no_positions = self.runtime.patch is not None and "position_ids" not in self.runtime.forward_signature.parameters
+        if arguments.get("position_ids") is None and not no_positions:
             return None
         meta = paged._state().meta
         if not meta.is_decode or meta.slot_mapping.device != self.device:

@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import _compat
+from . import _compat, patches, refusals
 from .attention import LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
@@ -198,11 +198,13 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     config = _requested_config(runtime, config, overrides)
     if runtime is not None and runtime.config == config:
         return model
-    modules = check_supported(model)
+    patch = patches.find_patch(model)  # families whose attention bypasses the interface
+    modules = patch.attention_modules(model) if patch else check_supported(model)
+    refusals.check(model, modules, patched=patch is not None)  # structures that would give other tokens
     base = _find_decoder(model, modules)
     text_config = model.config.get_text_config()
     attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
-    specs = layer_specs(text_config, attention_modules)
+    specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
     pool = KVPool(config, specs)  # raises (budget below one page, allocation failed) before anything is patched
     if runtime is not None:
@@ -220,12 +222,14 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         instance_generate=model.__dict__.get("generate"),
         # compile=True keeps one group: compiled decode steps read one metadata for every layer.
         groups=layer_groups(text_config, len(specs), enabled=not config.compile),
+        patch=patch,
     )
     registered = _register_functions()
     try:
-        model.set_attn_implementation(ATTN_NAME)
-        if model.config._attn_implementation != ATTN_NAME:
-            raise UnsupportedModelError(type(model).__name__, "its attention implementation cannot be replaced")
+        if patch is None:  # a patched family keeps its own implementation; its patch serves the pages
+            model.set_attn_implementation(ATTN_NAME)
+            if model.config._attn_implementation != ATTN_NAME:
+                raise UnsupportedModelError(type(model).__name__, "its attention implementation cannot be replaced")
     except BaseException:
         # Leave no trace: the original implementation, and no function this call registered.
         model.set_attn_implementation(runtime.original_attn_implementation)
@@ -234,9 +238,11 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         raise
     for module in attention_modules:
         setattr(module, RUNTIME_ATTR, runtime)  # read only by forwards without a PagedCache
+    if patch is not None:
+        patches.install(patch, attention_modules)
     runtime.handles = [
         base.register_forward_pre_hook(_make_begin_hook(runtime), with_kwargs=True),
-        base.register_forward_hook(_make_end_hook(), with_kwargs=True, always_call=True),
+        base.register_forward_hook(_make_end_hook(runtime), with_kwargs=True, always_call=True),
     ]
     setattr(model, RUNTIME_ATTR, runtime)
     from .generate import make_generate
@@ -265,6 +271,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         pool.prefix_cache.clear()
     for handle in runtime.handles:
         handle.remove()
+    patches.remove(runtime.attention_modules)
     for module in runtime.attention_modules:
         delattr(module, RUNTIME_ATTR)
     model.set_attn_implementation(runtime.original_attn_implementation)
@@ -304,13 +311,20 @@ class _BeginForward:
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
         cache.begin_forward(inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device)
+        if runtime.patch is not None:  # patched attention reads this thread's cache from the runtime
+            runtime.set_patched_cache(cache)
         return args, {**kwargs, CACHE_KWARG: cache}
 
 
 class _EndForward:
     """Forward hook of the decoder (always called, also on errors): ends the forward in the cache."""
 
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
     def __call__(self, module, args, kwargs, output):
+        if self.runtime.patch is not None:
+            self.runtime.set_patched_cache(None)
         cache = kwargs.get(CACHE_KWARG)
         if isinstance(cache, PagedCache):  # (a compiled step's dispatcher may have swapped in its own)
             cache.end_forward(completed=output is not None)
@@ -321,5 +335,5 @@ def _make_begin_hook(runtime: Runtime) -> _BeginForward:
     return _BeginForward(runtime)
 
 
-def _make_end_hook() -> _EndForward:
-    return _EndForward()
+def _make_end_hook(runtime: Runtime) -> _EndForward:
+    return _EndForward(runtime)

@@ -79,8 +79,11 @@ def unsupported_models():
     yield "t5", lambda: transformers.T5ForConditionalGeneration(
         transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
     ), "encoder-decoder"
-    yield "bloom", lambda: AutoModelForCausalLM.from_config(
-        transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=2)
+    yield "roformer", lambda: AutoModelForCausalLM.from_config(  # bypasses the interface; no patch
+        transformers.RoFormerConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            is_decoder=True,
+        )
     ), "attention interface"
     yield "deepseek_v3", lambda: AutoModelForCausalLM.from_config(
         transformers.DeepseekV3Config(

@@ -138,7 +138,8 @@ def reference_paged_attention(q, cache, plan) -> torch.Tensor:
     KV length of a row: 0 with no pages, else `(pages - 1) * page_size + last_page_len`
     (page.cuh `get_length`). Query i of a row with qo_len new tokens sits at
     `kv_len - qo_len + i` (bottom-right causal) and sees keys `j <= pos` (causal) with
-    `j >= pos - window_left` when window_left >= 0; scores are soft-capped before masking.
+    `j >= pos - window_left` when window_left >= 0; with ALiBi `slope * (j - pos)` is added to the
+    scaled scores; scores are soft-capped before masking.
     """
     qo_indptr, kv_indptr = plan["qo_indptr"].tolist(), plan["indptr"].tolist()
     indices, last = plan["indices"].tolist(), plan["last_page_len"].tolist()
@@ -158,10 +159,12 @@ def reference_paged_attention(q, cache, plan) -> torch.Tensor:
         k = kv[0].repeat_interleave(group, dim=1)
         v = kv[1].repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * plan["sm_scale"]
-        if cap > 0:
-            scores = cap * torch.tanh(scores / cap)
         pos = kv_len - (q_end - q_start) + torch.arange(q_end - q_start)[:, None]
         keys = torch.arange(kv_len)[None]
+        if plan["pos_encoding_mode"] == "ALIBI":  # variants.cuh: its own slopes, slope * (kv_idx - qo_idx)
+            scores = scores + flashinfer.utils.get_alibi_slopes(q.shape[1])[:, None, None] * (keys - pos)
+        if cap > 0:
+            scores = cap * torch.tanh(scores / cap)
         mask = keys <= pos if plan["causal"] else torch.ones_like(keys <= pos)
         if window >= 0:
             mask &= keys >= pos - window

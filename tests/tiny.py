@@ -28,7 +28,7 @@ CONFIGS = {
 }
 
 # Families whose attention routes through transformers' attention interface only in some releases
-# (GPT-J and CodeGen since 5.24): wrap() must serve them with stock tokens there and refuse them elsewhere.
+# (GPT-J and CodeGen since 5.24): wrap() serves them through the interface there and through hf_paged.patches elsewhere.
 RELEASE_DEPENDENT_CONFIGS = {
     "gptj": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **COMMON),
     "codegen": lambda: transformers.CodeGenConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **COMMON),

@@ -3,7 +3,8 @@
 Two ops, both opaque to torch.compile (dynamo records a call, never traces inside):
 
 * `torch.ops.hf_paged.paged_attention(q, kv_pool, qo_indptr, kv_indptr, kv_indices,
-  kv_last_page_len, max_q, max_kv, sm_scale, window_left, logits_soft_cap, backend) -> out`
+  kv_last_page_len, max_q, max_kv, sm_scale, window_left, logits_soft_cap, backend,
+  alibi_slopes=None) -> out`
 * `torch.ops.hf_paged.write_kv(kv_pool, key, value, slot_mapping) -> None` (mutates `kv_pool`)
 
 They take tensors in FlashInfer's paged format and plain scalars; nothing else. `max_q` and `max_kv`
@@ -92,6 +93,7 @@ def paged_attention(
     window_left: int,
     logits_soft_cap: float,
     backend: str,
+    alibi_slopes: list[float] | None = None,
 ) -> torch.Tensor:
     """Paged attention of the new tokens of every row; returns `[nnz, H_q, D]` in q's dtype.
 
@@ -104,18 +106,19 @@ def paged_attention(
     kv_indices:       [>= kv_indptr[-1]] int32 page ids.
     kv_last_page_len: [rows] int32 used slots of each row's last page (0 for an empty row).
     max_q, max_kv:    upper bounds of the new tokens and of the KV length of any row.
-    sm_scale, window_left, logits_soft_cap: as in LayerParams (-1 / 0.0 for none).
+    sm_scale, window_left, logits_soft_cap, alibi_slopes: as in LayerParams (-1 / 0.0 / None for none).
     Causal attention is bottom-right aligned: a row's new tokens are the last tokens of its KV.
     """
     runner = RUNNERS.get(backend)
     index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size=kv_pool.shape[2])
-    params = LayerParams(q.shape[1], kv_pool.shape[3], q.shape[2], sm_scale, window_left, logits_soft_cap)
+    slopes = tuple(alibi_slopes) if alibi_slopes else None
+    params = LayerParams(q.shape[1], kv_pool.shape[3], q.shape[2], sm_scale, window_left, logits_soft_cap, slopes)
     return runner(q, kv_pool, index, max_q, max_kv, params)
 
 
 @paged_attention.register_fake
 def _(q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv, sm_scale,
-      window_left, logits_soft_cap, backend):
+      window_left, logits_soft_cap, backend, alibi_slopes=None):
     return q.new_empty(q.shape)
 
 
@@ -128,7 +131,10 @@ def run_torch(
     kv_slots = dense.kv_gather_slots(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
     # Some row has fewer than max_q new tokens: scatter into a padded layout.
     q_positions = dense.padded_query_positions(index, max_q, nnz) if nnz != rows * max_q else None
-    mask = dense.packed_mask(index, max_q, max_kv, params)
+    if params.alibi_slopes:
+        mask = dense.alibi_mask(index, max_q, max_kv, params)
+    else:
+        mask = dense.packed_mask(index, max_q, max_kv, params)
     plan = dense.TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params)
     return dense.run(q, kv_pool, plan).to(q.dtype)
 

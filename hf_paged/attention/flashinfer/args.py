@@ -53,10 +53,28 @@ def host_indices(meta: ForwardMetadata, pin_memory: bool = False) -> HostIndices
     )
 
 
+def alibi_mode(params: LayerParams) -> str:
+    """`pos_encoding_mode` for `params`: "ALIBI" or "NONE" (transformers applies RoPE itself).
+
+    FlashInfer's ALiBi takes no slopes: its kernels read `flashinfer.utils.get_alibi_slopes(H_q)`,
+    the standard ones (Bloom, Falcon, MPT with alibi_bias_max 8). Other slopes raise ValueError.
+    """
+    if not params.alibi_slopes:
+        return "NONE"
+    from flashinfer.utils import get_alibi_slopes
+
+    builtin = get_alibi_slopes(params.num_qo_heads).tolist()
+    if any(abs(a - b) > 1e-6 * abs(b) for a, b in zip(params.alibi_slopes, builtin, strict=True)):
+        raise ValueError(
+            "FlashInfer's ALiBi uses the standard slopes 2^(-8k/H); this model's differ: wrap it with backend='torch'"
+        )
+    return "ALIBI"
+
+
 def layer_kwargs(params: LayerParams, dtype: torch.dtype) -> dict[str, Any]:
     """The keyword arguments of every `plan` call that come from the layer setting and dtype."""
     return {
-        "pos_encoding_mode": "NONE",  # transformers applies RoPE itself
+        "pos_encoding_mode": alibi_mode(params),
         "window_left": params.window_left,
         "logits_soft_cap": params.logits_soft_cap,
         "q_data_type": dtype,

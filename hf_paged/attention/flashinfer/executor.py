@@ -103,7 +103,7 @@ class FlashInferExecutor:
         state.settings.add(params)
         if sum(meta.qo_lens) == 0:
             return FlashInferPlan(None, dtype, kind, params)
-        if meta.cascade:
+        if meta.cascade and not params.alibi_slopes:  # the cascade path plans without ALiBi
             shared = cascade.plan(self.plan_wrapper, meta, params, dtype)
             if shared is not None:
                 return shared

@@ -15,7 +15,7 @@ Plan = dense.TorchPlan | cascade.CascadePlan
 
 def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Plan:
     """A cascade plan when `meta.cascade` and rows share a prefix worth it, else a plain one."""
-    if meta.cascade:
+    if meta.cascade and not params.alibi_slopes:  # cascade's merge knows no per-key bias
         shared = cascade.plan(meta, params, zero_page_id)
         if shared is not None:
             return shared

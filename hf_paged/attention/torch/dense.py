@@ -29,7 +29,8 @@ class TorchPlan:
     row_run:   (first page, pages per row): row i's K/V are tokens `:max_kv` of pages
                `first + i * stride ...`, read as a view (see `rows_view`); else None.
     mask:      [rows, 1, group * max_q or 1, max_kv] bool (True = attend), or None when every row
-               sees every gathered key.
+               sees every gathered key; with ALiBi [rows, H_kv, group * max_q, max_kv] float32,
+               the bias and -inf where a key is not attended (`alibi_mask`).
     q_positions: [nnz] int64 positions of the new tokens in the `rows * max_q` padded layout, or
                None when every row has exactly max_q new tokens.
     causal:    every row is a fresh prompt of max_q tokens (no past, no padding, no window or
@@ -123,6 +124,23 @@ def packed_mask(index, max_q: int, max_kv: int, params: LayerParams, first_token
     return mask
 
 
+def alibi_mask(index, max_q: int, max_kv: int, params: LayerParams, first_token: int = 0) -> torch.Tensor:
+    """[rows, H_kv, group * max_q, max_kv] float32: `slope * (key - query)` where `packed_mask`
+    attends, -inf elsewhere, in `pack_gqa`'s head order (query head = kv head * group + g); keys
+    `first_token ..` of each row."""
+    allowed = attention_mask(index, max_q, max_kv, params.window_left, first_token)  # (R, Q, M)
+    device = allowed.device
+    kv_len = kv_lengths(index)
+    qo_len = (index.qo_indptr[1:] - index.qo_indptr[:-1]).long()
+    query_pos = (kv_len - qo_len)[:, None] + torch.arange(max_q, device=device)[None]  # (R, Q)
+    keys = torch.arange(first_token, first_token + max_kv, device=device)
+    distance = keys[None, None] - query_pos[:, :, None]  # (R, Q, M)
+    slopes = torch.tensor(params.alibi_slopes, dtype=torch.float32, device=device)
+    bias = slopes.view(1, params.num_kv_heads, params.group_size, 1, 1) * distance[:, None, None].float()
+    bias = bias.masked_fill(~allowed[:, None, None], float("-inf"))  # (R, H_kv, G, Q, M)
+    return bias.view(bias.shape[0], params.num_kv_heads, params.group_size * max_q, max_kv)
+
+
 def plan(
     meta: ForwardMetadata, params: LayerParams, zero_page_id: int, allow_causal: bool = True
 ) -> TorchPlan:
@@ -149,12 +167,15 @@ def plan(
     q_positions = None if uniform_q else padded_query_positions(meta, max_q, sum(meta.qo_lens))
     causal = (
         allow_causal and max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
-        and all(n == max_q for n in meta.kv_lens)
+        and not params.alibi_slopes and all(n == max_q for n in meta.kv_lens)
     )
     needs_mask = not causal and (
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
-    mask = packed_mask(meta, max_q, max_kv, params, first_token) if needs_mask else None
+    if params.alibi_slopes:
+        mask = alibi_mask(meta, max_q, max_kv, params, first_token)
+    else:
+        mask = packed_mask(meta, max_q, max_kv, params, first_token) if needs_mask else None
     return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run)
 
 
@@ -218,8 +239,13 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention of packed queries `[R, H_kv, G*Q, D]` on `[R, H_kv, M, D]` K/V.
 
+    `mask`: bool (True = attend), or a float bias (ALiBi's `alibi_mask`) added to the scaled scores.
     Returns the output and, with `return_lse`, the natural-log LSE `[R, H_kv, G*Q]` float32.
     """
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+        if return_lse or params.logits_soft_cap:  # the explicit path below takes bool masks only
+            raise NotImplementedError("ALiBi with soft-capped logits or shared-prefix attention")
     if not return_lse and not params.logits_soft_cap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=params.sm_scale), None
     if q.device.type == "cpu" and not params.logits_soft_cap:

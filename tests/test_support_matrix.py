@@ -1,0 +1,50 @@
+"""docs/support.md is what scripts/support_matrix.py produces, and README's list comes from it."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("support_matrix", ROOT / "scripts" / "support_matrix.py")
+matrix = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(matrix)
+
+TEXT = (ROOT / "docs" / "support.md").read_text()
+ROWS = matrix.parse_table(TEXT)
+SAME_RELEASE = matrix.generated_with(TEXT) == transformers.__version__
+# Families of every kind of row: through the interface, patched (ALiBi, local layers), refused.
+SAMPLE = ["llama", "gpt2", "bloom", "gpt_neo", "mpt", "falcon", "gpt_oss", "mamba", "deepseek_v3"]
+
+
+def test_the_table_has_no_mismatch_and_its_counts_add_up():
+    assert ROWS and not [t for t, (result, _) in ROWS.items() if result == "MISMATCH"]
+    counts = ", ".join(f"{sum(r == result for r, _ in ROWS.values())} {result}" for result in matrix.RESULTS)
+    assert f"**{len(ROWS)} model types: {counts}.**" in TEXT
+    assert all(reason for _, reason in ROWS.values())
+
+
+def test_readme_list_is_rendered_from_the_table():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(matrix.README_BEGIN)
+    end = readme.index(matrix.README_END) + len(matrix.README_END)
+    assert readme[start:end] == matrix.readme_block(TEXT)
+    assert "docs/support.md" in readme[:start]
+
+
+def test_the_table_lists_every_causal_lm_type_of_its_release():
+    if SAME_RELEASE:
+        assert sorted(ROWS) == sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    else:  # another release (CI's second run) adds or drops a few types; most are the same
+        assert len(set(ROWS) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)) > 0.8 * len(ROWS)
+
+
+@pytest.mark.slow
+def test_regenerating_a_sample_gives_the_committed_rows_and_never_a_mismatch():
+    for model_type in SAMPLE:
+        row = matrix.check_with_timeout(model_type, 300)
+        assert row[0] not in ("MISMATCH", "error"), (model_type, row)
+        if SAME_RELEASE:  # the committed table was generated with this release: the same verdicts
+            assert row == ROWS[model_type], model_type
