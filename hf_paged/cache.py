@@ -78,6 +78,9 @@ class PagedCache(Cache):
         ]
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
+        # prefill.prefill_with_prefix_cache: rows continue from different cached lengths, so its one
+        # forward's mask has pads between a row's past and its new tokens, by construction.
+        self.ragged_prefill = False
         self.peak_group_pages = [0] * len(self.groups)
         self.peak_kv_bytes = 0
         self.seq_length = 0
@@ -113,7 +116,7 @@ class PagedCache(Cache):
             holes = padding_holes(attention_mask)
             new_mask = attention_mask[:, -q_len:].to(torch.bool)
             any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
-            if any_hole:
+            if any_hole and not self.ragged_prefill:
                 raise_padding_error(holes)
             if all_new:
                 new_mask = None

@@ -80,7 +80,11 @@ def prefill_with_prefix_cache(
         }
         if "logits_to_keep" in inspect.signature(model.forward).parameters:
             inputs["logits_to_keep"] = 1
-        model(**inputs)
+        cache.ragged_prefill = True
+        try:
+            model(**inputs)
+        finally:
+            cache.ragged_prefill = False
     cache.seq_length = length - 1
     for row, tokens in enumerate(rows):
         prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])
