@@ -159,6 +159,20 @@ class PagedCache(Cache):
                         layer_meta = self._meta_on(pool.device, group)
                         copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
 
+    def _widen_group(self, group: int, layer_idx: int, params: LayerParams) -> None:
+        """A layer attends wider than its group's window (the config names a window its attention does
+        not use): the group keeps every token from now on, for this cache and the model's later ones.
+        Raises if the group has already released pages that layer would read."""
+        tables = self.group_tables[group]
+        if tables.num_released:
+            raise RuntimeError(
+                f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group kept only "
+                f"a window of {tables.window} tokens and released the rest; this model's windows are not what "
+                "its config says"
+            )
+        tables.window = None
+        self.groups[group] = GroupSpec(None, self.groups[group].layers)  # the runtime's list: later caches too
+
     def add_rows(self, num_rows: int) -> None:
         """Append `num_rows` empty rows to every group's tables."""
         for tables in self.group_tables:
@@ -240,11 +254,7 @@ class PagedCache(Cache):
         group = self.layer_group[layer_idx]
         window = self.groups[group].window
         if window is not None and not 0 <= params.window_left < window:
-            # The group released pages this layer's attention would read: never attend without them.
-            raise RuntimeError(
-                f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group keeps only "
-                f"a window of {window} tokens; this model's windows are not what its config says"
-            )
+            self._widen_group(group, layer_idx, params)
         meta = self._meta_on(pool.device, group)
         key = (pool.device, params, group)
         plan = state.plans.get(key)

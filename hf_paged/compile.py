@@ -244,9 +244,7 @@ class CompiledDecode:
             arguments.pop(name, None)
         arguments[self.cache_arg] = static
         arguments[CACHE_KWARG] = static  # what the attention function attends through
-        patched = self.runtime.patch is not None
-        if patched:  # patched attention reads this thread's cache from the runtime (runtime.patched_forward)
-            self.runtime.set_patched_cache(static)
+        self.runtime.set_forward_cache(static)  # where the keyword does not reach the attention
         try:
             return self.compiled(**arguments)
         except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before the graph ran: nothing written
@@ -254,8 +252,7 @@ class CompiledDecode:
             self.eager_shapes.add((meta.num_rows, self.pages_per_row))
             return None
         finally:
-            if patched:
-                self.runtime.set_patched_cache(paged)
+            self.runtime.set_forward_cache(paged)
 
     def _arguments(self, args: tuple, kwargs: dict) -> dict:
         bound = self.runtime.forward_signature.bind_partial(*args, **kwargs).arguments

@@ -98,18 +98,18 @@ class Runtime:
     lock: threading.RLock = field(default_factory=threading.RLock)
     groups: list = field(default_factory=list)  # hf_paged.groups.GroupSpec per group of layers
     patch: Any = None  # the hf_paged.patches module serving this family's attention, if any
-    # Patched families (hf_paged.patches) mostly do not pass keyword arguments down to their
-    # attention, so CACHE_KWARG cannot reach it: the decoder's hooks tell the patched attention the
-    # cache of this thread's running forward here instead (per thread: concurrent calls never see
-    # each other's), and a compiled step puts its StaticDecodeCache here while it runs.
-    patched_forward: threading.local = field(default_factory=threading.local)
+    # Where CACHE_KWARG cannot reach the attention (patched families, hf_paged.patches, and some
+    # routed ones such as StableLM pass no keyword arguments down): the decoder's hooks also put
+    # the cache of this thread's running forward here (per thread: concurrent calls never see each
+    # other's), and a compiled step puts its StaticDecodeCache here while it runs.
+    forward_caches: threading.local = field(default_factory=threading.local)
     last_peak_kv_bytes: int = 0
     last_peak_group_pages: list[int] = field(default_factory=list)
 
     # A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at
     # the copy's modules, and its pool and executor are made on first use (they never travel), so
     # copying costs no pool memory.
-    NOT_COPIED = ("pool", "executor", "compiled", "lock", "patched_forward")
+    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches")
 
     def __getstate__(self) -> dict:
         state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
@@ -121,7 +121,7 @@ class Runtime:
         self.__dict__.update(state)
         self.compiled = None
         self.lock = threading.RLock()
-        self.patched_forward = threading.local()
+        self.forward_caches = threading.local()
 
     def __getattr__(self, name: str):
         # Only reached for what a copy left out: its own pool and executor, for its own weights.
@@ -133,12 +133,12 @@ class Runtime:
         self.pool = KVPool(self.config, specs)
         return getattr(self, name)
 
-    def patched_cache(self) -> Any:
-        """The cache of this thread's running forward, for patched attention (None outside one)."""
-        return getattr(self.patched_forward, "cache", None)
+    def forward_cache(self) -> Any:
+        """The cache of this thread's running forward (None outside one)."""
+        return getattr(self.forward_caches, "cache", None)
 
-    def set_patched_cache(self, cache: Any) -> None:
-        self.patched_forward.cache = cache
+    def set_forward_cache(self, cache: Any) -> None:
+        self.forward_caches.cache = cache
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx` from the config, or None for full attention."""

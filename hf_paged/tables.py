@@ -40,6 +40,7 @@ class PageTables:
         # `hole`, an id no page has (the pool's zero page), so every entry keeps its position.
         self.window = window
         self.hole = blocks.num_pages
+        self.num_released = 0  # pages drop_out_of_window has let go of
         self.page_tables: list[list[int]] = []
         self.num_tokens: list[int] = []
         # Reservation: row i's next page is to be `home[i] + len(table)` (< home[i] + stride); -1: none.
@@ -98,6 +99,7 @@ class PageTables:
                     self.blocks.free(release)
                     table[:num_dead] = [hole] * num_dead
                     dropped += len(release)
+            self.num_released += dropped
         return dropped
 
     def adopt(self, row: int, page_ids: list[int], num_tokens: int) -> None:

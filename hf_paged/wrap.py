@@ -56,6 +56,9 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     `([batch, q_len, H_q, D], None)`.
     """
     cache = kwargs.pop(CACHE_KWARG, None)  # a PagedCache, or a compiled step's StaticDecodeCache
+    if cache is None:  # a family that passes no keywords down: this thread's forward, if any
+        runtime = find_runtime(module)
+        cache = runtime.forward_cache() if runtime is not None else None
     if cache is None:
         return _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:  # wrap() refuses these; never ignore them
@@ -311,8 +314,7 @@ class _BeginForward:
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
         cache.begin_forward(inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device)
-        if runtime.patch is not None:  # patched attention reads this thread's cache from the runtime
-            runtime.set_patched_cache(cache)
+        runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
         return args, {**kwargs, CACHE_KWARG: cache}
 
 
@@ -323,8 +325,7 @@ class _EndForward:
         self.runtime = runtime
 
     def __call__(self, module, args, kwargs, output):
-        if self.runtime.patch is not None:
-            self.runtime.set_patched_cache(None)
+        self.runtime.set_forward_cache(None)
         cache = kwargs.get(CACHE_KWARG)
         if isinstance(cache, PagedCache):  # (a compiled step's dispatcher may have swapped in its own)
             cache.end_forward(completed=output is not None)

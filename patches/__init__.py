@@ -76,7 +76,7 @@ def method_name(patch: ModuleType) -> str:
 def _dispatch(self: torch.nn.Module, *args, **kwargs):
     runtime = self.hf_paged_runtime
     kwargs.pop(CACHE_KWARG, None)  # families that pass keywords down: the same cache as below
-    cache = runtime.patched_cache()
+    cache = runtime.forward_cache()
     if cache is None:  # no PagedCache in this forward (training, a DynamicCache): stock
         return getattr(type(self), method_name(runtime.patch))(self, *args, **kwargs)
     return runtime.patch.paged_forward(self, cache, *args, **kwargs)

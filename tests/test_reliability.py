@@ -197,16 +197,22 @@ def test_unwrap_restores_a_generate_the_user_set_on_the_instance():
     assert len(calls) == 1
 
 
-def test_a_model_that_drops_the_cache_keyword_on_its_way_to_attention_raises_instead_of_diverging():
-    model = hf_paged.wrap(tiny_model("llama"), num_pages=32, page_size=4)
+def test_a_model_that_drops_the_cache_keyword_is_served_through_its_threads_forward():
+    """Some families pass no keywords down to their attention (StableLM, the patched ones): the
+    attention then finds the cache of this thread's running forward, and the tokens are stock's."""
+    model = tiny_model("llama")
     input_ids, mask = padded_prompts()
+    expected = _generate(model, input_ids, mask)
+    hf_paged.wrap(model, num_pages=32, page_size=4)
 
     def drop(module, args, kwargs):  # as a decoder layer that does not pass **kwargs on would
         kwargs.pop("hf_paged_cache", None)
         return args, kwargs
 
     handle = model.model.layers[1].register_forward_pre_hook(drop, with_kwargs=True)
-    with pytest.raises(RuntimeError, match="2 layers wrote K/V .* but 1 attended"):
-        _generate(model, input_ids, mask)
-    handle.remove()
+    try:
+        assert torch.equal(_generate(model, input_ids, mask), expected)
+    finally:
+        handle.remove()
+    assert model.hf_paged_runtime.forward_cache() is None  # nothing left behind after the call
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0

@@ -135,15 +135,28 @@ def test_crop_back_into_released_pages_raises_and_changes_nothing():
         assert cache.get_seq_length() == 12
 
 
-def test_a_layer_that_attends_wider_than_its_group_keeps_is_refused_not_answered():
-    model = hf_paged.wrap(tiny_model("mistral"), num_pages=64, page_size=2)
-    runtime = model.hf_paged_runtime
-    narrower = [type(g)(3, g.layers) for g in runtime.groups]  # the cache would keep 3, attention reads 5
-    runtime.groups = narrower
+def test_a_layer_that_attends_wider_than_its_group_keeps_widens_the_group_or_raises():
+    """The config names a window the attention does not use (Moshi): before anything is released the
+    group keeps every token (stock's tokens); after a release, attending wider raises, never answers."""
+    model = tiny_model("mistral")
     input_ids, mask = padded_prompts()
-    with pytest.raises(RuntimeError, match="window"):
-        generate(model, input_ids, mask)
+    expected = generate(model, input_ids, mask)
+    hf_paged.wrap(model, num_pages=64, page_size=2)
+    runtime = model.hf_paged_runtime
+    runtime.groups = [type(g)(3, g.layers) for g in runtime.groups]  # the cache would keep 3, attention reads 5
+    assert torch.equal(generate(model, input_ids, mask), expected)
+    assert [g.window for g in runtime.groups] == [None]  # widened for later calls too
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    hf_paged.wrap(model, num_pages=64, page_size=2, cascade=False)  # fresh groups: window 5
+    with PagedCache(model) as cache, torch.no_grad():
+        name = _compat.model_cache_arg(model)
+        model(input_ids, attention_mask=mask, **{name: cache})  # releases pages before the window
+        assert cache.group_tables[0].num_released > 0
+        cache.group_tables[0].window = 3
+        cache.groups[0] = type(cache.groups[0])(3, cache.groups[0].layers)
+        step = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        with pytest.raises(RuntimeError, match="released the rest"):
+            model(input_ids[:, -1:], attention_mask=step, **{name: cache})
 
 
 def test_the_user_decode_loop_matches_dynamic_cache_with_its_windows():
