@@ -85,21 +85,23 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
 ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-def _usable_prefix_cache(model, input_ids, settings, kwargs: dict) -> PrefixCache | None:
-    """The pool's prefix cache when this call can prefill through it, emptied first if the weights changed.
-
-    `settings`: the call's merged GenerationConfig.
-    """
-    prefix_cache = model.hf_paged_runtime.pool.prefix_cache
-    if prefix_cache is None or not _can_prefill_once(model, input_ids, settings, kwargs):
-        return None
+def _can_use_prefix_cache(model, input_ids, settings, kwargs: dict) -> bool:
+    """Whether this call can prefill through the pool's prefix cache (`settings`: the merged GenerationConfig)."""
+    if not model.hf_paged_runtime.config.prefix_cache or not _can_prefill_once(model, input_ids, settings, kwargs):
+        return False
     # Assisted and prompt-lookup decoding do not give stock's tokens on a prefilled cache (measured
     # with a stock DynamicCache too): those calls run as without the prefix cache.
     if kwargs.get("assistant_model") is not None or any(getattr(settings, name, None) for name in ASSISTED_SETTINGS):
-        return None
-    if not can_use_prefix_cache(model, kwargs.get("attention_mask")):
-        return None
-    prefix_cache.check_weights(weights_key(model))
+        return False
+    return can_use_prefix_cache(model, kwargs.get("attention_mask"))
+
+
+def _prefix_cache_of(cache: PagedCache, model) -> PrefixCache:
+    """The prefix cache of the pool `cache` opened (a new pool after model.to(...)), emptied first if
+    the model's weights changed since its pages were computed."""
+    prefix_cache = cache.pool.prefix_cache
+    with cache.pool.blocks.lock:  # other calls' caches may hold or evict its pages meanwhile
+        prefix_cache.check_weights(weights_key(model))
     return prefix_cache
 
 
@@ -143,11 +145,11 @@ class PagedGenerate:
             check_left_padding(attention_mask)  # before any page is taken or any forward runs
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
-        prefix_cache = _usable_prefix_cache(model, input_ids, settings, kwargs)
+        use_prefix_cache = _can_use_prefix_cache(model, input_ids, settings, kwargs)
         fork = expand > 1 and _can_prefill_once(model, input_ids, settings, kwargs)
         # Consecutive pages: for every row's whole life when rows share nothing; for the prompts
         # when they are forked (their shared prefixes are then read in place).
-        if prefix_cache is not None:
+        if use_prefix_cache:
             reserve = None  # rows start with shared cached pages: nothing to read in place
         elif fork:
             reserve = input_ids.shape[1]
@@ -155,7 +157,8 @@ class PagedGenerate:
             reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)  # a new pool if the model's dtype/device changed
         try:
-            if prefix_cache is not None:
+            if use_prefix_cache:
+                prefix_cache = _prefix_cache_of(cache, model)
                 prefill_with_prefix_cache(model, cache, prefix_cache, input_ids, kwargs.get("attention_mask"))
                 if expand > 1:
                     cache.batch_repeat_interleave(expand)

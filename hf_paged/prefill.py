@@ -48,11 +48,14 @@ def prefill_with_prefix_cache(
     batch, length = input_ids.shape
     mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     rows = [input_ids[row][mask[row]].tolist() for row in range(batch)]
-    hits = [prefix_cache.match(tokens) for tokens in rows]
     page_size = cache.tables.page_size
-    cache.add_rows(batch)
-    for row, entries in enumerate(hits):  # an entry holds the page of every group
-        cache.adopt(row, [list(pages) for pages in zip(*entries)] or [[] for _ in cache.groups], len(entries) * page_size)
+    # Other calls on the pool may evict cached pages to make room: find and adopt them atomically.
+    with cache.pool.blocks.lock:
+        hits = [prefix_cache.match(tokens) for tokens in rows]
+        cache.add_rows(batch)
+        for row, entries in enumerate(hits):  # an entry holds the page of every group
+            group_pages = [list(pages) for pages in zip(*entries)] or [[] for _ in cache.groups]
+            cache.adopt(row, group_pages, len(entries) * page_size)
     done = [len(pages) * page_size for pages in hits]
     remainder = [len(tokens) - 1 - skip for tokens, skip in zip(rows, done)]
     width = max(remainder)
@@ -86,6 +89,7 @@ def prefill_with_prefix_cache(
         finally:
             cache.ragged_prefill = False
     cache.seq_length = length - 1
-    for row, tokens in enumerate(rows):
-        prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])
+    with cache.pool.blocks.lock:
+        for row, tokens in enumerate(rows):
+            prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])
     cache.recording = False

@@ -66,7 +66,8 @@ def clear_prefix_cache(model: torch.nn.Module) -> None:
     return to the pool. A no-op when the cache is off."""
     runtime = runtime_of(model, "clear_prefix_cache")
     if runtime.pool.prefix_cache is not None:
-        runtime.pool.prefix_cache.clear()
+        with runtime.pool.blocks.lock:
+            runtime.pool.prefix_cache.clear()
 
 
 def cache_kv_bytes(cache: object) -> int:

@@ -166,6 +166,47 @@ def test_a_change_of_weights_empties_the_cache_before_anything_stale_is_read(cha
     assert hf_paged.memory_stats(model)["prefix_hits"] == hits  # nothing computed before the change was read
 
 
+def test_a_new_dtype_gets_a_new_pool_and_its_own_prefix_cache():
+    """model.to(dtype) replaces the pool on the next call: the prefix cache of the new pool is used."""
+    model = tiny_model("llama")
+    input_ids, mask = padded_prompts(batch=2, length=17, pads=(0, 3))
+    hf_paged.wrap(model, num_pages=64, page_size=4, prefix_cache=True)
+    generate(model, input_ids, mask)
+    model.to(torch.float64)
+    hf_paged.unwrap(model)
+    expected = generate(model, input_ids, mask)
+    model.to(torch.float32)
+    hf_paged.wrap(model, num_pages=64, page_size=4, prefix_cache=True)
+    generate(model, input_ids, mask)
+    model.to(torch.float64)
+    for _ in range(2):  # the first call fills the new pool's cache, the second reads it
+        assert torch.equal(generate(model, input_ids, mask), expected)
+    assert hf_paged.memory_stats(model)["prefix_hits"] > 0
+
+
+def test_concurrent_calls_share_the_prefix_cache_and_give_stock_tokens():
+    import threading
+
+    model = tiny_model("llama")
+    prompts = [padded_prompts(batch=2, length=17, pads=(0, 3), seed=s % 3) for s in range(6)]
+    expected = [generate(model, ids, mask) for ids, mask in prompts]
+    hf_paged.wrap(model, num_pages=100, page_size=4, prefix_cache=True)  # calls at once need ~84: some evict
+    results = [None] * len(prompts)
+
+    def run(index):
+        for _ in range(3):
+            results[index] = generate(model, *prompts[index])
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(torch.equal(got, want) for got, want in zip(results, expected))
+    stats = hf_paged.memory_stats(model)
+    assert stats["pages_in_use"] == stats["cached_pages"]
+
+
 def test_clear_and_unwrap_return_every_cached_page():
     model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4, prefix_cache=True)
     input_ids, mask = padded_prompts(batch=2, length=17, pads=(0, 3))
