@@ -183,6 +183,11 @@ class PagedCache(Cache):
         for tables, pages in zip(self.group_tables, group_pages):
             tables.adopt(row, pages, num_tokens)
 
+    def extend(self, row: int, group_pages: list[list[int]], num_tokens: int) -> None:
+        """Append shared full pages to row `row`, which holds only full pages: `group_pages[g]` in group g."""
+        for tables, pages in zip(self.group_tables, group_pages):
+            tables.adopt(row, pages, num_tokens, extend=True)
+
     def _note_peaks(self) -> None:
         """Pages each group's rows hold now, and the K/V bytes that makes, at their highest."""
         total = 0

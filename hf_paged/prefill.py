@@ -13,7 +13,7 @@ import torch
 
 from . import _compat
 from .cache import PagedCache
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, page_keys
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
@@ -43,7 +43,10 @@ def prefill_with_prefix_cache(
 ) -> None:
     """Store the K/V of `input_ids [batch, length]` minus the last column in the (empty) `cache`.
 
-    Afterwards `cache.get_seq_length() == length - 1`, as generate() expects.
+    Rows of the batch that start with the same pages none of the cache holds yet (the first batch
+    of a few-shot run) compute them once: one row per such shared page first, then the others adopt
+    its pages and compute only their own rest. Afterwards `cache.get_seq_length() == length - 1`,
+    as generate() expects.
     """
     batch, length = input_ids.shape
     mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -54,42 +57,88 @@ def prefill_with_prefix_cache(
         hits = [prefix_cache.match(tokens) for tokens in rows]
         cache.add_rows(batch)
         for row, entries in enumerate(hits):  # an entry holds the page of every group
-            group_pages = [list(pages) for pages in zip(*entries)] or [[] for _ in cache.groups]
-            cache.adopt(row, group_pages, len(entries) * page_size)
+            cache.adopt(row, _by_group(entries, len(cache.groups)), len(entries) * page_size)
     done = [len(pages) * page_size for pages in hits]
-    remainder = [len(tokens) - 1 - skip for tokens, skip in zip(rows, done)]
-    width = max(remainder)
-    cache.seq_length = length - 1 - width  # the padded past transformers sees before this forward
     # Sliding-window groups keep every prompt page until they are in the prefix cache (an entry
     # needs the page of every group); they let go of what they cannot see at the next forward.
     cache.recording = True
-    if width > 0:
-        ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
-        new = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
-        positions = torch.zeros_like(new)
-        for row, (tokens, skip, count) in enumerate(zip(rows, done, remainder)):
-            if count:
-                ids[row, width - count :] = torch.tensor(tokens[skip : skip + count], dtype=ids.dtype)
-                new[row, width - count :] = 1
-                positions[row, width - count :] = torch.arange(skip, skip + count)
-        # Only the new columns are read (the paged attention knows each row's past from its pages).
-        past = torch.ones(batch, cache.seq_length, dtype=torch.long, device=input_ids.device)
-        inputs = {
-            "input_ids": ids,
-            "attention_mask": torch.cat([past, new], dim=1),
-            "position_ids": positions,
-            _compat.model_cache_arg(model): cache,
-            "use_cache": True,
-        }
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            inputs["logits_to_keep"] = 1
-        cache.ragged_prefill = True
-        try:
-            model(**inputs)
-        finally:
-            cache.ragged_prefill = False
+    try:
+        leaders = _leaders(rows, done, page_size)
+        if leaders:
+            _compute(model, cache, input_ids, rows, done, leaders)
+            _keep(cache, prefix_cache, rows, leaders)
+            with cache.pool.blocks.lock:
+                for row in range(batch):
+                    more = prefix_cache.match(rows[row], first_page=done[row] // page_size) if row not in leaders else []
+                    if more:
+                        cache.extend(row, _by_group(more, len(cache.groups)), len(more) * page_size)
+                        done[row] += len(more) * page_size
+        _compute(model, cache, input_ids, rows, done, set(range(batch)))
+        _keep(cache, prefix_cache, rows, set(range(batch)))
+    finally:
+        cache.recording = False
     cache.seq_length = length - 1
+
+
+def _by_group(entries: list[tuple[int, ...]], num_groups: int) -> list[list[int]]:
+    """Cache entries (a page per group) as one page list per group."""
+    return [list(pages) for pages in zip(*entries)] or [[] for _ in range(num_groups)]
+
+
+def _leaders(rows: list[list[int]], done: list[int], page_size: int) -> set[int]:
+    """One row per group of rows whose first page still to compute is the same (same tokens and
+    everything before them); empty when no two rows share such a page (one forward does it all)."""
+    first_missing: dict[bytes, list[int]] = {}
+    for row, (tokens, skip) in enumerate(zip(rows, done)):
+        index = skip // page_size
+        if (len(tokens) - 1) // page_size > index:  # a full page before the last token is still missing
+            key = page_keys(tokens, page_size, index + 1)[-1]
+            first_missing.setdefault(key, []).append(row)
+    groups = [members for members in first_missing.values() if len(members) > 1]
+    return {members[0] for members in groups}
+
+
+def _compute(
+    model: torch.nn.Module, cache: PagedCache, input_ids: torch.Tensor, rows: list[list[int]], done: list[int],
+    which: set[int],
+) -> None:
+    """One forward computing, for the rows in `which`, their tokens from `done[row]` up to the last
+    (excluded); `done` is updated. Other rows take part with no new token."""
+    batch = input_ids.shape[0]
+    counts = [len(tokens) - 1 - skip if row in which else 0 for row, (tokens, skip) in enumerate(zip(rows, done))]
+    width = max(counts)
+    if width <= 0:
+        return
+    cache.seq_length = max(0, input_ids.shape[1] - 1 - width)  # the padded past transformers sees
+    ids = torch.zeros(batch, width, dtype=input_ids.dtype, device=input_ids.device)
+    new = torch.zeros(batch, width, dtype=torch.long, device=input_ids.device)
+    positions = torch.zeros_like(new)
+    for row, (tokens, skip, count) in enumerate(zip(rows, done, counts)):
+        if count:
+            ids[row, width - count :] = torch.tensor(tokens[skip : skip + count], dtype=ids.dtype)
+            new[row, width - count :] = 1
+            positions[row, width - count :] = torch.arange(skip, skip + count)
+            done[row] += count
+    # Only the new columns are read (the paged attention knows each row's past from its pages).
+    past = torch.ones(batch, cache.seq_length, dtype=torch.long, device=input_ids.device)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.cat([past, new], dim=1),
+        "position_ids": positions,
+        _compat.model_cache_arg(model): cache,
+        "use_cache": True,
+    }
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        inputs["logits_to_keep"] = 1
+    cache.ragged_prefill = True
+    try:
+        model(**inputs)
+    finally:
+        cache.ragged_prefill = False
+
+
+def _keep(cache: PagedCache, prefix_cache: PrefixCache, rows: list[list[int]], which: set[int]) -> None:
+    """Put the full prompt pages of the rows in `which` into the prefix cache."""
     with cache.pool.blocks.lock:
-        for row, tokens in enumerate(rows):
-            prefix_cache.insert(tokens[:-1], [tables.page_tables[row] for tables in cache.group_tables])
-    cache.recording = False
+        for row in sorted(which):
+            prefix_cache.insert(rows[row][:-1], [tables.page_tables[row] for tables in cache.group_tables])

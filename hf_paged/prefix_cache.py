@@ -64,9 +64,9 @@ class PrefixCache:
     def num_cached_pages(self) -> int:
         return len(self.key_of)
 
-    def match(self, tokens: list[int]) -> list[tuple[int, ...]]:
+    def match(self, tokens: list[int], first_page: int = 0) -> list[tuple[int, ...]]:
         """Cached entries (a page per group) holding the longest page-aligned prefix of `tokens` that
-        stops before its last token.
+        stops before its last token, from page `first_page` on (the caller holds the pages before).
 
         The caller takes its own references to them. The last token is never covered: generate()
         feeds it, so the remainder to compute is never empty.
@@ -74,15 +74,16 @@ class PrefixCache:
         num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
         entries: list[tuple[int, ...]] = []
         keys: list[bytes] = []
-        for key in page_keys(tokens, self.page_size, num_pages):
+        for key in page_keys(tokens, self.page_size, num_pages)[first_page:]:
             pages = self.pages_of.get(key)
             if pages is None:
                 break
             entries.append(pages)
             keys.append(key)
         self._touch(keys)
-        self.stats.lookups += 1
-        self.stats.lookup_tokens += num_pages * self.page_size
+        if first_page == 0:  # a second look for the same prompt looks up nothing new
+            self.stats.lookups += 1
+            self.stats.lookup_tokens += num_pages * self.page_size
         self.stats.hits += len(entries)
         self.stats.hit_tokens += len(entries) * self.page_size
         return entries

@@ -102,14 +102,16 @@ class PageTables:
             self.num_released += dropped
         return dropped
 
-    def adopt(self, row: int, page_ids: list[int], num_tokens: int) -> None:
-        """Start the empty row `row` with shared full pages `page_ids` holding `num_tokens` tokens."""
-        if self.num_tokens[row] or num_tokens != len(page_ids) * self.page_size:
-            raise ValueError(f"row {row} must be empty and the pages full, got {num_tokens} tokens in {len(page_ids)}")
+    def adopt(self, row: int, page_ids: list[int], num_tokens: int, extend: bool = False) -> None:
+        """Start the empty row `row` (or, `extend`, continue a row of full pages) with shared full
+        pages `page_ids` holding `num_tokens` tokens."""
+        held = self.num_tokens[row]
+        if (held and not extend) or held % self.page_size or num_tokens != len(page_ids) * self.page_size:
+            raise ValueError(f"row {row} must hold only full pages, and the pages be full: {num_tokens} tokens in {len(page_ids)}")
         with self._changing_pages():
             self.blocks.fork(page_ids)
-        self.page_tables[row] = list(page_ids)
-        self.num_tokens[row] = num_tokens
+        self.page_tables[row] = self.page_tables[row] + list(page_ids)
+        self.num_tokens[row] = held + num_tokens
         self._end_reservation(row)
 
     def _end_reservation(self, row: int) -> None:

@@ -121,6 +121,26 @@ def test_pads_are_never_part_of_a_key_and_a_shared_prefix_is_reused_across_promp
     assert hf_paged.memory_stats(model)["prefix_hit_tokens"] == 16  # the shared 16 tokens, reused once
 
 
+def test_a_prefix_shared_within_the_first_batch_is_computed_once():
+    """A few-shot batch on an empty cache: one row computes the shared pages, the others adopt them."""
+    model = tiny_model("gemma2")  # a sliding-window group too
+    generator = torch.Generator().manual_seed(6)
+    shared = torch.randint(3, 128, (16,), generator=generator)
+    prompts = [torch.cat([shared, torch.randint(3, 128, (n,), generator=generator)]) for n in (5, 9, 3, 7)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
+    expected = {mode: generate(model, ids, mask, **kw) for mode, kw in MODES.items()}
+    hf_paged.wrap(model, num_pages=256, page_size=4, prefix_cache=True)
+    assert torch.equal(generate(model, ids, mask), expected["greedy"])
+    assert hf_paged.memory_stats(model)["prefix_hit_tokens"] == 3 * 16  # three rows reused the first's 4 pages
+    hf_paged.clear_prefix_cache(model)
+    for mode, kw in MODES.items():
+        assert torch.equal(generate(model, ids, mask, **kw), expected[mode]), mode
+
+
 def test_assisted_decoding_with_the_cache_on_matches_stock():
     """transformers' assisted decoding gives other tokens on a prefilled cache (a DynamicCache too),
     so such calls reuse nothing and keep nothing."""
