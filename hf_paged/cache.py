@@ -122,9 +122,7 @@ class PagedCache(Cache):
                 new_mask = None
         if self.tables.num_rows == 0 and self.seq_length == 0:
             self.add_rows(batch_size)
-            for tables in self.group_tables:
-                if self.max_tokens_per_row and tables.window is None:
-                    tables.reserve(self.max_tokens_per_row, highest=len(self.group_tables) > 1)
+            self.reserve_rows()
         if batch_size != self.tables.num_rows:
             raise ValueError(
                 f"this PagedCache holds {self.tables.num_rows} rows but the forward has batch size {batch_size}; "
@@ -172,6 +170,12 @@ class PagedCache(Cache):
             )
         tables.window = None
         self.groups[group] = GroupSpec(None, self.groups[group].layers)  # the runtime's list: later caches too
+
+    def reserve_rows(self) -> None:
+        """With `max_tokens_per_row`, give the (empty) rows runs of consecutive pages in every full group."""
+        for tables in self.group_tables:
+            if self.max_tokens_per_row and tables.window is None:
+                tables.reserve(self.max_tokens_per_row, highest=len(self.group_tables) > 1)
 
     def add_rows(self, num_rows: int) -> None:
         """Append `num_rows` empty rows to every group's tables."""

@@ -149,9 +149,7 @@ class PagedGenerate:
         fork = expand > 1 and _can_prefill_once(model, input_ids, settings, kwargs)
         # Consecutive pages: for every row's whole life when rows share nothing; for the prompts
         # when they are forked (their shared prefixes are then read in place).
-        if use_prefix_cache:
-            reserve = None  # rows start with shared cached pages: nothing to read in place
-        elif fork:
+        if fork:
             reserve = input_ids.shape[1]
         else:
             reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None

@@ -56,6 +56,8 @@ def prefill_with_prefix_cache(
     with cache.pool.blocks.lock:
         hits = [prefix_cache.match(tokens) for tokens in rows]
         cache.add_rows(batch)
+        if not any(hits):  # nothing to reuse: consecutive pages, read in place, as without the cache
+            cache.reserve_rows()
         for row, entries in enumerate(hits):  # an entry holds the page of every group
             cache.adopt(row, _by_group(entries, len(cache.groups)), len(entries) * page_size)
     done = [len(pages) * page_size for pages in hits]
