@@ -125,3 +125,24 @@ def test_compiled_decode_of_an_alibi_family_carries_the_slopes():
     assert torch.equal(model.generate(input_ids, **kwargs), expected)
     assert compiled.num_compiled_steps == 9 and backend.num_graphs == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 5.0])
+def test_an_alibi_bias_takes_every_attention_path(soft_cap):
+    """The bias is added to the scaled scores on SDPA's path, the fused path with LSE (cascade's) and
+    the explicit one (soft-capping): all agree with a dense computation."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, 6, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    params = LayerParams(4, 2, 16, 0.25, logits_soft_cap=soft_cap, alibi_slopes=slopes(4))
+    bias = torch.randn(2, 2, 6, 9)
+    bias[..., -2:] = float("-inf")  # keys not attended
+    scores = (q @ k.transpose(-1, -2)) * 0.25 + bias.nan_to_num(neginf=0.0)
+    if soft_cap:
+        scores = torch.tanh(scores / soft_cap) * soft_cap
+    scores = scores.masked_fill(bias == float("-inf"), float("-inf"))  # masked keys stay masked after the cap
+    expected = torch.softmax(scores, dim=-1) @ v
+    for return_lse in (False, True):
+        out, lse = torch_backend.attend(q, k, v, bias, params, return_lse=return_lse)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        if return_lse:
+            torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), rtol=1e-5, atol=1e-5)

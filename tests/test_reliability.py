@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, StoppingCriteriaList
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -11,7 +11,7 @@ import hf_paged
 from hf_paged import PagedCache, UnsupportedModelError
 from hf_paged.wrap import ATTN_NAME
 
-from tiny import COMMON, padded_prompts, tiny_model
+from tiny import COMMON, Interrupt, padded_prompts, tiny_model
 
 
 def _generate(model, input_ids, mask, **kwargs):
@@ -96,17 +96,6 @@ def test_a_hole_in_the_mask_of_a_users_forward_is_refused_before_any_page_is_tak
 
 
 # -- interruptions -----------------------------------------------------------------------------
-
-
-class Interrupt(StoppingCriteria):
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == self.at:
-            raise KeyboardInterrupt
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 def test_an_interrupt_mid_beam_search_returns_every_page():

@@ -4,29 +4,16 @@ import random
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 import hf_paged
 from hf_paged import OutOfPagesError
 
-from tiny import padded_prompts, tiny_model
+from tiny import Interrupt, padded_prompts, tiny_model
 
 NUM_CALLS = 1000
 NUM_PAGES = 48
 PAGE_SIZE = 4
-
-
-class Interrupt(StoppingCriteria):
-    """Raises at the `at`-th step, as a user's criterion (or Ctrl-C) may."""
-
-    def __init__(self, at: int):
-        self.at, self.calls = at, 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == self.at:
-            raise InterruptedError("stopped by the test")
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
 
 def _rss_bytes() -> int:
@@ -60,7 +47,7 @@ def _one_call(model, assistant, rng: random.Random, call: int) -> str:
         input_ids, mask = padded_prompts(batch=3, length=length, pads=(0, 0, 0), seed=call)
         kwargs.update(attention_mask=mask, max_new_tokens=4 * PAGE_SIZE, min_new_tokens=4 * PAGE_SIZE)
     elif kind == "interrupt":
-        kwargs.update(num_beams=2, max_new_tokens=6, stopping_criteria=StoppingCriteriaList([Interrupt(2)]))
+        kwargs.update(num_beams=2, max_new_tokens=6, stopping_criteria=StoppingCriteriaList([Interrupt(2, InterruptedError)]))
     expected_error = {"too_big": OutOfPagesError, "interrupt": InterruptedError}.get(kind)
     if expected_error is None:
         out = model.generate(input_ids, **kwargs)

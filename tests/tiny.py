@@ -2,7 +2,7 @@
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -50,3 +50,16 @@ def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0,
         input_ids[row, :num_pads] = 0
         mask[row, :num_pads] = 0
     return input_ids, mask
+
+
+class Interrupt(StoppingCriteria):
+    """A stopping criterion that raises `error` at its `at`-th step, as a user's criterion (or Ctrl-C) may."""
+
+    def __init__(self, at: int, error: type[BaseException] = KeyboardInterrupt):
+        self.at, self.calls, self.error = at, 0, error
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error("stopped by the test")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

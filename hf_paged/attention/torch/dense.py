@@ -242,22 +242,24 @@ def attend(
     `mask`: bool (True = attend), or a float bias (ALiBi's `alibi_mask`) added to the scaled scores.
     Returns the output and, with `return_lse`, the natural-log LSE `[R, H_kv, G*Q]` float32.
     """
-    if mask is not None and mask.is_floating_point():
+    bias = mask is not None and mask.is_floating_point()
+    if bias:
         mask = mask.to(q.dtype)
-        if return_lse or params.logits_soft_cap:  # the explicit path below takes bool masks only
-            raise NotImplementedError("ALiBi with soft-capped logits or shared-prefix attention")
     if not return_lse and not params.logits_soft_cap:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=params.sm_scale), None
     if q.device.type == "cpu" and not params.logits_soft_cap:
         # The fused CPU kernel SDPA itself dispatches to, which also returns the natural-log LSE.
-        float_mask = None
-        if mask is not None:
+        float_mask = mask
+        if mask is not None and not bias:
             float_mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=float_mask, scale=params.sm_scale
         )
         return out, lse.float()
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * params.sm_scale
+    if bias:  # ALiBi: added to the scaled scores before the cap (FlashInfer's order); -inf marks masked keys
+        mask, bias_values = torch.isfinite(mask), mask.float()
+        scores = scores + bias_values.masked_fill(~mask, 0.0)
     if params.logits_soft_cap:
         cap = params.logits_soft_cap
         scores = torch.tanh(scores / cap) * cap
