@@ -69,13 +69,11 @@ class PagedCache(Cache):
             pool.open_cache(self)
             cascade = False
         self.pool = pool
-        all_layers = [GroupSpec(None, tuple(range(pool.num_layers)))]
+        all_layers = [GroupSpec(None, tuple(range(pool.num_layers)), pool.page_size)]
         self.groups: list[GroupSpec] = self.runtime.groups if self.runtime is not None else all_layers
-        self.group_tables = [PageTables(pool.blocks, pool.page_size, group.window) for group in self.groups]
+        self.group_tables = [PageTables(pool.blocks, group.page_size, group.window) for group in self.groups]
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
-        self.group_page_bytes = [
-            pool.page_size * sum(pool.specs[layer].bytes_per_token for layer in group.layers) for group in self.groups
-        ]
+        self.group_page_bytes = [pool.layer_bytes(group.layers) for group in self.groups]
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
         # prefill.prefill_with_prefix_cache: rows continue from different cached lengths, so its one
@@ -143,8 +141,8 @@ class PagedCache(Cache):
                 raise OutOfPagesError(num_needed, blocks.num_available_pages, blocks.num_pages)
             appended = [tables.append(qo_lens) for tables in self.group_tables]
         metas = [
-            build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade)
-            for tables, (slots, copies) in zip(self.group_tables, appended)
+            build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade, group)
+            for group, (tables, (slots, copies)) in enumerate(zip(self.group_tables, appended))
         ]
         self.seq_length += q_len
         self._forward = ForwardState(metas)
@@ -169,7 +167,8 @@ class PagedCache(Cache):
                 "its config says"
             )
         tables.window = None
-        self.groups[group] = GroupSpec(None, self.groups[group].layers)  # the runtime's list: later caches too
+        # The runtime's list: later caches too. The pages keep their size (the pool's layers have it).
+        self.groups[group] = GroupSpec(None, self.groups[group].layers, self.groups[group].page_size)
 
     def reserve_rows(self) -> None:
         """With `max_tokens_per_row`, give the (empty) rows runs of consecutive pages in every full group."""

@@ -16,6 +16,11 @@ class PagedConfig:
     """Settings for `hf_paged.wrap`.
 
     page_size: token slots per page (FlashInfer and vLLM use 16).
+    window_page_size: token slots per page in the sliding-window groups of a model with windowed
+        layers (groups.py). A sliding layer holds its window plus the unused part of the page at
+        each end of it, so smaller pages there keep its KV close to stock's window-only cache.
+        None: the largest divisor of page_size that is at most window // 32 (a window of 128
+        gets pages of 4, one of 512 or more pages of page_size). Must divide page_size.
     num_pages: pages in the pool. Takes precedence over `max_memory`.
     max_memory: pool budget, in bytes (int > 1) or as a fraction of the device's free memory
         (float in (0, 1], like vLLM's gpu_memory_utilization). None: 0.2 of available RAM on
@@ -33,6 +38,7 @@ class PagedConfig:
     """
 
     page_size: int = 16
+    window_page_size: int | None = None
     num_pages: int | None = None
     max_memory: int | float | None = None
     backend: str = "auto"
@@ -43,6 +49,16 @@ class PagedConfig:
     def __post_init__(self) -> None:
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
             raise ValueError(f"expected page_size to be an int >= 1, got {self.page_size!r}")
+        if self.window_page_size is not None and (
+            isinstance(self.window_page_size, bool)
+            or not isinstance(self.window_page_size, int)
+            or self.window_page_size < 1
+            or self.page_size % self.window_page_size
+        ):
+            raise ValueError(
+                f"expected window_page_size to be None or an int >= 1 that divides page_size={self.page_size}, "
+                f"got {self.window_page_size!r}"
+            )
         if self.num_pages is not None and (
             isinstance(self.num_pages, bool) or not isinstance(self.num_pages, int) or self.num_pages < 1
         ):

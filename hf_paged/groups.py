@@ -7,6 +7,14 @@ the window of every later query, so a windowed model holds about what stock's wi
 (`DynamicSlidingWindowLayer`) holds. All groups draw page ids from the one BlockManager of the
 pool: a page id is used by one group at a time and holds K/V of that group's layers only (the
 pool tensors of the other layers are not touched at that id).
+
+A group has its own page size. A sliding group holds a row's window plus the unused part of the
+page at each end of it; with pages of 16 that is up to 30 slots more than the window, 24% of a
+window of 128. Sliding groups therefore take smaller pages (`PagedConfig.window_page_size`, by
+default about window / 32, a divisor of `page_size`): the pool tensors of their layers are
+`[2, num_pages + 1, group page size, H_kv, D]`, and one page id holds that many tokens there.
+Full groups keep `page_size`, which the prefix cache keys by (an entry holds `page_size // group
+page size` pages of each group).
 """
 
 from dataclasses import dataclass
@@ -16,20 +24,47 @@ from . import _compat
 
 @dataclass(frozen=True, slots=True)
 class GroupSpec:
-    """window: HF's `sliding_window` (tokens a query sees, itself included), None for full attention."""
+    """window: HF's `sliding_window` (tokens a query sees, itself included), None for full attention.
+    page_size: token slots of one page of this group's layers."""
 
     window: int | None
     layers: tuple[int, ...]
+    page_size: int
 
 
-def layer_groups(config, num_layers: int, enabled: bool = True) -> list[GroupSpec]:
+def window_page_size(window: int, page_size: int, requested: int | None = None) -> int:
+    """Page size of a sliding group: `requested`, else the largest divisor of `page_size` that is at
+    most `window // 32` (at least 1), so the two partly used pages at the ends of a window cost at
+    most about 1/16 of it."""
+    if requested is not None:
+        return requested
+    limit = max(1, window // 32)
+    return max(d for d in range(1, min(page_size, limit) + 1) if page_size % d == 0)
+
+
+def layer_groups(config, num_layers: int, page_size: int, window_pages: int | None = None,
+                 enabled: bool = True) -> list[GroupSpec]:
     """The groups of a model's layers, the full-attention group (if any) first, then by window.
 
     `enabled=False` (or a config whose layer windows cannot be read) gives one full group.
+    `window_pages`: PagedConfig.window_page_size.
     """
     windows = _compat.layer_windows(config, num_layers) if enabled else [None] * num_layers
     order = sorted(set(windows), key=lambda w: (w is not None, w or 0))
-    return [GroupSpec(w, tuple(i for i, x in enumerate(windows) if x == w)) for w in order]
+    return [
+        GroupSpec(w, tuple(i for i, x in enumerate(windows) if x == w),
+                  page_size if w is None else window_page_size(w, page_size, window_pages))
+        for w in order
+    ]
+
+
+def layer_page_sizes(groups: list[GroupSpec], num_layers: int) -> list[int]:
+    """The page size of each layer's pool."""
+    sizes = [0] * num_layers
+    for group in groups:
+        for layer in group.layers:
+            sizes[layer] = group.page_size
+    return sizes
 
 
 def group_of_layer(groups: list[GroupSpec], num_layers: int) -> list[int]:

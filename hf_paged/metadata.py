@@ -29,6 +29,9 @@ class ForwardMetadata:
     same lists as the tensors, which an executor reads without a device sync (to find rows that
     share a prefix, or rows in consecutive pages). `cascade`: shared-prefix attention allowed.
     The lists are None only in metadata derived for a part of the rows' pages (cascade's suffix).
+    `group`: the index of the group of layers (groups.py) whose page tables these are; an executor
+    that keeps planned state across layers keeps it per group (two groups may have the same layer
+    settings but never the same pages).
     """
 
     qo_indptr: torch.Tensor
@@ -46,6 +49,7 @@ class ForwardMetadata:
     cascade: bool = False
     kv_indptr_host: list[int] | None = None
     kv_indices_host: list[int] | None = None
+    group: int = 0
 
     @property
     def num_rows(self) -> int:
@@ -71,7 +75,7 @@ class ForwardMetadata:
             move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
             self.qo_lens, self.kv_lens, self.q_len, self.page_size,
-            self.cascade, self.kv_indptr_host, self.kv_indices_host,
+            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.group,
         )
 
 
@@ -107,10 +111,12 @@ def build_metadata(
     token_index: torch.Tensor | None,
     device: torch.device,
     cascade: bool = False,
+    group: int = 0,
 ) -> ForwardMetadata:
     """Metadata for a forward whose new tokens `tables.append` has just placed at `slots`.
 
-    cascade: allow the executor to attend prefixes shared by several rows once per group.
+    cascade: allow the executor to attend prefixes shared by several rows once per group of rows.
+    group: the index of `tables`' group of layers.
     """
     page_size = tables.page_size
     kv_lens = list(tables.num_tokens)
@@ -136,4 +142,5 @@ def build_metadata(
         cascade=cascade,
         kv_indptr_host=kv_indptr,
         kv_indices_host=kv_indices,
+        group=group,
     )

@@ -43,11 +43,17 @@ def free_memory_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
-def choose_num_pages(config: PagedConfig, specs: list[LayerSpec]) -> int:
-    """Pages the pool gets: `num_pages`, else the budget divided by the bytes of one page."""
+def id_bytes(specs: list[LayerSpec], page_sizes: list[int]) -> int:
+    """Bytes one page id reserves over all layers (layer i's pages hold `page_sizes[i]` tokens)."""
+    return sum(size * spec.bytes_per_token for spec, size in zip(specs, page_sizes))
+
+
+def choose_num_pages(config: PagedConfig, specs: list[LayerSpec], page_sizes: list[int] | None = None) -> int:
+    """Pages the pool gets: `num_pages`, else the budget divided by the bytes of one page id."""
     if config.num_pages is not None:
         return config.num_pages
-    page_bytes = config.page_size * sum(spec.bytes_per_token for spec in specs)
+    page_sizes = page_sizes or [config.page_size] * len(specs)
+    page_bytes = id_bytes(specs, page_sizes)
     budget = config.max_memory
     if budget is None or isinstance(budget, float):
         devices = {spec.device for spec in specs}
@@ -55,29 +61,30 @@ def choose_num_pages(config: PagedConfig, specs: list[LayerSpec]) -> int:
         fraction = budget if budget is not None else (DEFAULT_CUDA_FRACTION if on_cuda else DEFAULT_CPU_FRACTION)
         # The pool spreads over the layers' devices; the tightest device bounds it.
         budget = min(
-            int(fraction * free_memory_bytes(device) * _share_of_device(device, specs)) for device in devices
+            int(fraction * free_memory_bytes(device) * _share_of_device(device, specs, page_sizes)) for device in devices
         )
     if budget < page_bytes:
         raise ValueError(
             f"a pool budget of {budget} bytes (max_memory={config.max_memory!r}) is smaller than one page "
-            f"({page_bytes} bytes: page_size={config.page_size} tokens x {page_bytes // config.page_size} bytes per "
-            "token over all layers); pass a larger max_memory, or num_pages"
+            f"({page_bytes} bytes: pages of {sorted(set(page_sizes))} tokens over all layers); "
+            "pass a larger max_memory, or num_pages"
         )
     return budget // page_bytes
 
 
-def _share_of_device(device: torch.device, specs: list[LayerSpec]) -> float:
+def _share_of_device(device: torch.device, specs: list[LayerSpec], page_sizes: list[int]) -> float:
     """Inverse of the fraction of a page's bytes that lands on `device` (>= 1)."""
-    total = sum(spec.bytes_per_token for spec in specs)
-    here = sum(spec.bytes_per_token for spec in specs if spec.device == device)
-    return total / here
+    here = [size if spec.device == device else 0 for spec, size in zip(specs, page_sizes)]
+    return id_bytes(specs, page_sizes) / id_bytes(specs, here)
 
 
 class KVPool:
     """The page pools of one model and the BlockManager that hands out their pages.
 
-    `pools[i]` is `[2, num_pages + 1, page_size, num_kv_heads, head_dim]` (`[0]` keys, `[1]`
-    values, each NHD) in layer i's dtype on layer i's device. The extra last page is kept zero and
+    `pools[i]` is `[2, num_pages + 1, page_sizes[i], num_kv_heads, head_dim]` (`[0]` keys, `[1]`
+    values, each NHD) in layer i's dtype on layer i's device. `page_size` is the config's (every
+    layer's, unless sliding-window groups take smaller pages: groups.py); the prefix cache keys
+    prompts by it. The extra last page is kept zero and
     never handed out: padded reads of the torch executor point there.
 
     Many caches, one pool: every open PagedCache draws pages from `blocks`, whose lock makes each
@@ -87,18 +94,21 @@ class KVPool:
     functionalized) and by copy-on-write copies, so neither overwrites the other's pages.
     """
 
-    def __init__(self, config: PagedConfig, specs: list[LayerSpec]):
+    def __init__(self, config: PagedConfig, specs: list[LayerSpec], page_sizes: list[int] | None = None):
         self.page_size = config.page_size
         self.specs = specs
-        self.num_pages = choose_num_pages(config, specs)
+        self.page_sizes = list(page_sizes) if page_sizes is not None else [config.page_size] * len(specs)
+        if len(self.page_sizes) != len(specs) or any(config.page_size % size for size in self.page_sizes):
+            raise ValueError(f"expected a page size dividing {config.page_size} per layer, got {self.page_sizes}")
+        self.num_pages = choose_num_pages(config, specs, self.page_sizes)
         self.zero_page_id = self.num_pages
         self._open_caches: weakref.WeakSet = weakref.WeakSet()
         self.write_lock = threading.RLock()
         self.pools: list[torch.Tensor] = []
         try:
-            for spec in specs:
+            for spec, page_size in zip(specs, self.page_sizes):
                 pool = torch.empty(
-                    (2, self.num_pages + 1, self.page_size, spec.num_kv_heads, spec.head_dim),
+                    (2, self.num_pages + 1, page_size, spec.num_kv_heads, spec.head_dim),
                     dtype=spec.dtype,
                     device=spec.device,
                 )
@@ -129,8 +139,12 @@ class KVPool:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page across all layers, keys and values."""
-        return self.page_size * sum(spec.bytes_per_token for spec in self.specs)
+        """Bytes of one page id across all layers, keys and values."""
+        return id_bytes(self.specs, self.page_sizes)
+
+    def layer_bytes(self, layers: tuple[int, ...]) -> int:
+        """Bytes of one page id in `layers` (a group's), keys and values."""
+        return sum(self.page_sizes[layer] * self.specs[layer].bytes_per_token for layer in layers)
 
     @property
     def num_layers(self) -> int:

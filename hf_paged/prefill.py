@@ -13,7 +13,7 @@ import torch
 
 from . import _compat
 from .cache import PagedCache
-from .prefix_cache import PrefixCache, page_keys
+from .prefix_cache import Entry, PrefixCache, page_keys
 
 
 def weights_key(model: torch.nn.Module) -> tuple:
@@ -51,7 +51,7 @@ def prefill_with_prefix_cache(
     batch, length = input_ids.shape
     mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     rows = [input_ids[row][mask[row]].tolist() for row in range(batch)]
-    page_size = cache.tables.page_size
+    page_size = prefix_cache.page_size  # tokens per key (a group's pages may be smaller: groups.py)
     # Other calls on the pool may evict cached pages to make room: find and adopt them atomically.
     with cache.pool.blocks.lock:
         hits = [prefix_cache.match(tokens) for tokens in rows]
@@ -82,9 +82,9 @@ def prefill_with_prefix_cache(
     cache.seq_length = length - 1
 
 
-def _by_group(entries: list[tuple[int, ...]], num_groups: int) -> list[list[int]]:
-    """Cache entries (a page per group) as one page list per group."""
-    return [list(pages) for pages in zip(*entries)] or [[] for _ in range(num_groups)]
+def _by_group(entries: list[Entry], num_groups: int) -> list[list[int]]:
+    """Cache entries (pages per group) as one page list per group."""
+    return [[page for entry in entries for page in entry[group]] for group in range(num_groups)]
 
 
 def _leaders(rows: list[list[int]], done: list[int], page_size: int) -> set[int]:
@@ -143,4 +143,8 @@ def _keep(cache: PagedCache, prefix_cache: PrefixCache, rows: list[list[int]], w
     """Put the full prompt pages of the rows in `which` into the prefix cache."""
     with cache.pool.blocks.lock:
         for row in sorted(which):
-            prefix_cache.insert(rows[row][:-1], [tables.page_tables[row] for tables in cache.group_tables])
+            prefix_cache.insert(
+                rows[row][:-1],
+                [tables.page_tables[row] for tables in cache.group_tables],
+                [tables.page_size for tables in cache.group_tables],
+            )

@@ -44,16 +44,25 @@ def page_keys(tokens: list[int], page_size: int, num_pages: int) -> list[bytes]:
     return keys
 
 
+# The pages of one key: per group of layers (groups.py), the pages holding the key's `page_size`
+# tokens there (one, or more where the group's pages are smaller).
+Entry = tuple[tuple[int, ...], ...]
+
+
+def entry_pages(entry: Entry) -> list[int]:
+    return [page for pages in entry for page in pages]
+
+
 class PrefixCache:
     """Full prompt pages by chain key, one reference each, evicted least recently used first.
 
-    An entry holds one page per group of layers (groups.py): the same tokens in every group.
+    An entry holds the pages of every group of layers (groups.py): the same tokens in every group.
     """
 
     def __init__(self, blocks: BlockManager, page_size: int):
         self.blocks = blocks
         self.page_size = page_size
-        self.pages_of: dict[bytes, tuple[int, ...]] = {}
+        self.pages_of: dict[bytes, Entry] = {}
         self.key_of: dict[int, bytes] = {}  # every cached page -> its entry's key
         self.recency: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
         self.stats = PrefixCacheStats()
@@ -64,15 +73,15 @@ class PrefixCache:
     def num_cached_pages(self) -> int:
         return len(self.key_of)
 
-    def match(self, tokens: list[int], first_page: int = 0) -> list[tuple[int, ...]]:
-        """Cached entries (a page per group) holding the longest page-aligned prefix of `tokens` that
+    def match(self, tokens: list[int], first_page: int = 0) -> list[Entry]:
+        """Cached entries (pages per group) holding the longest page-aligned prefix of `tokens` that
         stops before its last token, from page `first_page` on (the caller holds the pages before).
 
         The caller takes its own references to them. The last token is never covered: generate()
         feeds it, so the remainder to compute is never empty.
         """
         num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
-        entries: list[tuple[int, ...]] = []
+        entries: list[Entry] = []
         keys: list[bytes] = []
         for key in page_keys(tokens, self.page_size, num_pages)[first_page:]:
             pages = self.pages_of.get(key)
@@ -88,29 +97,33 @@ class PrefixCache:
         self.stats.hit_tokens += len(entries) * self.page_size
         return entries
 
-    def insert(self, tokens: list[int], group_tables: list[list[int]]) -> None:
+    def insert(self, tokens: list[int], group_tables: list[list[int]], group_page_sizes: list[int] | None = None) -> None:
         """Keep the full pages that hold `tokens` (a row's real prompt tokens, in order); `group_tables`
-        is the row's page table in each group. A page a window has released is not kept."""
-        num_pages = min([len(tokens) // self.page_size] + [len(table) for table in group_tables])
+        is the row's page table in each group, whose pages hold `group_page_sizes` tokens (default:
+        `page_size`, which they must divide). A page a window has released is not kept."""
+        sizes = group_page_sizes or [self.page_size] * len(group_tables)
+        per_key = [self.page_size // size for size in sizes]  # a group's pages per key
+        num_pages = min([len(tokens) // self.page_size] + [len(table) // n for table, n in zip(group_tables, per_key)])
         hole = self.blocks.num_pages
         keys = page_keys(tokens, self.page_size, num_pages)
         for index, key in enumerate(keys):
-            pages = tuple(table[index] for table in group_tables)
+            entry = tuple(tuple(table[index * n : (index + 1) * n]) for table, n in zip(group_tables, per_key))
+            pages = entry_pages(entry)
             if key in self.pages_of or hole in pages or any(page in self.key_of for page in pages):
                 continue  # already kept, released by a window, or kept under another key
-            self.blocks.fork(list(pages))
-            self.pages_of[key] = pages
+            self.blocks.fork(pages)
+            self.pages_of[key] = entry
             for page in pages:
                 self.key_of[page] = key
         self._touch([key for key in keys if key in self.pages_of])
 
-    def _evictable(self, pages: tuple[int, ...]) -> bool:
+    def _evictable(self, entry: Entry) -> bool:
         ref_counts = self.blocks.ref_counts
-        return all(ref_counts[page] == 1 for page in pages)
+        return all(ref_counts[page] == 1 for pages in entry for page in pages)
 
     def num_evictable(self) -> int:
         """Cached pages nothing but the cache references."""
-        return sum(len(pages) for pages in self.pages_of.values() if self._evictable(pages))
+        return sum(len(entry_pages(entry)) for entry in self.pages_of.values() if self._evictable(entry))
 
     def evict(self, num: int) -> int:
         """Give back at least `num` evictable pages (when there are), least recently used first."""
@@ -118,10 +131,10 @@ class PrefixCache:
         for key in self.recency:
             if freed >= num:
                 break
-            pages = self.pages_of[key]
-            if self._evictable(pages):
+            entry = self.pages_of[key]
+            if self._evictable(entry):
                 victims.append(key)
-                freed += len(pages)
+                freed += len(entry_pages(entry))
         for key in victims:
             self._drop(key)
         self.stats.evictions += freed
@@ -141,11 +154,11 @@ class PrefixCache:
             self.weights_key = weights_key
 
     def _drop(self, key: bytes) -> None:
-        pages = self.pages_of.pop(key)
+        pages = entry_pages(self.pages_of.pop(key))
         for page in pages:
             del self.key_of[page]
         del self.recency[key]
-        self.blocks.free(list(pages))
+        self.blocks.free(pages)
 
     def _touch(self, keys: list[bytes]) -> None:
         for key in reversed(keys):  # the first page of a chain ends up most recently used

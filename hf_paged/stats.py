@@ -43,7 +43,8 @@ def memory_stats(model: torch.nn.Module) -> dict:
         {
             "window": group.window,
             "num_layers": len(group.layers),
-            "page_bytes": pool.page_size * sum(pool.specs[layer].bytes_per_token for layer in group.layers),
+            "page_size": group.page_size,
+            "page_bytes": pool.layer_bytes(group.layers),
             "peak_pages_in_use": peaks[index] if index < len(peaks) else 0,
         }
         for index, group in enumerate(runtime.groups)

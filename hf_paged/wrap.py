@@ -14,7 +14,7 @@ from .attention import LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
 from .errors import UnsupportedModelError
-from .groups import layer_groups
+from .groups import layer_groups, layer_page_sizes
 from .pool import KVPool
 from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs, stock_mask_implementation
 
@@ -209,7 +209,10 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
     specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
-    pool = KVPool(config, specs)  # raises (budget below one page, allocation failed) before anything is patched
+    # compile=True keeps one group: compiled decode steps read one metadata for every layer.
+    groups = layer_groups(text_config, len(specs), config.page_size, config.window_page_size, enabled=not config.compile)
+    # Raises (budget below one page, allocation failed) before anything is patched.
+    pool = KVPool(config, specs, layer_page_sizes(groups, len(specs)))
     if runtime is not None:
         unwrap(model)
     runtime = Runtime(
@@ -223,8 +226,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         decoder=base,
         attention_modules=attention_modules,
         instance_generate=model.__dict__.get("generate"),
-        # compile=True keeps one group: compiled decode steps read one metadata for every layer.
-        groups=layer_groups(text_config, len(specs), enabled=not config.compile),
+        groups=groups,
         patch=patch,
     )
     registered = _register_functions()

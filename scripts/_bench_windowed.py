@@ -19,6 +19,7 @@ import hf_paged
 from _bench_measure import stock_kv_bytes, timed_generate
 from _bench_workloads import PAD_TOKEN_ID
 from hf_paged.groups import GroupSpec
+from hf_paged.pool import KVPool
 
 # paged/stock KV ratio targets (issue 11)
 TARGETS = {("gemma3", "greedy"): 1.05, ("gemma3", "beam4"): 0.35, ("mistral", "beam4"): 0.35}
@@ -70,15 +71,18 @@ def measure_windowed(case: Windowed, args, device: torch.device, quick: bool) ->
     stats = hf_paged.memory_stats(paged)
     reps = max(1, args.reps)
     times = {"stock": [], "paged": [], "one_group": []}
-    one_group = [GroupSpec(None, tuple(range(len(runtime.pool.pools))))]
+    # The paged path before groups: every layer in one full group keeps every token, in pages of page_size.
+    grouped_pool = runtime.pool
+    one_group = [GroupSpec(None, tuple(range(len(grouped_pool.pools))), runtime.config.page_size)]
+    one_group_pool = KVPool(runtime.config, grouped_pool.specs)
     for _ in range(reps):
         times["stock"].append(timed_generate(stock, inputs, kwargs, args.seed, device)[1])
-        runtime.groups = grouped
+        runtime.groups, runtime.pool = grouped, grouped_pool
         times["paged"].append(timed_generate(paged, inputs, kwargs, args.seed, device)[1])
-        runtime.groups = one_group  # the paged path before groups: every layer keeps every token
+        runtime.groups, runtime.pool = one_group, one_group_pool
         times["one_group"].append(timed_generate(paged, inputs, kwargs, args.seed, device)[1])
     one_group_kv = hf_paged.memory_stats(paged)["peak_kv_bytes"]
-    runtime.groups = grouped
+    runtime.groups, runtime.pool = grouped, grouped_pool
     seconds = {side: statistics.median(values) for side, values in times.items()}
     target = None if quick else TARGETS.get((case.model, case.decoding))
     kv_ratio = stats["peak_kv_bytes"] / stock_kv
@@ -103,11 +107,14 @@ def measure_windowed(case: Windowed, args, device: torch.device, quick: bool) ->
 def print_windowed(results: list[dict]) -> None:
     print("\nwindowed models (sliding-window groups)")
     header = (f"{'workload':<16}{'stock KV':>10}{'paged KV':>10}{'KV ratio':>9}{'target':>8}{'1-group KV':>11}"
-              f"{'t ratio':>8}{'t vs 1-group':>13}  match  per group (window: peak pages x bytes)")
+              f"{'t ratio':>8}{'t vs 1-group':>13}  match  per group (window: peak pages x page size x page bytes)")
     print(header)
     print("-" * len(header))
     for r in results:
-        groups = ", ".join(f"{g['window'] or 'full'}: {g['peak_pages_in_use']} x {g['page_bytes']}" for g in r["groups"])
+        groups = ", ".join(
+            f"{g['window'] or 'full'}: {g['peak_pages_in_use']} x {g['page_size']} tokens x {g['page_bytes']} B"
+            for g in r["groups"]
+        )
         target = "-" if r["kv_target"] is None else f"{r['kv_target']}"
         print(f"{r['workload']:<16}{r['stock_kv_bytes'] / 2**20:>9.2f}M{r['paged_kv_bytes'] / 2**20:>9.2f}M"
               f"{r['kv_ratio']:>9.3f}{target:>8}{r['one_group_kv_bytes'] / 2**20:>10.2f}M{r['time_ratio']:>8.2f}"

@@ -91,7 +91,7 @@ def test_flashinfer_executor_plans_alibi_and_matches_the_torch_executor(monkeypa
     comparer = model.hf_paged_runtime.executor = Comparer()
     model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=5, num_beams=3)
     wrappers = comparer.flashinfer._devices[torch.device("cpu")].wrappers
-    assert {kind for kind, _ in wrappers} == {"decode", "prefill"}  # no cascade plan with ALiBi
+    assert {kind for kind, _, _ in wrappers} == {"decode", "prefill"}  # no cascade plan with ALiBi
     assert all(w.wrapper.planned["pos_encoding_mode"] == "ALIBI" for w in wrappers.values())
     assert comparer.num_compared >= 2 * 5
 

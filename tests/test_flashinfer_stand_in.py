@@ -15,13 +15,15 @@ import types
 
 import pytest
 import torch
+import transformers
+from transformers import AutoModelForCausalLM
 
 import hf_paged
 from hf_paged.attention import TorchExecutor
 from hf_paged.attention.flashinfer import args as fa
 from hf_paged.attention.flashinfer.executor import FlashInferExecutor
 
-from tiny import padded_prompts, tiny_model
+from tiny import COMMON, SMALL, padded_prompts, tiny_model
 
 # Collected only where FlashInfer imports (its real signatures are what these tests bind against).
 flashinfer = pytest.importorskip("flashinfer")
@@ -270,12 +272,36 @@ def test_executor_matches_torch_executor_through_flashinfer_api(monkeypatch, fam
     model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=6, min_new_tokens=6, **kwargs)
     assert ("FlashInferCascadePlan" in comparer.plan_types) == cascade
     wrappers = comparer.flashinfer._devices[torch.device("cpu")].wrappers
-    assert {kind for kind, _ in wrappers} == {"decode", "prefill"} | ({"prefix"} if cascade else set())
-    settings = {params for _, params in wrappers}
+    assert {kind for kind, _, _ in wrappers} == {"decode", "prefill"} | ({"prefix"} if cascade else set())
+    settings = {params for _, params, _ in wrappers}
     assert len(settings) == (2 if family == "gemma2" else 1)  # one wrapper per distinct layer setting
     if family == "gemma2":
         assert {p.window_left for p in settings} == {-1, 4} and all(p.logits_soft_cap == 5.0 for p in settings)
     assert comparer.num_compared >= 2 * 7  # every layer of every forward
+
+
+def test_two_groups_with_the_same_layer_setting_get_their_own_wrappers(monkeypatch):
+    """Gemma 2's sliding layer attends without its window here (as Moshi's do): its group is widened to
+    full attention, and both groups' layers then have one LayerParams but their own pages (of other
+    sizes). A wrapper keyed by the setting alone would run one group's plan on the other's pages."""
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(  # sliding, full, sliding, full: layer 2 runs after group 0 was planned
+        **{**SMALL, "num_hidden_layers": 4}, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0, **COMMON
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for layer in model.model.layers[::2]:
+        layer.self_attn.sliding_window = None
+    input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
+    hf_paged.wrap(model, num_pages=256, page_size=4, backend="torch")
+    comparer = model.hf_paged_runtime.executor = Comparer()
+    model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=6, num_beams=2)
+    runtime = model.hf_paged_runtime
+    assert [(g.window, g.page_size) for g in runtime.groups] == [(None, 4), (None, 1)]  # widened, pages of 1
+    wrappers = comparer.flashinfer._devices[torch.device("cpu")].wrappers
+    assert {group for _, _, group in wrappers} == {0, 1} and len({params for _, params, _ in wrappers}) == 1
+    assert comparer.num_compared >= 4 * 6
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 
 
 @pytest.mark.slow

@@ -4,6 +4,9 @@ Windows here are small (5 to 8 tokens, pages of 2 to 4) so that prompts, beams a
 decoding all cross them many times.
 """
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 import transformers
@@ -11,6 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_paged
 from hf_paged import PagedCache, _compat
+from hf_paged.groups import window_page_size
 from hf_paged.tables import num_pages_for
 
 from tiny import COMMON, padded_prompts, tiny_model
@@ -45,28 +49,42 @@ MODES = {
 def test_groups_follow_the_config():
     model = hf_paged.wrap(gemma3_style(), num_pages=64, page_size=4)
     groups = model.hf_paged_runtime.groups
-    assert [(g.window, g.layers) for g in groups] == [(None, (5,)), (WINDOW, (0, 1, 2, 3, 4))]
+    assert [(g.window, g.layers, g.page_size) for g in groups] == [(None, (5,), 4), (WINDOW, (0, 1, 2, 3, 4), 1)]
+    pools = model.hf_paged_runtime.pool.pools
+    assert [pool.shape[2] for pool in pools] == [1, 1, 1, 1, 1, 4]  # each layer's pages have its group's size
     mistral = hf_paged.wrap(tiny_model("mistral"), num_pages=64)
     assert [(g.window, g.layers) for g in mistral.hf_paged_runtime.groups] == [(5, (0, 1))]
     llama = hf_paged.wrap(tiny_model("llama"), num_pages=64)
-    assert [(g.window, g.layers) for g in llama.hf_paged_runtime.groups] == [(None, (0, 1))]
+    assert [(g.window, g.layers, g.page_size) for g in llama.hf_paged_runtime.groups] == [(None, (0, 1), 16)]
     compiled = hf_paged.wrap(gemma3_style(), num_pages=64, compile=True)  # one metadata for every layer
-    assert [g.window for g in compiled.hf_paged_runtime.groups] == [None]
+    assert [(g.window, g.page_size) for g in compiled.hf_paged_runtime.groups] == [(None, 16)]
+    chosen = hf_paged.wrap(gemma3_style(), num_pages=64, page_size=4, window_page_size=2)
+    assert [g.page_size for g in chosen.hf_paged_runtime.groups] == [4, 2]
 
 
-@pytest.mark.parametrize("page_size", [2, 4])
-def test_long_prompts_and_beams_past_the_window_match_stock_and_release_pages(page_size):
+def test_sliding_groups_take_pages_of_about_a_32nd_of_their_window_dividing_page_size():
+    assert [window_page_size(w, 16) for w in (8, 64, 128, 256, 512, 4096)] == [1, 2, 4, 8, 16, 16]
+    assert [window_page_size(w, 12) for w in (128, 256, 1024)] == [4, 6, 12]  # divisors of 12 only
+    assert window_page_size(128, 16, requested=16) == 16
+    for bad in (3, 0, 32, 2.0):
+        with pytest.raises(ValueError, match="window_page_size"):
+            hf_paged.PagedConfig(page_size=16, window_page_size=bad)
+
+
+@pytest.mark.parametrize("page_size, window_pages", [(2, None), (4, None), (4, 2), (4, 4)])
+def test_long_prompts_and_beams_past_the_window_match_stock_and_release_pages(page_size, window_pages):
     model = gemma3_style()
     input_ids, mask = padded_prompts(batch=3, length=29, pads=(0, 6, 13))
     expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in MODES.items()}
-    hf_paged.wrap(model, num_pages=512, page_size=page_size)
+    hf_paged.wrap(model, num_pages=512, page_size=page_size, window_page_size=window_pages)
     for mode, kw in MODES.items():
         assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), mode
         stats = hf_paged.memory_stats(model)
         full, sliding = stats["groups"]
+        assert (full["page_size"], sliding["page_size"]) == (page_size, window_pages or 1)
         rows = 3 * max(kw.get("num_beams", 1), kw.get("num_return_sequences", 1))
         # A sliding row holds its window (WINDOW - 1 past tokens and the new one) plus partial pages.
-        assert sliding["peak_pages_in_use"] <= rows * (num_pages_for(WINDOW, page_size) + 1), (mode, stats)
+        assert sliding["peak_pages_in_use"] <= rows * (num_pages_for(WINDOW, sliding["page_size"]) + 1), (mode, stats)
         assert full["peak_pages_in_use"] >= num_pages_for(29 + 15 - 6, page_size)
         assert stats["pages_in_use"] == 0
 
@@ -120,7 +138,8 @@ def test_assisted_decoding_that_crops_across_the_window_matches_stock():
 
 
 def test_crop_back_into_released_pages_raises_and_changes_nothing():
-    model = hf_paged.wrap(tiny_model("mistral"), num_pages=64, page_size=2)
+    # Pages of 2: the page of the window's first token still holds the token before it.
+    model = hf_paged.wrap(tiny_model("mistral"), num_pages=64, page_size=2, window_page_size=2)
     input_ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
     with PagedCache(model) as cache, torch.no_grad():
         model(input_ids, **{_compat.model_cache_arg(model): cache})
@@ -143,7 +162,7 @@ def test_a_layer_that_attends_wider_than_its_group_keeps_widens_the_group_or_rai
     expected = generate(model, input_ids, mask)
     hf_paged.wrap(model, num_pages=64, page_size=2)
     runtime = model.hf_paged_runtime
-    runtime.groups = [type(g)(3, g.layers) for g in runtime.groups]  # the cache would keep 3, attention reads 5
+    runtime.groups = [replace(g, window=3) for g in runtime.groups]  # the cache would keep 3, attention reads 5
     assert torch.equal(generate(model, input_ids, mask), expected)
     assert [g.window for g in runtime.groups] == [None]  # widened for later calls too
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
@@ -153,7 +172,7 @@ def test_a_layer_that_attends_wider_than_its_group_keeps_widens_the_group_or_rai
         model(input_ids, attention_mask=mask, **{name: cache})  # releases pages before the window
         assert cache.group_tables[0].num_released > 0
         cache.group_tables[0].window = 3
-        cache.groups[0] = type(cache.groups[0])(3, cache.groups[0].layers)
+        cache.groups[0] = replace(cache.groups[0], window=3)
         step = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         with pytest.raises(RuntimeError, match="released the rest"):
             model(input_ids[:, -1:], attention_mask=step, **{name: cache})
@@ -186,3 +205,20 @@ def test_the_user_decode_loop_matches_dynamic_cache_with_its_windows():
         assert all(table[0] == sliding.hole for table in sliding.page_tables)  # the window has moved on
     assert torch.equal(tokens, expected_tokens)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_copy_or_a_dtype_change_makes_a_pool_with_each_groups_page_size():
+    """The pool of a deepcopy (made on first use) and the pool made after `.to(dtype)` keep the
+    groups' page sizes, and still give stock's tokens."""
+    model = gemma3_style()
+    input_ids, mask = padded_prompts(batch=2, length=20, pads=(0, 7))
+    expected = generate(model, input_ids, mask, num_beams=3)
+    hf_paged.wrap(model, num_pages=256, page_size=4, window_page_size=2)
+    twin = copy.deepcopy(model)
+    assert torch.equal(generate(twin, input_ids, mask, num_beams=3), expected)
+    assert [pool.shape[2] for pool in twin.hf_paged_runtime.pool.pools] == [2, 2, 2, 2, 2, 4]
+    model.to(torch.float64)
+    generate(model, input_ids, mask, num_beams=3)
+    pools = model.hf_paged_runtime.pool.pools
+    assert [(pool.dtype, pool.shape[2]) for pool in pools] == [(torch.float64, 2)] * 5 + [(torch.float64, 4)]
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0

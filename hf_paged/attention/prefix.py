@@ -112,4 +112,5 @@ def suffix_metadata(meta: ForwardMetadata, prefix_pages: list[int]) -> ForwardMe
         kv_lens=[n - skip * page_size for n, skip in zip(meta.kv_lens, prefix_pages)],
         q_len=meta.q_len,
         page_size=page_size,
+        group=meta.group,
     )

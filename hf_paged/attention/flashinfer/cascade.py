@@ -26,7 +26,7 @@ from ..params import LayerParams
 from .args import Args, kv_planes, layer_kwargs, plan_args, wrapper_kind
 from .support import import_flashinfer
 
-# FlashInferExecutor.plan_wrapper: (device, (kind, params), args, kwargs, dtype) -> planned wrapper.
+# FlashInferExecutor.plan_wrapper: (device, (kind, params, group), args, kwargs, dtype) -> planned wrapper.
 PlanWrapper = Callable[[torch.device, tuple, tuple, dict, torch.dtype], Any]
 
 
@@ -83,8 +83,8 @@ def plan(
         return None
     suffix_meta = prefix.suffix_metadata(meta, prefix.prefix_pages(meta.num_rows, groups))
     device = meta.kv_indptr.device
-    suffix = plan_wrapper(device, (wrapper_kind(meta), params), *plan_args(suffix_meta, params, dtype), dtype)
-    prefix_wrapper = plan_wrapper(device, ("prefix", params), prefix_args, prefix_kwargs, dtype)
+    suffix = plan_wrapper(device, (wrapper_kind(meta), params, meta.group), *plan_args(suffix_meta, params, dtype), dtype)
+    prefix_wrapper = plan_wrapper(device, ("prefix", params, meta.group), prefix_args, prefix_kwargs, dtype)
     order = to_device(token_order, torch.int64, device)
     return FlashInferCascadePlan(suffix, prefix_wrapper, order, dtype)
 

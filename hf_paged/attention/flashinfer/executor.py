@@ -17,8 +17,10 @@ the first plan), so `import hf_paged` stays fast and works without it or without
   padding value 1 would count one token). Such rows have no new token (prefill forwards only).
 - One zero-filled float workspace per device (128 MiB), shared by its wrappers (they never run
   concurrently). A plan that overflows it asks FlashInfer for the exact size, grows it and replans.
-- A wrapper holds the plan of one layer setting (`LayerParams`): models whose layers differ
-  (sliding-window and full layers) get one wrapper per setting and kind.
+- A wrapper holds the plan of one layer setting (`LayerParams`) on one group's pages (groups.py,
+  `meta.group`): models whose layers differ (sliding-window and full layers) get one wrapper per
+  setting, group and kind. Two groups may share a setting (a group widened to full attention)
+  but never pages or page size, so the group is part of the key.
 - Compiled decode steps (`PagedConfig(compile=True)`): `plan_decode` plans CUDA-graph decode
   wrappers on compile.py's fixed buffers, run inside the graph by the op runner of graph.py, which
   the executor registers (`graph.register()`) when it is created.
@@ -65,7 +67,7 @@ class WrapperRecord:
 @dataclass(slots=True)
 class _DeviceState:
     workspace: torch.Tensor  # [bytes] uint8, zero-filled, shared by every wrapper on the device
-    # (kind, params) -> wrapper; ("graph", buffer address, params) for compiled decode steps
+    # (kind, params, group) -> wrapper; ("graph", buffer address, params) for compiled decode steps
     wrappers: dict[tuple, WrapperRecord] = field(default_factory=dict)
     settings: set[LayerParams] = field(default_factory=set)  # every layer setting planned so far
     retired: list[torch.Tensor] = field(default_factory=list)  # old workspaces captured graphs may read
@@ -108,11 +110,12 @@ class FlashInferExecutor:
             if shared is not None:
                 return shared
         args, kwargs = plan_args(meta, params, dtype)
-        return FlashInferPlan(self.plan_wrapper(device, (kind, params), args, kwargs, dtype), dtype, kind, params)
+        wrapper = self.plan_wrapper(device, (kind, params, meta.group), args, kwargs, dtype)
+        return FlashInferPlan(wrapper, dtype, kind, params)
 
     def plan_wrapper(self, device: torch.device, key: tuple, args: tuple, kwargs: dict, dtype: torch.dtype) -> Any:
-        """Plan (creating it once) the wrapper `key` = (kind, params), kind "decode", "prefill" or
-        "prefix" (cascade), on `device`; returns the FlashInfer wrapper."""
+        """Plan (creating it once) the wrapper `key` = (kind, params, group), kind "decode", "prefill"
+        or "prefix" (cascade), on `device`; returns the FlashInfer wrapper."""
         state = self._state(device)
         with _device_guard(device):
             record = self._wrapper(state, key, wrapper_args(WRAPPER_CLASS_OF[key[0]], state.workspace))
