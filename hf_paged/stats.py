@@ -14,7 +14,8 @@ def memory_stats(model: torch.nn.Module) -> dict:
     and values of all layers.
 
     `groups` lists each group of layers (groups.py: full attention, or one sliding window) with
-    its page bytes and the pages its rows held at the peak of the last call; when a group has a
+    its page size (sliding groups take smaller pages), page bytes and the pages its rows held at
+    the peak of the last call; when a group has a
     sliding window, `peak_kv_bytes` is what the rows held after each forward (a window lets go of
     what it cannot see at the end of a forward, the measure of stock's window-only cache), each
     group's pages at its own bytes (a page id stores K/V of one group's layers only). With the prefix cache on, `pages_in_use` includes the

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     }
     print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, "
           f"{args.reps} reps, {document['machine']['processor']} x{os.cpu_count()}, load {document['machine']['load_avg']}")
-    print_table(results)
+    if results:
+        print_table(results)
     if skipped:
         print(f"({skipped})")
     if points:

@@ -119,3 +119,22 @@ def test_targets_apply_only_to_the_default_full_size_run():
     assert bench.targets_skipped(bench.parse_args(["--threads", "0"])) is None  # a real run on more threads
     assert "--new-tokens" in bench.targets_skipped(bench.parse_args(["--new-tokens", "8"]))
     assert "--dtype" in bench.targets_skipped(bench.parse_args(["--dtype", "bfloat16"]))
+
+
+def test_windowed_workloads_report_each_groups_pages(tmp_path):
+    """--windowed: Gemma-3-style and Mistral-style models, stock's window-only cache against the
+    groups, each group with its own page size (a smoke run: tokens and bytes, no targets)."""
+    document = run_bench(tmp_path, "--workload", "none", "--windowed", "--no-memory")
+    assert document["results"] == []
+    runs = {r["workload"]: r for r in document["windowed"]}
+    assert list(runs) == ["gemma3-greedy", "gemma3-beam4", "mistral-beam4"]
+    for name, run in runs.items():
+        assert run["tokens_match"] is True, name
+        assert run["kv_target"] is None and run["meets_target"] is None  # --quick
+        held = sum(g["peak_pages_in_use"] * g["page_bytes"] for g in run["groups"])
+        assert run["paged_kv_bytes"] <= held and run["paged_kv_bytes"] < run["one_group_kv_bytes"], name
+    full, sliding = runs["gemma3-greedy"]["groups"]
+    # --quick: windows 16 and 32 (crossed by its prompts of 48), pages of 4, sliding pages of 1.
+    assert (full["window"], full["page_size"], sliding["window"], sliding["page_size"]) == (None, 4, 16, 1)
+    [mistral] = runs["mistral-beam4"]["groups"]
+    assert (mistral["window"], mistral["page_size"]) == (32, 1)
