@@ -222,3 +222,29 @@ def test_a_copy_or_a_dtype_change_makes_a_pool_with_each_groups_page_size():
     pools = model.hf_paged_runtime.pool.pools
     assert [(pool.dtype, pool.shape[2]) for pool in pools] == [(torch.float64, 2)] * 5 + [(torch.float64, 4)]
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_running_out_of_pages_or_an_interrupt_returns_every_groups_pages():
+    """A pool the prompt fits but the beams outgrow: OutOfPagesError at the step that runs out, every
+    page of both groups back in the pool, and the next calls give stock's tokens; the same after a
+    KeyboardInterrupt from a stopping criterion."""
+    from transformers import StoppingCriteriaList
+
+    from hf_paged import OutOfPagesError
+    from tiny import Interrupt
+
+    model = gemma3_style()
+    input_ids, mask = padded_prompts(batch=1, length=20, pads=(0,))
+    expected = generate(model, input_ids, mask, max_new_tokens=4, num_beams=4)
+    hf_paged.wrap(model, num_pages=24, page_size=4, window_page_size=2)
+    blocks = model.hf_paged_runtime.pool.blocks
+    with pytest.raises(OutOfPagesError):  # prompt: 5 full + 10 sliding pages; 4 beams of 30 tokens outgrow 24
+        generate(model, input_ids, mask, max_new_tokens=30, num_beams=4)
+    assert blocks.num_used_pages == 0 and blocks.num_shared_pages == 0
+    assert torch.equal(generate(model, input_ids, mask, max_new_tokens=4, num_beams=4), expected)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, input_ids, mask, max_new_tokens=4, num_beams=4,
+                 stopping_criteria=StoppingCriteriaList([Interrupt(at=2)]))
+    assert blocks.num_used_pages == 0 and blocks.num_shared_pages == 0
+    assert all(count == 0 for count in blocks.ref_counts) and blocks.num_reserved == 0
+    assert torch.equal(generate(model, input_ids, mask, max_new_tokens=4, num_beams=4), expected)
