@@ -1,6 +1,6 @@
 """PagedCache: the transformers `Cache` that generate() drives, backed by a KVPool."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.cache_utils import Cache
@@ -10,7 +10,7 @@ from .errors import OutOfPagesError
 from .groups import GroupSpec, group_of_layer
 from .metadata import ForwardMetadata, build_metadata
 from .padding import padding_holes, raise_padding_error
-from .pool import KVPool, copy_pages
+from .pool import copy_pages
 from .runtime import Runtime, runtime_of
 from .tables import PageTables
 
@@ -25,6 +25,7 @@ class ForwardState:
     """
 
     group_metas: list[ForwardMetadata]
+    prompt_last: bool = False  # the forward of the prompt's last token after a split prefill (`prompt_phase`)
     metas: dict[tuple[int, torch.device], ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
     num_written: int = 0
@@ -51,31 +52,26 @@ class PagedCache(Cache):
     a pool without such a free run, only lose that shortcut.
     """
 
-    def __init__(
-        self, model: torch.nn.Module | None = None, *, pool: KVPool | None = None, max_tokens_per_row: int | None = None
-    ):
+    def __init__(self, model: torch.nn.Module, *, max_tokens_per_row: int | None = None):
         super().__init__(layers=[])
-        self.runtime: Runtime | None = None
+        self.runtime: Runtime = runtime_of(model, "PagedCache(model)")
+        # A pool that no longer matches the model (model.to(dtype), ...) is replaced here.
         self.executor: Executor
-        if pool is None:
-            self.runtime = runtime_of(model, "PagedCache(model)")
-            # A pool that no longer matches the model (model.to(dtype), ...) is replaced here.
-            pool, self.executor = self.runtime.open_pool(self)
-            cascade = self.runtime.config.cascade
-        else:
-            from .attention import select_executor
-
-            self.executor = select_executor("torch", pool.specs)
-            pool.open_cache(self)
-            cascade = False
+        pool, self.executor = self.runtime.open_pool(self)
+        cascade = self.runtime.config.cascade
         self.pool = pool
-        all_layers = [GroupSpec(None, tuple(range(pool.num_layers)), pool.page_size)]
-        self.groups: list[GroupSpec] = self.runtime.groups if self.runtime is not None else all_layers
+        self.groups: list[GroupSpec] = self.runtime.groups
         self.group_tables = [PageTables(pool.blocks, group.page_size, group.window) for group in self.groups]
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
         self.group_page_bytes = [pool.layer_bytes(group.layers) for group in self.groups]
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
+        # Stock prefills the whole prompt in one forward; generate.prefill_prompt and
+        # prefill.prefill_with_prefix_cache run it minus its last token ("prefill"), and generate()
+        # then feeds that token ("last", until that forward ends). Groups whose window is only the
+        # cache's (GroupSpec.cache_window) keep the whole prompt until then: in stock, the last
+        # prompt token's query sees all of it.
+        self.prompt_phase: str | None = None
         # prefill.prefill_with_prefix_cache: rows continue from different cached lengths, so its one
         # forward's mask has pads between a row's past and its new tokens, by construction.
         self.ragged_prefill = False
@@ -97,13 +93,12 @@ class PagedCache(Cache):
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
-        if self.runtime is not None:
-            change = self.runtime.pool_mismatch(self.pool)
-            if change is not None:
-                raise ValueError(
-                    f"the model's dtype or device changed after this PagedCache was created ({change}); "
-                    "release() it and create a new PagedCache(model), which gets a pool that matches"
-                )
+        change = self.runtime.pool_mismatch(self.pool)
+        if change is not None:
+            raise ValueError(
+                f"the model's dtype or device changed after this PagedCache was created ({change}); "
+                "release() it and create a new PagedCache(model), which gets a pool that matches"
+            )
         new_mask = None
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
@@ -133,9 +128,7 @@ class PagedCache(Cache):
             token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
         blocks = self.pool.blocks
         with blocks.lock:  # other caches share the pool: check every group's need and take it at once
-            if not self.recording:
-                for tables in self.group_tables:
-                    tables.drop_out_of_window()
+            self._drop_out_of_window()
             num_needed = sum(tables.num_pages_to_append(qo_lens) for tables in self.group_tables)
             if not blocks.can_allocate(num_needed):  # every group's pages, before any group takes one
                 raise OutOfPagesError(num_needed, blocks.num_available_pages, blocks.num_pages)
@@ -145,7 +138,7 @@ class PagedCache(Cache):
             for group, (tables, (slots, copies)) in enumerate(zip(self.group_tables, appended))
         ]
         self.seq_length += q_len
-        self._forward = ForwardState(metas)
+        self._forward = ForwardState(metas, prompt_last=self.prompt_phase == "last")
         for group, meta in enumerate(metas):
             self._forward.metas[(group, meta.slot_mapping.device)] = meta
             if meta.copy_src is not None:  # copy-on-write, every layer of the group, before any layer writes
@@ -155,20 +148,60 @@ class PagedCache(Cache):
                         layer_meta = self._meta_on(pool.device, group)
                         copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
 
-    def _widen_group(self, group: int, layer_idx: int, params: LayerParams) -> None:
-        """A layer attends wider than its group's window (the config names a window its attention does
-        not use): the group keeps every token from now on, for this cache and the model's later ones.
-        Raises if the group has already released pages that layer would read."""
-        tables = self.group_tables[group]
-        if tables.num_released:
+    def _drop_out_of_window(self) -> None:
+        """Windows let go of what the next queries cannot see (not while recording, nor a cache-only
+        window while a split prompt is still open)."""
+        if self.recording:
+            return
+        for spec, tables in zip(self.groups, self.group_tables):
+            if not (spec.cache_window and self.prompt_phase is not None):
+                tables.drop_out_of_window()
+
+    def _cache_window_params(self, group: int, layer_idx: int, params: LayerParams, meta: ForwardMetadata) -> LayerParams:
+        """The settings a layer attending wider than its group's window W attends with.
+
+        Its config names a window (which stock's `DynamicCache(config)` keeps: the last W - 1 past
+        tokens) that its attention does not apply (Moshi). Stock's queries then see what that cache
+        returns: the last W - 1 tokens before the forward, and the forward's own tokens causally.
+        - A prompt forward (or, after a split prefill, its last token's) sees the whole prompt, as
+          does a forward whose rows hold at most W - 1 tokens before it: the layer's own setting.
+        - One query per row: `window_left = W - 1`.
+        - Several queries per row after more than W - 1 tokens (assisted decoding past the window):
+          no window_left expresses that; raises rather than attending other keys.
+        The group is marked `cache_window` (for later caches of the model too) the first time; if it
+        has already released pages by then, raises: they may be needed.
+        """
+        spec = self.groups[group]
+        window = spec.window
+        if not spec.cache_window:
+            if self.group_tables[group].num_released:
+                raise RuntimeError(
+                    f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group kept only "
+                    f"a window of {window} tokens and released the rest; this model's windows are not what "
+                    "its config says"
+                )
+            self.groups[group] = spec = replace(spec, cache_window=True)  # the runtime's list: later caches too
+        if self.prompt_phase is not None or all(kv - qo < window for kv, qo in zip(meta.kv_lens, meta.qo_lens)):
+            return params
+        if meta.max_qo_len <= 1:
+            return replace(params, window_left=window - 1)
+        raise RuntimeError(
+            f"layer {layer_idx} attends without the window of {window} tokens its cache keeps (as stock's "
+            f"DynamicCache(config) keeps it); a forward of {meta.max_qo_len} tokens per row after more than "
+            f"{window - 1} cannot see what stock's cache returns (assisted or prompt-lookup decoding past the "
+            "window): hf_paged cannot serve it with stock's tokens; run this call on the unwrapped model"
+        )
+
+    def _check_compiled_window(self, layer_idx: int, params: LayerParams) -> None:
+        """compile=True keeps every layer in one full group; a layer whose attention is wider than the
+        window its config gives the cache (Moshi) would then see more than stock: raise."""
+        window = self.runtime.cache_windows[layer_idx] if self.runtime.cache_windows else None
+        if window is not None and not 0 <= params.window_left < window:
             raise RuntimeError(
-                f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group kept only "
-                f"a window of {tables.window} tokens and released the rest; this model's windows are not what "
-                "its config says"
+                f"layer {layer_idx} attends without the window of {window} tokens its cache keeps (as stock's "
+                "DynamicCache(config) keeps it), which compile=True (one group keeping every token) cannot "
+                "reproduce; wrap with compile=False"
             )
-        tables.window = None
-        # The runtime's list: later caches too. The pages keep their size (the pool's layers have it).
-        self.groups[group] = GroupSpec(None, self.groups[group].layers, self.groups[group].page_size)
 
     def reserve_rows(self) -> None:
         """With `max_tokens_per_row`, give the (empty) rows runs of consecutive pages in every full group."""
@@ -208,9 +241,9 @@ class PagedCache(Cache):
         """
         state, self._forward = self._forward, None
         if state is not None:
-            if not self.recording:
-                for tables in self.group_tables:
-                    tables.drop_out_of_window()
+            if state.prompt_last:
+                self.prompt_phase = None
+            self._drop_out_of_window()
             self._note_peaks()
         if completed and state is not None and state.num_written != state.num_attended:
             raise RuntimeError(
@@ -261,9 +294,11 @@ class PagedCache(Cache):
         pool = self.pool.pools[layer_idx]
         group = self.layer_group[layer_idx]
         window = self.groups[group].window
-        if window is not None and not 0 <= params.window_left < window:
-            self._widen_group(group, layer_idx, params)
         meta = self._meta_on(pool.device, group)
+        if window is not None and not 0 <= params.window_left < window:
+            params = self._cache_window_params(group, layer_idx, params, meta)
+        elif window is None and self.runtime.config.compile:
+            self._check_compiled_window(layer_idx, params)
         key = (pool.device, params, group)
         plan = state.plans.get(key)
         if plan is None:
@@ -278,7 +313,7 @@ class PagedCache(Cache):
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer, for models that do not pass it to the attention function."""
-        return self.runtime.layer_window(layer_idx) if self.runtime is not None else None
+        return self.runtime.layer_window(layer_idx)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens per row before the current forward (pads included), as transformers expects."""

@@ -79,7 +79,9 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     if "logits_to_keep" in parameters:
         inputs["logits_to_keep"] = 1
+    cache.prompt_phase = "prefill"
     model(**inputs)
+    cache.prompt_phase = "last"  # generate() feeds the last token next (PagedCache.prompt_phase)
 
 
 ASSISTED_SETTINGS = ("prompt_lookup_num_tokens", "assistant_early_exit")

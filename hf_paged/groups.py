@@ -25,11 +25,15 @@ from . import _compat
 @dataclass(frozen=True, slots=True)
 class GroupSpec:
     """window: HF's `sliding_window` (tokens a query sees, itself included), None for full attention.
-    page_size: token slots of one page of this group's layers."""
+    page_size: token slots of one page of this group's layers.
+    cache_window: the window is only the cache's: the layers' attention applies a wider one or none
+    (Moshi), so their queries see what stock's window-only cache returns (PagedCache.attend). Set
+    when a layer is first seen attending wider."""
 
     window: int | None
     layers: tuple[int, ...]
     page_size: int
+    cache_window: bool = False
 
 
 def window_page_size(window: int, page_size: int, requested: int | None = None) -> int:

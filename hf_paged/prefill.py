@@ -64,6 +64,7 @@ def prefill_with_prefix_cache(
     # Sliding-window groups keep every prompt page until they are in the prefix cache (an entry
     # needs the page of every group); they let go of what they cannot see at the next forward.
     cache.recording = True
+    cache.prompt_phase = "prefill"
     try:
         leaders = _leaders(rows, done, page_size)
         if leaders:
@@ -79,6 +80,7 @@ def prefill_with_prefix_cache(
         _keep(cache, prefix_cache, rows, set(range(batch)))
     finally:
         cache.recording = False
+    cache.prompt_phase = "last"  # generate() feeds the last token next (PagedCache.prompt_phase)
     cache.seq_length = length - 1
 
 

@@ -104,6 +104,9 @@ class Runtime:
     # the cache of this thread's running forward here (per thread: concurrent calls never see each
     # other's), and a compiled step puts its StaticDecodeCache here while it runs.
     forward_caches: threading.local = field(default_factory=threading.local)
+    # Each layer's window as the config gives it to stock's DynamicCache(config) (None: full), also
+    # under compile=True, whose one group ignores them (PagedCache._check_compiled_window).
+    cache_windows: list = field(default_factory=list)
     last_peak_kv_bytes: int = 0
     last_peak_group_pages: list[int] = field(default_factory=list)
 

@@ -227,6 +227,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         attention_modules=attention_modules,
         instance_generate=model.__dict__.get("generate"),
         groups=groups,
+        cache_windows=_compat.layer_windows(text_config, len(specs)),
         patch=patch,
     )
     registered = _register_functions()

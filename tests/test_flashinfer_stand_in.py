@@ -281,9 +281,9 @@ def test_executor_matches_torch_executor_through_flashinfer_api(monkeypatch, fam
 
 
 def test_two_groups_with_the_same_layer_setting_get_their_own_wrappers(monkeypatch):
-    """Gemma 2's sliding layer attends without its window here (as Moshi's do): its group is widened to
-    full attention, and both groups' layers then have one LayerParams but their own pages (of other
-    sizes). A wrapper keyed by the setting alone would run one group's plan on the other's pages."""
+    """Gemma 2's sliding layers attend without their window here (as Moshi's do): in a prompt forward
+    both groups' layers then have one LayerParams but their own pages (of other sizes). A wrapper
+    keyed by the setting alone would run one group's plan on the other's pages."""
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
     torch.manual_seed(0)
     config = transformers.Gemma2Config(  # sliding, full, sliding, full: layer 2 runs after group 0 was planned
@@ -297,9 +297,10 @@ def test_two_groups_with_the_same_layer_setting_get_their_own_wrappers(monkeypat
     comparer = model.hf_paged_runtime.executor = Comparer()
     model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=6, num_beams=2)
     runtime = model.hf_paged_runtime
-    assert [(g.window, g.page_size) for g in runtime.groups] == [(None, 4), (None, 1)]  # widened, pages of 1
+    assert [(g.window, g.page_size, g.cache_window) for g in runtime.groups] == [(None, 4, False), (5, 1, True)]
     wrappers = comparer.flashinfer._devices[torch.device("cpu")].wrappers
-    assert {group for _, _, group in wrappers} == {0, 1} and len({params for _, params, _ in wrappers}) == 1
+    prefill = {(params, group) for kind, params, group in wrappers if kind == "prefill"}
+    assert {group for _, group in prefill} == {0, 1} and len({params for params, _ in prefill}) == 1
     assert comparer.num_compared >= 4 * 6
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 

@@ -148,16 +148,17 @@ def test_prefill_runs_once_per_input_not_once_per_beam():
 class PlanRecorder(TorchExecutor):
     """The torch executor, counting the plans that read every row in place and those that gather.
 
-    Plans of sliding-window layers are counted apart (`windowed`): their group releases the first
+    Plans of sliding-window groups are counted apart (`windowed`): such a group releases the first
     pages of every row, which ends the rows' consecutive runs.
     """
 
-    def __init__(self):
+    def __init__(self, groups):
+        self.groups = groups
         self.in_place = self.gathered = self.windowed = 0
 
     def plan(self, meta, params, pool):
         plan = super().plan(meta, params, pool)
-        if params.window_left >= 0:
+        if params.window_left >= 0 or self.groups[meta.group].window is not None:
             self.windowed += 1
         elif plan.row_run is not None:
             self.in_place += 1
@@ -168,7 +169,7 @@ class PlanRecorder(TorchExecutor):
 
 def record_plans(model) -> PlanRecorder:
     """Give the wrapped `model` an executor that records its plans (through the Executor interface)."""
-    recorder = model.hf_paged_runtime.executor = PlanRecorder()
+    recorder = model.hf_paged_runtime.executor = PlanRecorder(model.hf_paged_runtime.groups)
     return recorder
 
 

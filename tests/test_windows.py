@@ -154,25 +154,45 @@ def test_crop_back_into_released_pages_raises_and_changes_nothing():
         assert cache.get_seq_length() == 12
 
 
-def test_a_layer_that_attends_wider_than_its_group_keeps_widens_the_group_or_raises():
-    """The config names a window the attention does not use (Moshi): before anything is released the
-    group keeps every token (stock's tokens); after a release, attending wider raises, never answers."""
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_a_window_only_the_cache_keeps_gives_stocks_tokens_or_raises(prefix_cache):
+    """Moshi's config names a window (stock's DynamicCache(config) keeps the last 3 tokens) that its
+    attention does not apply: stock's prompt sees the whole prompt, each later query the cached 3
+    tokens and itself. Prompts and generations longer than the window, every mode, also with the
+    prompt split by the prefill helpers (beams, the prefix cache). Assisted decoding past the window
+    (several tokens per forward) raises, returning every page."""
+    model = tiny_model("moshi")
+    input_ids, mask = padded_prompts(batch=2, length=13, pads=(0, 4))
+    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in MODES.items()}
+    hf_paged.wrap(model, num_pages=256, page_size=4, prefix_cache=prefix_cache)
+    for call in range(2):  # the second: the group is known as a cache window from the start
+        for mode, kw in MODES.items():
+            assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), (mode, call)
+    [group] = model.hf_paged_runtime.groups
+    assert (group.window, group.cache_window) == (4, True)
+    stats = hf_paged.memory_stats(model)
+    assert stats["pages_in_use"] == stats.get("cached_pages", 0)
+    repeats = torch.randint(3, 128, (1, 18), generator=torch.Generator().manual_seed(8))
+    repeats[0, 9:14] = repeats[0, 2:7]  # prompt lookup finds candidates: forwards of several tokens
+    with pytest.raises(RuntimeError, match="tokens per row after more than 3"):
+        model.generate(repeats, max_new_tokens=12, prompt_lookup_num_tokens=4, pad_token_id=0)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == stats.get("cached_pages", 0)
+    with pytest.raises(RuntimeError, match="compile=False"):  # one group keeping every token cannot do it
+        hf_paged.wrap(model, num_pages=64, compile=True)
+        generate(model, input_ids, mask)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_a_layer_attending_wider_after_its_group_released_pages_raises():
     model = tiny_model("mistral")
     input_ids, mask = padded_prompts()
-    expected = generate(model, input_ids, mask)
-    hf_paged.wrap(model, num_pages=64, page_size=2)
-    runtime = model.hf_paged_runtime
-    runtime.groups = [replace(g, window=3) for g in runtime.groups]  # the cache would keep 3, attention reads 5
-    assert torch.equal(generate(model, input_ids, mask), expected)
-    assert [g.window for g in runtime.groups] == [None]  # widened for later calls too
-    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
-    hf_paged.wrap(model, num_pages=64, page_size=2, cascade=False)  # fresh groups: window 5
+    hf_paged.wrap(model, num_pages=64, page_size=2, cascade=False)  # window 5
     with PagedCache(model) as cache, torch.no_grad():
         name = _compat.model_cache_arg(model)
         model(input_ids, attention_mask=mask, **{name: cache})  # releases pages before the window
         assert cache.group_tables[0].num_released > 0
         cache.group_tables[0].window = 3
-        cache.groups[0] = replace(cache.groups[0], window=3)
+        cache.groups[0] = replace(cache.groups[0], window=3)  # the cache would keep 3, attention reads 5
         step = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
         with pytest.raises(RuntimeError, match="released the rest"):
             model(input_ids[:, -1:], attention_mask=step, **{name: cache})

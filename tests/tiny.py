@@ -18,6 +18,9 @@ CONFIGS = {
         **SMALL, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **COMMON
     ),
     "phi3": lambda: transformers.Phi3Config(**SMALL, **COMMON),
+    # Its config's window is only the cache's (stock's DynamicCache(config) keeps the last 3 tokens);
+    # its attention applies none.
+    "moshi": lambda: transformers.MoshiConfig(**SMALL, head_dim=16, ffn_dim=128, sliding_window=4, **COMMON),
     "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, **COMMON),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **COMMON

@@ -19,8 +19,9 @@ the first plan), so `import hf_paged` stays fast and works without it or without
   concurrently). A plan that overflows it asks FlashInfer for the exact size, grows it and replans.
 - A wrapper holds the plan of one layer setting (`LayerParams`) on one group's pages (groups.py,
   `meta.group`): models whose layers differ (sliding-window and full layers) get one wrapper per
-  setting, group and kind. Two groups may share a setting (a group widened to full attention)
-  but never pages or page size, so the group is part of the key.
+  setting, group and kind. Two groups may share a setting (in a prompt forward, layers whose
+  attention ignores their cache's window, as Moshi's) but never pages or page size, so the group is
+  part of the key.
 - Compiled decode steps (`PagedConfig(compile=True)`): `plan_decode` plans CUDA-graph decode
   wrappers on compile.py's fixed buffers, run inside the graph by the op runner of graph.py, which
   the executor registers (`graph.register()`) when it is created.
