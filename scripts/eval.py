@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="batch i samples with seed + i")
     paging = parser.add_argument_group("paging")
     paging.add_argument("--page-size", type=int, default=16)
+    paging.add_argument(
+        "--window-page-size", type=int,
+        help="page size of sliding-window layers (default: about window / 32, a divisor of --page-size)",
+    )
     paging.add_argument("--num-pages", type=int, help="pages in the pool (overrides --max-memory)")
     paging.add_argument("--max-memory", help="pool budget: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     paging.add_argument("--backend", default="auto", choices=("auto", "torch", "flashinfer"))
@@ -181,12 +185,14 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     check_available(metrics)
     try:
         config = hf_paged.PagedConfig(
-            page_size=args.page_size, num_pages=args.num_pages, max_memory=parse_memory(args.max_memory),
+            page_size=args.page_size, window_page_size=args.window_page_size, num_pages=args.num_pages, max_memory=parse_memory(args.max_memory),
             backend=args.backend, cascade=False if args.no_cascade else None, compile=args.compile,
             prefix_cache=args.prefix_cache,
         )
     except ValueError as error:
-        raise EvalError(f"bad paging flag (--page-size, --num-pages, --max-memory, --backend): {error}") from error
+        raise EvalError(
+            f"bad paging flag (--page-size, --window-page-size, --num-pages, --max-memory, --backend): {error}"
+        ) from error
     data_files = args.data_files or (None if args.dataset else bundled_data_files())
     with state.main_process_first():
         rows = load_rows(args.dataset, args.dataset_config, args.split, data_files)
@@ -252,7 +258,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         num_processes=state.num_processes,
         generation=kwargs,
         paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")}
-        | {"backend": executor, "requested_backend": args.backend, "compile": args.compile},
+        | {"backend": executor, "requested_backend": args.backend, "compile": args.compile}
+        | {"groups": [{key: group[key] for key in ("window", "num_layers", "page_size")} for group in geometry["groups"]]},
         pool_placement=placement,
         prefix_cache=prefix_cache_summary(prefix_counts) if args.prefix_cache else None,
     )

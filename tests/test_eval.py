@@ -191,6 +191,7 @@ BAD_INPUT = {
     "pool too small": (["--limit", "2", "--num-pages", "2", "--page-size", "4"], ["out of pages", "needed"]),
     "bad max memory": (["--max-memory", "lots"], ["--max-memory 'lots'", "2GiB"]),
     "bad page size": (["--page-size", "0"], ["page_size", "got 0"]),
+    "bad window page size": (["--window-page-size", "5"], ["--window-page-size", "divides page_size=16", "got 5"]),
     "backend cannot serve": (["--backend", "flashinfer", "--dtype", "float32"], ["'flashinfer' cannot serve", "fp32"]),
     "negative threads": (["--threads", "-1"], ["--threads must be >= 0", "-1"]),
     "negative seed": (["--seed", "-5"], ["--seed must be in", "-5"]),
