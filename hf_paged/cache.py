@@ -181,7 +181,8 @@ class PagedCache(Cache):
                     "its config says"
                 )
             self.groups[group] = spec = replace(spec, cache_window=True)  # the runtime's list: later caches too
-        if self.prompt_phase is not None or all(kv - qo < window for kv, qo in zip(meta.kv_lens, meta.qo_lens)):
+        past = [n - q for n, q in zip(self.group_tables[group].num_tokens, meta.qo_lens)]  # before this forward
+        if self.prompt_phase is not None or all(p < window for p in past):
             return params
         if meta.max_qo_len <= 1:
             return replace(params, window_left=window - 1)

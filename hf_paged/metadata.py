@@ -24,7 +24,8 @@ class ForwardMetadata:
                       the layer inputs; None when every input token is new (no padding).
     copy_src, copy_dst: [num_copies] int64 pages to copy (copy-on-write) before K/V are written;
                       None when there is nothing to copy.
-    Host-side: qo_lens, kv_lens (per row, new tokens and tokens after this forward), q_len (the
+    Host-side: qo_lens, kv_lens (per row, new tokens and the tokens its pages hold after this
+    forward: a sliding-window group's rows start at their first held page), q_len (the
     padded number of input tokens per row), page_size, and kv_indptr_host / kv_indices_host, the
     same lists as the tensors, which an executor reads without a device sync (to find rows that
     share a prefix, or rows in consecutive pages). `cascade`: shared-prefix attention allowed.
@@ -119,13 +120,17 @@ def build_metadata(
     group: the index of `tables`' group of layers.
     """
     page_size = tables.page_size
-    kv_lens = list(tables.num_tokens)
+    # A sliding-window group's rows start after the pages their window has released: each row's
+    # keys are its tokens from its first held page on (attention depends on positions only
+    # relative to the query's, so the window mask, causality and ALiBi are unchanged).
+    holes = tables.num_leading_holes
+    kv_lens = [n - lead * page_size for n, lead in zip(tables.num_tokens, holes)]
     kv_indices: list[int] = []
-    for table in tables.page_tables:
-        kv_indices.extend(table)
+    for table, lead in zip(tables.page_tables, holes):
+        kv_indices.extend(table[lead:] if lead else table)
     copy_src = to_device([c[0] for c in copies], torch.int64, device) if copies else None
     copy_dst = to_device([c[1] for c in copies], torch.int64, device) if copies else None
-    kv_indptr = cumsum([len(t) for t in tables.page_tables])
+    kv_indptr = cumsum([len(t) - lead for t, lead in zip(tables.page_tables, holes)])
     return ForwardMetadata(
         qo_indptr=to_device(cumsum(qo_lens), torch.int32, device),
         kv_indptr=to_device(kv_indptr, torch.int32, device),

@@ -43,6 +43,9 @@ class PageTables:
         self.num_released = 0  # pages drop_out_of_window has let go of
         self.page_tables: list[list[int]] = []
         self.num_tokens: list[int] = []
+        # Leading holes of each row: windows release from the front only, so a row's holes are
+        # `table[:num_leading_holes[row]]`, and the metadata starts each row after them.
+        self.num_leading_holes: list[int] = []
         # Reservation: row i's next page is to be `home[i] + len(table)` (< home[i] + stride); -1: none.
         self.home: list[int] = []
         self.stride = 0
@@ -75,6 +78,7 @@ class PageTables:
         """Append `num_rows` empty rows."""
         self.page_tables.extend([] for _ in range(num_rows))
         self.num_tokens.extend([0] * num_rows)
+        self.num_leading_holes.extend([0] * num_rows)
         self.home.extend([-1] * num_rows)
 
     def held(self, table: list[int]) -> list[int]:
@@ -94,11 +98,13 @@ class PageTables:
         with self._changing_pages():
             for row, table in enumerate(self.page_tables):
                 num_dead = max(0, self.num_tokens[row] - self.window + 1) // page_size
-                release = [page for page in table[:num_dead] if page != hole]
-                if release:
-                    self.blocks.free(release)
-                    table[:num_dead] = [hole] * num_dead
-                    dropped += len(release)
+                if num_dead <= self.num_leading_holes[row]:
+                    continue
+                release = table[self.num_leading_holes[row]:num_dead]
+                self.blocks.free(release)
+                table[self.num_leading_holes[row]:num_dead] = [hole] * len(release)
+                self.num_leading_holes[row] = num_dead
+                dropped += len(release)
             self.num_released += dropped
         return dropped
 
@@ -222,6 +228,7 @@ class PageTables:
                 raise IndexError(f"row {row_id} out of range for {self.num_rows} rows")
         new_tables = [list(self.page_tables[i]) for i in row_ids]
         new_tokens = [self.num_tokens[i] for i in row_ids]
+        new_holes = [self.num_leading_holes[i] for i in row_ids]
         # Take the new references before dropping the old, so no kept page passes through zero.
         for table in new_tables:
             self.blocks.fork(self.held(table))
@@ -231,6 +238,7 @@ class PageTables:
             self.blocks.free(self.held(table))
         self.page_tables = new_tables
         self.num_tokens = new_tokens
+        self.num_leading_holes = new_holes
         self.home = [-1] * len(row_ids)
 
     def check_crop(self, num_tokens_to_remove: list[int]) -> None:
@@ -277,6 +285,7 @@ class PageTables:
                 self.blocks.free(self.held(table))
         self.page_tables = []
         self.num_tokens = []
+        self.num_leading_holes = []
         self.home = []
 
     def num_unique_tokens(self) -> int:

@@ -16,11 +16,12 @@ operation = st.one_of(
     st.tuples(st.just("release"), st.none()),
     st.tuples(st.just("reserve"), st.integers(0, 12)),  # release, then reserve runs of this many tokens
     st.tuples(st.just("other"), st.integers(1, 5)),  # another cache takes pages (maybe reserved ones)
+    st.tuples(st.just("drop"), st.none()),  # a sliding window lets go of the pages no query can see
 )
 
 
 def check_invariants(blocks: BlockManager, tables: PageTables, other: PageTables) -> None:
-    holders = Counter(page for t in (tables, other) for table in t.page_tables for page in table)
+    holders = Counter(page for t in (tables, other) for table in t.page_tables for page in t.held(table))
     for page in range(blocks.num_pages):
         assert blocks.ref_counts[page] == holders.get(page, 0), f"page {page}"
     assert blocks.num_free_pages + len(holders) == blocks.num_pages
@@ -32,9 +33,14 @@ def check_invariants(blocks: BlockManager, tables: PageTables, other: PageTables
     for row, table in enumerate(tables.page_tables):  # a row still reserving holds its reserved pages, in order
         if tables.home[row] >= 0:
             assert table == list(range(tables.home[row], tables.home[row] + len(table)))
-    for table, num_tokens in zip(tables.page_tables, tables.num_tokens):
+    for table, num_tokens, lead in zip(tables.page_tables, tables.num_tokens, tables.num_leading_holes):
         assert len(table) == num_pages_for(num_tokens, tables.page_size)
-        assert len(set(table)) == len(table)
+        assert len(set(tables.held(table))) == len(tables.held(table))
+        # Windows release from the front: holes exactly where the row's count says, nowhere else.
+        assert table[:lead] == [tables.hole] * lead and tables.hole not in table[lead:]
+        if tables.window is not None and num_tokens:  # the next query's keys are all held
+            first_needed = max(0, num_tokens - tables.window + 1) // tables.page_size
+            assert lead <= first_needed
     # Memory bound: pages in use <= pages for the unique tokens + one partial page per row.
     bound = num_pages_for(tables.num_unique_tokens(), tables.page_size) + tables.num_rows
     assert blocks.num_used_pages - len(set(p for t in other.page_tables for p in t)) <= bound
@@ -45,11 +51,12 @@ def check_invariants(blocks: BlockManager, tables: PageTables, other: PageTables
     page_size=st.sampled_from([1, 2, 3, 4]),
     num_pages=st.integers(4, 40),
     num_rows=st.integers(1, 4),
+    window=st.sampled_from([None, 2, 3, 5]),
     operations=st.lists(operation, max_size=25),
 )
-def test_random_operations_keep_invariants(page_size, num_pages, num_rows, operations):
+def test_random_operations_keep_invariants(page_size, num_pages, num_rows, window, operations):
     blocks = BlockManager(num_pages)
-    tables = PageTables(blocks, page_size)
+    tables = PageTables(blocks, page_size, window)
     tables.add_rows(num_rows)
     other = PageTables(blocks, page_size)
     other.add_rows(1)
@@ -70,7 +77,14 @@ def test_random_operations_keep_invariants(page_size, num_pages, num_rows, opera
         elif name == "select" and tables.num_rows:
             tables.select_rows([i % tables.num_rows for i in argument])
         elif name == "crop":
-            tables.crop([argument] * tables.num_rows)
+            before = ([list(t) for t in tables.page_tables], list(tables.num_tokens), list(blocks.ref_counts))
+            try:
+                tables.crop([argument] * tables.num_rows)
+            except ValueError:  # it would need pages the window released
+                after = ([list(t) for t in tables.page_tables], list(tables.num_tokens), list(blocks.ref_counts))
+                assert after == before, "a refused crop changed state"
+        elif name == "drop":
+            tables.drop_out_of_window()
         elif name == "release":
             tables.release()
             tables.add_rows(num_rows)

@@ -268,3 +268,26 @@ def test_running_out_of_pages_or_an_interrupt_returns_every_groups_pages():
     assert blocks.num_used_pages == 0 and blocks.num_shared_pages == 0
     assert all(count == 0 for count in blocks.ref_counts) and blocks.num_reserved == 0
     assert torch.equal(generate(model, input_ids, mask, max_new_tokens=4, num_beams=4), expected)
+
+
+def test_the_metadata_of_a_sliding_group_starts_each_row_at_its_first_held_page():
+    """Released pages are left out of the metadata: each row's keys start at its first held page
+    (positions are relative to the query's), so no executor reads a released entry."""
+    from hf_paged.blocks import BlockManager
+    from hf_paged.metadata import build_metadata
+    from hf_paged.tables import PageTables
+
+    tables = PageTables(BlockManager(64), page_size=2, window=5)
+    tables.add_rows(2)
+    tables.append([12, 7])
+    tables.drop_out_of_window()  # next queries at 12 and 7 see keys from 8 and 3 on
+    assert tables.num_leading_holes == [4, 1]
+    slots, copies = tables.append([1, 1])
+    meta = build_metadata(tables, [1, 1], 1, slots, copies, None, torch.device("cpu"))
+    assert meta.kv_lens == [13 - 8, 8 - 2]
+    assert meta.kv_indices_host == tables.page_tables[0][4:] + tables.page_tables[1][1:]
+    assert tables.hole not in meta.kv_indices_host and meta.kv_indptr_host == [0, 3, 6]
+    tables.select_rows([1, 1, 0])  # beams: rows carry their holes
+    assert tables.num_leading_holes == [1, 1, 4]
+    tables.release()
+    assert tables.blocks.num_used_pages == 0

@@ -56,15 +56,14 @@ def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
     return torch.where(num_pages > 0, lengths, torch.zeros_like(lengths))
 
 
-def token_slots(meta: ForwardMetadata, max_kv: int, zero_slot: int, first_token: int = 0) -> torch.Tensor:
-    """[rows, max_kv] int64 key slots (indices into `pool.view(-1, H, D)`) of tokens `first_token + j`
-    of each row.
+def token_slots(meta: ForwardMetadata, max_kv: int, zero_slot: int) -> torch.Tensor:
+    """[rows, max_kv] int64 key slots (indices into `pool.view(-1, H, D)`) of tokens `j` of each row.
 
     Positions past a row's length point at `zero_slot`.
     """
     page_size = meta.page_size
     device = meta.kv_indptr.device
-    positions = torch.arange(first_token, first_token + max_kv, device=device)  # (M,)
+    positions = torch.arange(max_kv, device=device)  # (M,)
     page_pos = meta.kv_indptr[:-1, None].long() + positions[None] // page_size  # (R, M)
     valid = positions[None] < kv_lengths(meta)[:, None]
     num_indices = meta.kv_indices.numel()
@@ -76,9 +75,9 @@ def token_slots(meta: ForwardMetadata, max_kv: int, zero_slot: int, first_token:
 
 
 def attention_mask(
-    meta: ForwardMetadata, max_q: int, max_kv: int, window_left: int, first_token: int = 0
+    meta: ForwardMetadata, max_q: int, max_kv: int, window_left: int
 ) -> torch.Tensor:
-    """[rows, max_q, max_kv] bool: query i of row r sees key `first_token + j`.
+    """[rows, max_q, max_kv] bool: query i of row r sees key `j`.
 
     Bottom-right causal (a row's new tokens are the last of its KV), optional left window.
     Padded queries (i >= qo_len) see every real key, so they never produce NaN.
@@ -86,7 +85,7 @@ def attention_mask(
     device = meta.kv_indptr.device
     kv_len = kv_lengths(meta)  # (R,)
     qo_len = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).long()
-    keys = torch.arange(first_token, first_token + max_kv, device=device)[None, None]  # (1, 1, M)
+    keys = torch.arange(max_kv, device=device)[None, None]  # (1, 1, M)
     query_pos = (kv_len - qo_len)[:, None] + torch.arange(max_q, device=device)[None]  # (R, Q)
     query_pos = query_pos[:, :, None]
     mask = (keys <= query_pos) & (keys < kv_len[:, None, None])
@@ -95,15 +94,15 @@ def attention_mask(
     return mask
 
 
-def kv_gather_slots(index, max_kv: int, zero_page_id: int, first_token: int = 0) -> torch.Tensor:
-    """[2 * rows * max_kv] int64 slots of `pool.view(-1, H, D)`: every row's keys `first_token ..
-    first_token + max_kv - 1`, then its values.
+def kv_gather_slots(index, max_kv: int, zero_page_id: int) -> torch.Tensor:
+    """[2 * rows * max_kv] int64 slots of `pool.view(-1, H, D)`: every row's keys `0 .. max_kv - 1`,
+    then its values.
 
     `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex). The zero page
     is the last page of each plane, so a plane holds `(zero_page_id + 1) * page_size` rows.
     """
     page_size = index.page_size
-    k_slots = token_slots(index, max_kv, zero_page_id * page_size, first_token).reshape(-1)
+    k_slots = token_slots(index, max_kv, zero_page_id * page_size).reshape(-1)
     return torch.cat([k_slots, k_slots + (zero_page_id + 1) * page_size])
 
 
@@ -116,24 +115,23 @@ def padded_query_positions(index, max_q: int, nnz: int) -> torch.Tensor:
     return row_of * max_q + within
 
 
-def packed_mask(index, max_q: int, max_kv: int, params: LayerParams, first_token: int = 0) -> torch.Tensor:
+def packed_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Tensor:
     """[rows, 1, group * max_q (or 1), max_kv] bool mask for `pack_gqa`-packed queries."""
-    mask = attention_mask(index, max_q, max_kv, params.window_left, first_token)[:, None]  # (R, 1, Q, M)
+    mask = attention_mask(index, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
     if max_q > 1 and params.group_size > 1:
         mask = mask.repeat(1, 1, params.group_size, 1)
     return mask
 
 
-def alibi_mask(index, max_q: int, max_kv: int, params: LayerParams, first_token: int = 0) -> torch.Tensor:
+def alibi_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Tensor:
     """[rows, H_kv, group * max_q, max_kv] float32: `slope * (key - query)` where `packed_mask`
-    attends, -inf elsewhere, in `pack_gqa`'s head order (query head = kv head * group + g); keys
-    `first_token ..` of each row."""
-    allowed = attention_mask(index, max_q, max_kv, params.window_left, first_token)  # (R, Q, M)
+    attends, -inf elsewhere, in `pack_gqa`'s head order (query head = kv head * group + g)."""
+    allowed = attention_mask(index, max_q, max_kv, params.window_left)  # (R, Q, M)
     device = allowed.device
     kv_len = kv_lengths(index)
     qo_len = (index.qo_indptr[1:] - index.qo_indptr[:-1]).long()
     query_pos = (kv_len - qo_len)[:, None] + torch.arange(max_q, device=device)[None]  # (R, Q)
-    keys = torch.arange(first_token, first_token + max_kv, device=device)
+    keys = torch.arange(max_kv, device=device)
     distance = keys[None, None] - query_pos[:, :, None]  # (R, Q, M)
     slopes = torch.tensor(params.alibi_slopes, dtype=torch.float32, device=device)
     bias = slopes.view(1, params.num_kv_heads, params.group_size, 1, 1) * distance[:, None, None].float()
@@ -151,18 +149,13 @@ def plan(
     knows no `causal` flag: cascade's suffix).
     """
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
-    # A sliding-window group releases the pages before every row's window (their entries read the
-    # zero page): start reading at the first page some row still holds.
-    skip = _pages_before_every_window(meta, zero_page_id) if params.window_left >= 0 else 0
-    first_token = skip * meta.page_size
     # Rows of equal length in consecutive pages: read in place. (With unequal lengths a view would
     # also read the unwritten slots past a shorter row's end; the gather reads the zero page there.)
     row_run = None
     if meta.kv_indices_host is not None and all(n == max_kv for n in meta.kv_lens):
         indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
-        row_run = consecutive_run([indices[indptr[r] + skip:indptr[r + 1]] for r in range(rows)], zero_page_id)
-    max_kv -= first_token  # keys read per row: tokens first_token .. of each row
-    kv_slots = None if row_run is not None else kv_gather_slots(meta, max_kv, zero_page_id, first_token)
+        row_run = consecutive_run([indices[indptr[r]:indptr[r + 1]] for r in range(rows)], zero_page_id)
+    kv_slots = None if row_run is not None else kv_gather_slots(meta, max_kv, zero_page_id)
     uniform_q = all(n == max_q for n in meta.qo_lens)
     q_positions = None if uniform_q else padded_query_positions(meta, max_q, sum(meta.qo_lens))
     causal = (
@@ -173,27 +166,10 @@ def plan(
         params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
     if params.alibi_slopes:
-        mask = alibi_mask(meta, max_q, max_kv, params, first_token)
+        mask = alibi_mask(meta, max_q, max_kv, params)
     else:
-        mask = packed_mask(meta, max_q, max_kv, params, first_token) if needs_mask else None
+        mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
     return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run)
-
-
-def _pages_before_every_window(meta: ForwardMetadata, zero_page_id: int) -> int:
-    """How many leading page entries every row has released (the zero page stands in for them)."""
-    if meta.kv_indices_host is None or meta.num_rows == 0:
-        return 0
-    indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
-    skip = None
-    for row in range(meta.num_rows):
-        start, end = indptr[row], indptr[row + 1]
-        count = 0
-        while start + count < end and indices[start + count] == zero_page_id:
-            count += 1
-        skip = count if skip is None else min(skip, count)
-        if skip == 0:
-            break
-    return skip or 0
 
 
 def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
