@@ -6,8 +6,9 @@
    (copy-on-write), sliding window, soft-cap.
    Shared-prefix (cascade) plans against plain attention.
 2. generate(): the wrapped model (FlashInfer) against the unwrapped model, bf16, greedy and beam
-   search, with and without cascade, and compiled CUDA-graph decode steps: at least 99% of the
-   generated tokens agree (see `token_agreement` for near-ties).
+   search, with and without cascade, compiled CUDA-graph decode steps, and a Gemma-3-style model
+   whose sliding group has pages of its own size: at least 99% of the generated tokens agree (see
+   `token_agreement` for near-ties).
 """
 
 import pytest
@@ -280,3 +281,32 @@ def test_compiled_cuda_graph_decode_with_flashinfer_agrees_with_stock():
     hf_paged.unwrap(model)
     agreement = token_agreement(stock, paged, model, mask, input_ids.shape[1], beams=False)
     assert agreement >= 0.99, f"compiled greedy: {agreement:.3f} of tokens agree"
+
+
+def small_gemma3(seed: int = 0) -> torch.nn.Module:
+    """A random Gemma-3-style model (5 sliding layers with window 16 : 1 full) in bf16 on CUDA."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, DTYPE).eval()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_sliding_window_groups_with_their_own_page_size_agree_with_stock(mode):
+    """FlashInfer on two groups of layers: the full one in pages of 16, the sliding one (window 16)
+    in pages of 1 (window_page_size's default), planned per group, released pages left out of the
+    metadata; prompts and generations well past the window."""
+    model = small_gemma3()
+    input_ids, mask = prompts(length=40)
+    kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                  do_sample=False, num_beams=4 if mode == "beam" else 1)
+    stock = model.generate(input_ids, **kwargs)
+    hf_paged.wrap(model, num_pages=2048, page_size=16, backend="flashinfer")
+    assert [(g.window, g.page_size) for g in model.hf_paged_runtime.groups] == [(None, 16), (16, 1)]
+    paged = model.generate(input_ids, **kwargs)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    hf_paged.unwrap(model)
+    agreement = token_agreement(stock, paged, model, mask, input_ids.shape[1], beams=mode == "beam")
+    assert agreement >= 0.99, f"{mode}: {agreement:.3f} of tokens agree"
