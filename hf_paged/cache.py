@@ -229,7 +229,7 @@ class PagedCache(Cache):
         """Pages each group's rows hold now, and the K/V bytes that makes, at their highest."""
         total = 0
         for group, tables in enumerate(self.group_tables):
-            held = {page for table in tables.page_tables for page in table if page != tables.hole}
+            held = {page for table, lead in zip(tables.page_tables, tables.num_leading_holes) for page in table[lead:]}
             self.peak_group_pages[group] = max(self.peak_group_pages[group], len(held))
             total += len(held) * self.group_page_bytes[group]
         self.peak_kv_bytes = max(self.peak_kv_bytes, total)
