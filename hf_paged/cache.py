@@ -28,6 +28,8 @@ class ForwardState:
     prompt_last: bool = False  # the forward of the prompt's last token after a split prefill (`prompt_phase`)
     metas: dict[tuple[int, torch.device], ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
+    # (group, layer params) -> the params a layer attending wider than its group's window uses (once per forward)
+    window_params: dict[tuple, LayerParams] = field(default_factory=dict)
     num_written: int = 0
     num_attended: int = 0
 
@@ -297,7 +299,10 @@ class PagedCache(Cache):
         window = self.groups[group].window
         meta = self._meta_on(pool.device, group)
         if window is not None and not 0 <= params.window_left < window:
-            params = self._cache_window_params(group, layer_idx, params, meta)
+            effective = state.window_params.get((group, params))
+            if effective is None:
+                effective = state.window_params[(group, params)] = self._cache_window_params(group, layer_idx, params, meta)
+            params = effective
         elif window is None and self.runtime.config.compile:
             self._check_compiled_window(layer_idx, params)
         key = (pool.device, params, group)

@@ -19,8 +19,6 @@ page size` pages of each group).
 
 from dataclasses import dataclass
 
-from . import _compat
-
 
 @dataclass(frozen=True, slots=True)
 class GroupSpec:
@@ -46,14 +44,12 @@ def window_page_size(window: int, page_size: int, requested: int | None = None) 
     return max(d for d in range(1, min(page_size, limit) + 1) if page_size % d == 0)
 
 
-def layer_groups(config, num_layers: int, page_size: int, window_pages: int | None = None,
-                 enabled: bool = True) -> list[GroupSpec]:
+def layer_groups(windows: list[int | None], page_size: int, window_pages: int | None = None) -> list[GroupSpec]:
     """The groups of a model's layers, the full-attention group (if any) first, then by window.
 
-    `enabled=False` (or a config whose layer windows cannot be read) gives one full group.
+    `windows`: each layer's (`_compat.layer_windows`; all None: one full group).
     `window_pages`: PagedConfig.window_page_size.
     """
-    windows = _compat.layer_windows(config, num_layers) if enabled else [None] * num_layers
     order = sorted(set(windows), key=lambda w: (w is not None, w or 0))
     return [
         GroupSpec(w, tuple(i for i, x in enumerate(windows) if x == w),

@@ -209,8 +209,11 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
     specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
-    # compile=True keeps one group: compiled decode steps read one metadata for every layer.
-    groups = layer_groups(text_config, len(specs), config.page_size, config.window_page_size, enabled=not config.compile)
+    # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
+    # compiled decode steps read one metadata for every layer.
+    cache_windows = _compat.layer_windows(text_config, len(specs))
+    grouped = [None] * len(specs) if config.compile else cache_windows
+    groups = layer_groups(grouped, config.page_size, config.window_page_size)
     # Raises (budget below one page, allocation failed) before anything is patched.
     pool = KVPool(config, specs, layer_page_sizes(groups, len(specs)))
     if runtime is not None:
@@ -227,7 +230,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         attention_modules=attention_modules,
         instance_generate=model.__dict__.get("generate"),
         groups=groups,
-        cache_windows=_compat.layer_windows(text_config, len(specs)),
+        cache_windows=cache_windows,
         patch=patch,
     )
     registered = _register_functions()
