@@ -31,8 +31,9 @@ def check_invariants(blocks: BlockManager, tables: PageTables, other: PageTables
     assert [page for page in range(blocks.num_pages) if blocks._free_flags[page]] == sorted(blocks.free_page_ids)
     assert all(blocks._stack_index[page] == i for i, page in enumerate(blocks.free_page_ids))
     for row, table in enumerate(tables.page_tables):  # a row still reserving holds its reserved pages, in order
-        if tables.home[row] >= 0:
-            assert table == list(range(tables.home[row], tables.home[row] + len(table)))
+        if tables.home[row] >= 0:  # (a window's released pages, at the front, are holes)
+            lead = tables.num_leading_holes[row]
+            assert table[lead:] == list(range(tables.home[row] + lead, tables.home[row] + len(table)))
     for table, num_tokens, lead in zip(tables.page_tables, tables.num_tokens, tables.num_leading_holes):
         assert len(table) == num_pages_for(num_tokens, tables.page_size)
         assert len(set(tables.held(table))) == len(tables.held(table))
