@@ -22,6 +22,7 @@ otherwise; `remove` deletes it, so the class's method is what the module runs ag
 """
 
 import importlib
+from collections.abc import Callable
 from types import MethodType, ModuleType
 
 import torch
@@ -91,6 +92,15 @@ def layer_specs(patch: ModuleType, modules: dict[int, torch.nn.Module]) -> list:
         weight = next(modules[layer_idx].parameters())
         specs.append(LayerSpec(*patch.kv_shape(modules[layer_idx]), weight.device, weight.dtype))
     return specs
+
+
+def cached_slopes(module: torch.nn.Module, compute: Callable[[], list[float]]) -> tuple[float, ...]:
+    """A module's ALiBi slopes, computed once by `compute()` (each family reads stock's its own way)
+    and kept on the module."""
+    slopes = module.__dict__.get("_hf_paged_slopes")
+    if slopes is None:
+        slopes = module.__dict__["_hf_paged_slopes"] = tuple(compute())
+    return slopes
 
 
 def modules_by_layer(

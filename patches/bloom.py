@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hf_paged.attention.params import LayerParams
 
-from . import modules_by_layer
+from . import cached_slopes, modules_by_layer
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -24,12 +24,9 @@ def kv_shape(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def alibi_slopes(module: torch.nn.Module) -> tuple[float, ...]:
-    """The slopes stock uses (its own `_get_alibi_slopes`), cached on the module."""
-    slopes = module.__dict__.get("_hf_paged_slopes")
-    if slopes is None:
-        stock = sys.modules[type(module).__module__]._get_alibi_slopes
-        slopes = module.__dict__["_hf_paged_slopes"] = tuple(stock(module.num_heads, "cpu").tolist())
-    return slopes
+    """The slopes stock uses (its own `_get_alibi_slopes`)."""
+    stock = sys.modules[type(module).__module__]._get_alibi_slopes
+    return cached_slopes(module, lambda: stock(module.num_heads, "cpu").tolist())
 
 
 def paged_forward(self, paged, hidden_states, residual, *args, **kwargs):

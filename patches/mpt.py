@@ -10,7 +10,7 @@ import torch
 
 from hf_paged.attention.params import LayerParams
 
-from . import modules_by_layer
+from . import cached_slopes, modules_by_layer
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
@@ -22,12 +22,9 @@ def kv_shape(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def alibi_slopes(module: torch.nn.Module) -> tuple[float, ...]:
-    """Stock's slopes, read off its bias over two positions (`[-slope, 0]` per head), cached on the module."""
-    slopes = module.__dict__.get("_hf_paged_slopes")
-    if slopes is None:
-        bias = sys.modules[type(module).__module__].build_mpt_alibi_tensor(module.n_heads, 2)  # (H, 1, 2)
-        slopes = module.__dict__["_hf_paged_slopes"] = tuple((-bias[:, 0, 0]).tolist())
-    return slopes
+    """Stock's slopes, read off its bias over two positions (`[-slope, 0]` per head)."""
+    build = sys.modules[type(module).__module__].build_mpt_alibi_tensor
+    return cached_slopes(module, lambda: (-build(module.n_heads, 2)[:, 0, 0]).tolist())  # bias (H, 1, 2)
 
 
 def paged_forward(self, paged, hidden_states, position_bias=None, *args, **kwargs):
