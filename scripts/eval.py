@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", help="e.g. cpu, cuda:0 (default: this process's accelerate device)")
     model.add_argument("--device-map", help='auto, balanced, sequential, a device, or JSON {"module": device}')
     model.add_argument(
-        "--tp", type=int,
+        "--tp", type=int, default=1,
         help="tensor parallelism: shard the model over this many launched processes (transformers' "
         "DistributedConfig(tp_size=N)); launch N with torchrun --nproc_per_node N or accelerate launch "
-        "--num_processes N (default: accelerate's --parallelism_config_tp_size, else 1)",
+        "--num_processes N (default: 1, no sharding)",
     )
     model.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: torch's; 1 for the built-in model; 0: torch's)"
@@ -315,8 +315,6 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message on stderr)."""
     args = build_parser().parse_args(argv)
-    if args.tp is None:  # accelerate launch --parallelism_config_tp_size N sets this for its processes
-        args.tp = int(os.environ.get("PARALLELISM_CONFIG_TP_SIZE", "1"))
     # On CPU, processes started by `accelerate launch --multi_gpu` (torchrun) join through gloo only
     # when PartialState is told it runs on CPU.
     on_cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or args.device == "cpu" or not torch.cuda.is_available()
