@@ -33,6 +33,13 @@ def free_memory_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
+def pool_layout(config: PagedConfig, specs: list[LayerSpec], groups: list[GroupSpec] | None = None) -> Layout:
+    """How the pool for `specs` lays out its page ids (layout.py); `groups` None: one full group."""
+    if groups is None:
+        groups = [GroupSpec(None, tuple(range(len(specs))), config.page_size)]
+    return plan_layout(specs, groups, config.page_size, config.window_page_size, divisors_only=config.prefix_cache)
+
+
 def choose_num_pages(config: PagedConfig, layout: Layout) -> int:
     """Pages the pool gets: `num_pages`, else the budget divided by the bytes of one page id."""
     if config.num_pages is not None:
@@ -76,11 +83,7 @@ class KVPool:
     def __init__(self, config: PagedConfig, specs: list[LayerSpec], groups: list[GroupSpec] | None = None):
         self.page_size = config.page_size
         self.specs = specs
-        if groups is None:  # one full-attention group
-            groups = [GroupSpec(None, tuple(range(len(specs))), config.page_size)]
-        self.layout = plan_layout(
-            specs, groups, config.page_size, config.window_page_size, divisors_only=config.prefix_cache
-        )
+        self.layout = pool_layout(config, specs, groups)
         self.groups = self.layout.groups
         self.page_sizes = [0] * len(specs)
         for group in self.groups:
