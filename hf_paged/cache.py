@@ -3,8 +3,9 @@
 import torch
 from transformers.cache_utils import Cache
 
+from . import inflight
 from .attention import Executor, LayerParams, ops
-from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
+from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens, pack_tokens
 from .group_pages import GroupPages
 from .groups import GroupSpec, group_of_layer
 from .metadata import ForwardMetadata, build_metadata
@@ -41,6 +42,11 @@ class PagedCache(Cache):
         self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups])
         self.group_tables: list[PageTables] = self.pages.group_tables
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
+        modules = self.runtime.attention_modules
+        self.applies_window = [
+            group.window is not None and all(inflight.applies_window(modules[layer], group.window) for layer in group.layers)
+            for group in self.groups
+        ]
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
         # Stock prefills the whole prompt in one forward; generate.prefill_prompt and
@@ -75,7 +81,7 @@ class PagedCache(Cache):
                 "release() it and create a new PagedCache(model), which gets a pool that matches"
             )
         # Pad tokens among the new ones are not stored.
-        qo_lens, token_index = new_tokens(attention_mask, batch_size, q_len, device, self.ragged_prefill)
+        qo_lens, token_index, new_mask = new_tokens(attention_mask, batch_size, q_len, device, self.ragged_prefill)
         if self.tables.num_rows == 0 and self.seq_length == 0:
             self.add_rows(batch_size)
             self.reserve_rows()
@@ -86,13 +92,18 @@ class PagedCache(Cache):
             )
         with self.pool.blocks.lock:  # other caches share the pool: drop and take at once
             self._drop_out_of_window()
-            appended = self.pages.place(qo_lens)  # every group's pages, or none (OutOfPagesError)
+            # A prompt's sliding layers store only what later queries see (inflight.py).
+            skips = inflight.forward_skips(
+                self.groups, self.group_tables, self.applies_window, qo_lens, self.recording, self.prompt_phase is not None
+            )
+            appended = self.pages.place(qo_lens, skips)  # every group's pages, or none (OutOfPagesError)
         metas = [
             build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade, group)
-            for group, (tables, (slots, copies)) in enumerate(zip(self.group_tables, appended))
+            for group, (tables, (slots, copies, _)) in enumerate(zip(self.group_tables, appended))
         ]
         self.seq_length += q_len
-        self._forward = ForwardState(metas, prompt_last=self.prompt_phase == "last")
+        self._forward = state = ForwardState(metas, prompt_last=self.prompt_phase == "last")
+        inflight.start(state, skips, [deferred for _, _, deferred in appended], new_mask, qo_lens, q_len, device)
         for group, meta in enumerate(metas):
             self._forward.metas[(group, meta.slot_mapping.device)] = meta
             if meta.copy_src is not None:  # copy-on-write, every layer of the group, before any layer writes
@@ -132,6 +143,7 @@ class PagedCache(Cache):
         """
         state, self._forward = self._forward, None
         if state is not None:
+            self.pages.release_deferred(state.deferred)
             if state.prompt_last:
                 self.prompt_phase = None
             self._drop_out_of_window()
@@ -173,9 +185,13 @@ class PagedCache(Cache):
                 f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
-        key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
+        index = meta.token_index if meta.write_index is None else meta.write_index
+        key, value = pack_tokens(key_states, index, pool.dtype), pack_tokens(value_states, index, pool.dtype)
         ops.write_kv_auto(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
-        self._forward.num_written += 1
+        state = self._forward
+        state.num_written += 1
+        if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
+            state.stash[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
@@ -194,12 +210,14 @@ class PagedCache(Cache):
             params = effective
         elif window is None and self.runtime.config.compile:
             check_compiled_window(self.runtime, layer_idx, params)
+        if group in state.inflight:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
+            return inflight.attend(state, layer_idx, group, query, params)
         key = (pool.device, params, group)
         plan = state.plans.get(key)
         if plan is None:
             plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
         batch, num_heads, q_len, head_dim = query.shape
-        q = _pack(query, meta.token_index, query.dtype)
+        q = pack_tokens(query, meta.token_index, query.dtype)
         out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
         if meta.token_index is None:
             return out.view(batch, q_len, num_heads, head_dim)
@@ -266,6 +284,8 @@ class PagedCache(Cache):
 
     def release(self) -> None:
         """Give every page back to the pool. The cache cannot be used afterwards."""
+        if self._forward is not None:
+            self.pages.release_deferred(self._forward.deferred)
         self.pages.release()
         self.seq_length = 0
         self._forward = None
@@ -347,11 +367,3 @@ class PagedCache(Cache):
             f"pages_in_use={self.pool.blocks.num_used_pages}/{self.pool.num_pages})"
         )
 
-
-def _pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the new tokens only, in row order."""
-    batch, heads, q_len, head_dim = states.shape
-    flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
-    if token_index is not None:
-        flat = flat.index_select(0, token_index)
-    return flat.to(dtype)

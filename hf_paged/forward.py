@@ -27,6 +27,12 @@ class ForwardState:
     window_params: dict[tuple, LayerParams] = field(default_factory=dict)
     num_written: int = 0
     num_attended: int = 0
+    # Sliding groups whose layers attend from the forward's own K/V (inflight.py): group -> the
+    # `[batch, q_len]` bool mask of new tokens (None: all are); their K/V by layer until it attends;
+    # pages a skip took out of the tables, given back at the end of the forward (group -> pages).
+    inflight: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    deferred: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def meta(self) -> ForwardMetadata:
@@ -36,16 +42,17 @@ class ForwardState:
 
 def new_tokens(
     attention_mask: torch.Tensor | None, batch_size: int, q_len: int, device: torch.device, ragged: bool
-) -> tuple[list[int], torch.Tensor | None]:
-    """The new (non-pad) tokens of each row and their positions in the `batch * q_len` flattening
-    of the layer inputs (None when every input token is new).
+) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """The new (non-pad) tokens of each row, their positions in the `batch * q_len` flattening
+    of the layer inputs, and the `[batch, q_len]` bool mask of them (both None when every input
+    token is new).
 
     attention_mask: the 2-D padding mask `[batch, past + q_len]` generate() passes (1 = token,
     0 = pad), or None. `ragged`: a mask with pads between a row's past and its new tokens is
     expected (prefill.prefill_with_prefix_cache); otherwise it raises.
     """
     if attention_mask is None:
-        return [q_len] * batch_size, None
+        return [q_len] * batch_size, None, None
     if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
         raise ValueError(
             "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
@@ -57,8 +64,8 @@ def new_tokens(
     if any_hole and not ragged:
         raise_padding_error(holes)
     if all_new:
-        return [q_len] * batch_size, None
-    return new_mask.sum(dim=1).tolist(), new_mask.reshape(-1).nonzero().squeeze(1).to(device)
+        return [q_len] * batch_size, None, None
+    return new_mask.sum(dim=1).tolist(), new_mask.reshape(-1).nonzero().squeeze(1).to(device), new_mask
 
 
 def cache_window_params(cache, group: int, layer_idx: int, params: LayerParams, meta: ForwardMetadata) -> LayerParams:
@@ -73,12 +80,13 @@ def cache_window_params(cache, group: int, layer_idx: int, params: LayerParams, 
     - Several queries per row after more than W - 1 tokens (assisted decoding past the window):
       no window_left expresses that; raises rather than attending other keys.
     The group is marked `cache_window` (for later caches of the model too) the first time; if it
-    has already released pages by then, raises: they may be needed.
+    has already released pages by then (before this forward), raises: they may be needed.
     """
     spec = cache.groups[group]
     window = spec.window
     if not spec.cache_window:
-        if cache.group_tables[group].num_released:
+        # A forward whose layers attend from its own K/V (inflight.py) sees every token it skipped.
+        if cache.group_tables[group].num_released and group not in cache._forward.inflight:
             raise RuntimeError(
                 f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group kept only "
                 f"a window of {window} tokens and released the rest; this model's windows are not what "
@@ -107,3 +115,13 @@ def check_compiled_window(runtime, layer_idx: int, params: LayerParams) -> None:
             "DynamicCache(config) keeps it), which compile=True (one group keeping every token) cannot "
             "reproduce; wrap with compile=False"
         )
+
+
+def pack_tokens(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the tokens at `token_index` of the `batch * q_len`
+    flattening (all when None), in row order."""
+    batch, heads, q_len, head_dim = states.shape
+    flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+    if token_index is not None:
+        flat = flat.index_select(0, token_index)
+    return flat.to(dtype)

@@ -40,17 +40,30 @@ class GroupPages:
         """Page ids this cache holds now, all groups."""
         return sum(tables.num_pages_held for tables in self.group_tables)
 
-    def place(self, qo_lens: list[int]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Make room for `qo_lens[i]` new tokens in row i of every group: per group, the slots of
-        the new tokens and the copy-on-write copies (PageTables.append). Raises OutOfPagesError
-        before any group takes a page when the pool cannot hold them all."""
+    def place(
+        self, qo_lens: list[int], skips: list[list[int] | None] | None = None
+    ) -> list[tuple[list[int], list[tuple[int, int]], list[int]]]:
+        """Make room for `qo_lens[i]` new tokens in row i of every group, of which group g stores
+        all but the first `skips[g][i]` (inflight.py; None: all): per group, the slots of the
+        stored tokens, the copy-on-write copies and the pages a skip took out of the tables
+        (PageTables.append_skipping). Raises OutOfPagesError before any group takes a page when
+        the pool cannot hold them all."""
+        skips = skips or [None] * len(self.group_tables)
         with self.blocks.lock:
-            num_needed = sum(tables.num_pages_to_append(qo_lens) for tables in self.group_tables)
+            num_needed = sum(tables.num_pages_to_append(qo_lens, skip) for tables, skip in zip(self.group_tables, skips))
             if not self.blocks.can_allocate(num_needed):
                 raise OutOfPagesError(num_needed, self.blocks.num_available_pages, self.blocks.num_pages)
-            appended = [tables.append(qo_lens) for tables in self.group_tables]
+            appended = [tables.append_skipping(qo_lens, skip) for tables, skip in zip(self.group_tables, skips)]
         self.peak_pool_pages = max(self.peak_pool_pages, self.num_pages_held)
         return appended
+
+    def release_deferred(self, deferred: dict[int, list[int]]) -> None:
+        """Give back the pages a forward's skips took out of the tables (group -> pages), which it
+        held while its layers ran (inflight.py)."""
+        for group, pages in deferred.items():
+            if pages:
+                self.group_tables[group].release_deferred(pages)
+        deferred.clear()
 
     def drop_out_of_window(self, keep_cache_windows: bool = False) -> None:
         """Sliding groups let go of what the next queries cannot see (`keep_cache_windows`: not the
@@ -100,6 +113,3 @@ class GroupPages:
     def release(self) -> None:
         for tables in self.group_tables:
             tables.release()
-
-    def num_released(self, group: int) -> int:
-        return self.group_tables[group].num_released

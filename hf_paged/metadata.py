@@ -33,6 +33,9 @@ class ForwardMetadata:
     `group`: the index of the group of layers (groups.py) whose page tables these are; an executor
     that keeps planned state across layers keeps it per group (two groups may have the same layer
     settings but never the same pages).
+    write_index: [stored] int64 positions, in the `rows * q_len` flattening, of the new tokens that
+    are written to pages when a sliding group stores only what later queries see (inflight.py;
+    its layers then attend from the forward's own K/V); None: every new token (`token_index`).
     """
 
     qo_indptr: torch.Tensor
@@ -51,6 +54,7 @@ class ForwardMetadata:
     kv_indptr_host: list[int] | None = None
     kv_indices_host: list[int] | None = None
     group: int = 0
+    write_index: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -76,7 +80,7 @@ class ForwardMetadata:
             move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
             self.qo_lens, self.kv_lens, self.q_len, self.page_size,
-            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.group,
+            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.group, move(self.write_index),
         )
 
 

@@ -147,23 +147,24 @@ class PageTables:
         self.blocks.reserve(range(first, first + self.num_rows * stride))
         return True
 
-    def num_pages_to_append(self, num_new_tokens: list[int]) -> int:
-        """Pages `append(num_new_tokens)` takes from the pool, copies for copy-on-write included."""
+    def num_pages_to_append(self, num_new_tokens: list[int], skip: list[int] | None = None) -> int:
+        """Pages `append(num_new_tokens, skip)` takes from the pool, copies for copy-on-write included."""
         page_size = self.page_size
         ref_counts = self.blocks.ref_counts
         # The last row to write into a shared partial page finds it unshared and writes in place.
         remaining_refs: dict[int, int] = {}
         num_needed = 0
-        for table, num_tokens, num_new in zip(self.page_tables, self.num_tokens, num_new_tokens):
+        for row, (table, num_tokens, num_new) in enumerate(zip(self.page_tables, self.num_tokens, num_new_tokens)):
             if num_new == 0:
                 continue
-            if num_tokens % page_size:
+            first = num_tokens + (skip[row] if skip else 0)  # the first token stored
+            if first % page_size:  # (then first == num_tokens: a skip ends on a page boundary)
                 last = table[-1]
                 refs = remaining_refs.get(last, ref_counts[last])
                 if refs > 1:
                     num_needed += 1
                     remaining_refs[last] = refs - 1
-            num_needed += num_pages_for(num_tokens + num_new, page_size) - len(table)
+            num_needed += num_pages_for(num_tokens + num_new, page_size) - max(len(table), first // page_size)
         return num_needed
 
     def append(self, num_new_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -173,39 +174,78 @@ class PageTables:
         (source, destination) page copies to perform before anything is written. Raises
         OutOfPagesError before changing anything when the pool is too small.
         """
+        slots, copies, _ = self.append_skipping(num_new_tokens, None)
+        return slots, copies
+
+    def append_skipping(
+        self, num_new_tokens: list[int], skip: list[int] | None
+    ) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        """`append`, where the first `skip[i]` new tokens of row i are not stored (a sliding window's
+        tokens no later query sees; the skip ends on a page boundary, so the pages they would fill
+        are holes).
+
+        Returns the slots of the stored new tokens, the copies, and the pages of the rows' past that
+        the skip turned into holes: the caller still holds them (this forward's queries read them)
+        and gives them back with `release_deferred` once the forward ends.
+        """
         if len(num_new_tokens) != self.num_rows:
             raise ValueError(f"expected {self.num_rows} token counts, got {len(num_new_tokens)}")
         with self._changing_pages():
-            return self._append(num_new_tokens)
+            return self._append(num_new_tokens, skip)
 
-    def _append(self, num_new_tokens: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
-        num_needed = self.num_pages_to_append(num_new_tokens)
+    def _append(
+        self, num_new_tokens: list[int], skip: list[int] | None
+    ) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+        num_needed = self.num_pages_to_append(num_new_tokens, skip)
         if not self.blocks.can_allocate(num_needed):
             raise OutOfPagesError(num_needed, self.blocks.num_available_pages, self.blocks.num_pages)
         page_size = self.page_size
         blocks = self.blocks
         slots: list[int] = []
         copies: list[tuple[int, int]] = []
+        deferred: list[int] = []
         for row, num_new in enumerate(num_new_tokens):
             if num_new == 0:
                 continue
             table = self.page_tables[row]
             start = self.num_tokens[row]
-            if start % page_size and blocks.is_shared(table[-1]):
+            end = start + num_new
+            first = start + skip[row] if skip else start
+            if first != start:
+                deferred += self._skip_to(row, first // page_size)
+            if first % page_size and blocks.is_shared(table[-1]):
                 (own,) = blocks.allocate(1)
                 copies.append((table[-1], own))
                 blocks.free([table[-1]])
                 table[-1] = own
                 self._end_reservation(row)
-            end = start + num_new
             grow = num_pages_for(end, page_size) - len(table)
             if grow and self.home[row] >= 0:
                 grow = self._take_reserved(row, grow)
             if grow:
                 table.extend(blocks.allocate(grow))
-            slots.extend(table[t // page_size] * page_size + t % page_size for t in range(start, end))
+            slots.extend(table[t // page_size] * page_size + t % page_size for t in range(first, end))
             self.num_tokens[row] = end
-        return slots, copies
+        return slots, copies, deferred
+
+    def _skip_to(self, row: int, first_page: int) -> list[int]:
+        """Make entries `:first_page` of row `row` holes (pages it will not store tokens in); returns
+        the pages it held there, whose references pass to the caller."""
+        table, lead, hole = self.page_tables[row], self.num_leading_holes[row], self.hole
+        if first_page <= lead:
+            return []
+        held = [page for page in table[lead:first_page] if page != hole]
+        table[lead:first_page] = [hole] * (min(first_page, len(table)) - lead)
+        table.extend([hole] * (first_page - len(table)))
+        self.num_leading_holes[row] = first_page
+        self.num_released += first_page - lead  # pages the window has let go of, stored or not
+        self._end_reservation(row)
+        return held
+
+    def release_deferred(self, pages: list[int]) -> None:
+        """Give back the pages `append` handed over when it skipped tokens (the forward is over)."""
+        with self._changing_pages():
+            self.blocks.free(pages)
 
     def _take_reserved(self, row: int, grow: int) -> int:
         """Take the row's next reserved pages; returns how many pages are still to allocate."""

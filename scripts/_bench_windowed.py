@@ -5,7 +5,9 @@ sliding, window 256), one prompt of 1024 tokens, 32 new tokens; greedy and beam 
 beams. Stock keeps only the window on sliding layers (`DynamicSlidingWindowLayer`); its KV is the
 most its DynamicCache holds after any forward. The paged side reports its peak per group (after
 each forward, the same measure) and is timed against stock and against itself with every layer
-in one full group (the paged path before groups).
+in one full group (the paged path before groups). The pool peak is what the paged side's page
+ids reserved at one instant, inside forwards too (`memory_stats()["peak_pool_bytes"]`: the
+smallest pool that serves the call), against the same stock KV.
 """
 
 import statistics
@@ -91,6 +93,7 @@ def measure_windowed(case: Windowed, args, device: torch.device, quick: bool) ->
     seconds = {side: statistics.median(values) for side, values in times.items()}
     target = None if quick else TARGETS.get((case.model, case.decoding))
     kv_ratio = stats["peak_kv_bytes"] / stock_kv
+    pool_ratio = stats["peak_pool_bytes"] / stock_kv
     return {
         "workload": f"{case.model}-{case.decoding}",
         "prompt_len": prompt_len,
@@ -99,6 +102,8 @@ def measure_windowed(case: Windowed, args, device: torch.device, quick: bool) ->
         "paged_kv_bytes": stats["peak_kv_bytes"],
         "one_group_kv_bytes": one_group_kv,
         "kv_ratio": kv_ratio,
+        "paged_pool_bytes": stats["peak_pool_bytes"],
+        "pool_ratio": pool_ratio,
         "groups": stats["groups"],
         "seconds": seconds,
         "time_ratio": seconds["paged"] / seconds["stock"],
@@ -111,7 +116,8 @@ def measure_windowed(case: Windowed, args, device: torch.device, quick: bool) ->
 
 def print_windowed(results: list[dict]) -> None:
     print("\nwindowed models (sliding-window groups)")
-    header = (f"{'workload':<16}{'stock KV':>10}{'paged KV':>10}{'KV ratio':>9}{'target':>8}{'1-group KV':>11}"
+    header = (f"{'workload':<16}{'stock KV':>10}{'paged KV':>10}{'KV ratio':>9}{'target':>8}{'pool peak':>10}"
+              f"{'pool ratio':>11}{'1-group KV':>11}"
               f"{'t ratio':>8}{'t vs 1-group':>13}  match  ok   per group (window: peak pages x page size x page bytes)")
     print(header)
     print("-" * len(header))
@@ -123,5 +129,6 @@ def print_windowed(results: list[dict]) -> None:
         target = "-" if r["kv_target"] is None else f"{r['kv_target']}"
         ok = {True: "yes", False: "NO", None: "-"}[r["meets_target"]]
         print(f"{r['workload']:<16}{r['stock_kv_bytes'] / 2**20:>9.2f}M{r['paged_kv_bytes'] / 2**20:>9.2f}M"
-              f"{r['kv_ratio']:>9.3f}{target:>8}{r['one_group_kv_bytes'] / 2**20:>10.2f}M{r['time_ratio']:>8.2f}"
+              f"{r['kv_ratio']:>9.3f}{target:>8}{r['paged_pool_bytes'] / 2**20:>9.2f}M{r['pool_ratio']:>11.3f}"
+              f"{r['one_group_kv_bytes'] / 2**20:>10.2f}M{r['time_ratio']:>8.2f}"
               f"{r['time_vs_one_group']:>13.2f}  {str(r['tokens_match']):<6} {ok:<4} {groups}")

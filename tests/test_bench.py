@@ -133,6 +133,8 @@ def test_windowed_workloads_report_each_groups_pages(tmp_path):
         assert run["kv_target"] is None and run["meets_target"] is None  # --quick
         held = sum(g["peak_pages_in_use"] * g["page_bytes"] for g in run["groups"])
         assert run["paged_kv_bytes"] <= held and run["paged_kv_bytes"] < run["one_group_kv_bytes"], name
+        # The pool peak (ids at one instant, inside forwards, at a whole id's bytes) bounds what rows held after forwards.
+        assert run["paged_kv_bytes"] <= run["paged_pool_bytes"], name
     full, sliding = runs["gemma3-greedy"]["groups"]
     # --quick: windows 16 and 32 (crossed by its prompts of 48), pages of 4, sliding pages of 1.
     assert (full["window"], full["page_size"], sliding["window"], sliding["page_size"]) == (None, 4, 16, 1)

@@ -197,20 +197,56 @@ def small_gemma3(seed: int = 0) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).to(DEVICE, DTYPE).eval()
 
 
+@pytest.mark.parametrize("window_pages", [None, 1])
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
-def test_sliding_window_groups_with_their_own_page_size_agree_with_stock(mode):
+def test_sliding_window_groups_with_their_own_page_size_agree_with_stock(mode, window_pages):
     """FlashInfer on two groups of layers: the full one in pages of 16, the sliding one (window 16)
-    in pages of 1 (window_page_size's default), planned per group, released pages left out of the
-    metadata; prompts and generations well past the window."""
+    in pages of 3 packed five to a full layer's page (layout.py: page views with the slice's page
+    stride) or of 1 (asked for), planned per group, released pages left out of the metadata;
+    prompts past the window (their sliding layers attend from the forward's own K/V: inflight.py)
+    and generations well past it."""
     model = small_gemma3()
     input_ids, mask = prompts(length=40)
     kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                   do_sample=False, num_beams=4 if mode == "beam" else 1)
     stock = model.generate(input_ids, **kwargs)
-    hf_paged.wrap(model, num_pages=2048, page_size=16, backend="flashinfer")
-    assert [(g.window, g.page_size) for g in model.hf_paged_runtime.groups] == [(None, 16), (16, 1)]
+    hf_paged.wrap(model, num_pages=2048, page_size=16, backend="flashinfer", window_page_size=window_pages)
+    expected = 3 if window_pages is None else 1
+    assert [(g.window, g.page_size) for g in model.hf_paged_runtime.groups] == [(None, 16), (16, expected)]
     paged = model.generate(input_ids, **kwargs)
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
     hf_paged.unwrap(model)
     agreement = token_agreement(stock, paged, model, mask, input_ids.shape[1], beams=mode == "beam")
     assert agreement >= 0.99, f"{mode}: {agreement:.3f} of tokens agree"
+
+
+@pytest.mark.parametrize("backend", ["torch", "flashinfer"])
+def test_pool_peak_matches_what_cuda_allocates(backend):
+    """memory_stats' pool peak against CUDA's own count: a pool of exactly the peak's pages (wrap()
+    allocates it up front) serves the same call, and `torch.cuda.max_memory_allocated` over the
+    call, minus the weights, is that pool (and its zero page) plus the forward's activations."""
+    model = small_gemma3()
+    dtype = DTYPE if backend == "flashinfer" else torch.float32
+    model = model.to(dtype)
+    input_ids, mask = prompts(length=200)  # prompts well past the window of 16
+    kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=4)
+    hf_paged.wrap(model, num_pages=4096, backend=backend)
+    first = model.generate(input_ids, **kwargs)
+    stats = hf_paged.memory_stats(model)
+    peak_pages, page_bytes = stats["peak_pages_in_use"], stats["page_bytes"]
+    hf_paged.unwrap(model)
+    torch.cuda.synchronize()
+    weights = torch.cuda.memory_allocated()
+    hf_paged.wrap(model, num_pages=peak_pages, backend=backend)
+    pool = torch.cuda.memory_allocated() - weights
+    # The slices are the pool: the peak's pages and the zero page, to the allocator's 512-byte rounding.
+    slices = len(model.hf_paged_runtime.pool.slices)
+    assert 0 <= pool - (peak_pages + 1) * page_bytes < 512 * slices
+    torch.cuda.reset_peak_memory_stats()
+    assert torch.equal(model.generate(input_ids, **kwargs), first)  # no OutOfPagesError at exactly the peak
+    after = hf_paged.memory_stats(model)
+    assert after["peak_pool_bytes"] == after["pool_bytes"] == peak_pages * page_bytes
+    used = torch.cuda.max_memory_allocated() - weights
+    activations = used - pool
+    assert 0 <= activations < 64 << 20, (used, pool)
+

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_paged
 from hf_paged.errors import OutOfPagesError
+from hf_paged.stats import cache_kv_bytes
 
 from tiny import COMMON
 
@@ -71,3 +72,46 @@ def test_a_pool_of_its_peak_pages_serves_the_call_and_one_fewer_does_not():
     with pytest.raises(OutOfPagesError):
         paged.generate(ids, **kwargs)
     assert hf_paged.memory_stats(paged)["pages_in_use"] == 0
+
+
+def mistral_shape(window: int = 200, seed: int = 0) -> torch.nn.Module:
+    """4 layers, all sliding, one KV head of 32."""
+    torch.manual_seed(seed)
+    config = transformers.MistralConfig(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, sliding_window=window, **COMMON,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def serve_in_a_fraction_of_stock(model, prompt: int, fraction: float, **kwargs) -> dict:
+    """Stock's tokens from a pool of `fraction` x the KV bytes stock's cache ends with (the budget
+    given as bytes); returns memory_stats."""
+    ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, pad_token_id=0, **kwargs)
+    stock = model.generate(ids, return_dict_in_generate=True, **kwargs)
+    stock_bytes = cache_kv_bytes(stock.past_key_values)
+    paged = hf_paged.wrap(copy.deepcopy(model), max_memory=int(fraction * stock_bytes))
+    assert torch.equal(paged.generate(ids, **kwargs), stock.sequences)  # and no OutOfPagesError
+    stats = hf_paged.memory_stats(paged)
+    assert stats["peak_pool_bytes"] <= stats["pool_bytes"] <= fraction * stock_bytes
+    assert stats["pages_in_use"] == 0
+    return stats
+
+
+@pytest.mark.parametrize(
+    "make, prompt, fraction, kwargs",
+    [
+        (gemma3_shape, 900, 1.1, {}),
+        (gemma3_shape, 900, 0.40, dict(num_beams=4)),
+        (mistral_shape, 900, 0.45, dict(num_beams=4)),
+        pytest.param(gemma3_shape, 3000, 1.1, {}, marks=pytest.mark.slow),
+    ],
+    ids=["gemma3-greedy-1.1x", "gemma3-beam4-0.40x", "mistral-beam4-0.45x", "gemma3-3000-1.1x"],
+)
+def test_windowed_models_fit_in_a_fraction_of_stocks_kv_bytes(make, prompt, fraction, kwargs):
+    """Windows of 96 (Gemma-3 shape) and 200 (Mistral shape) and a prompt of 900 or 3,000 tokens:
+    the prompt's forward stores only each sliding layer's last window (inflight.py), and the
+    sliding layers' pages pack into the full layer's page ids (layout.py)."""
+    window = 200 if make is mistral_shape else 96
+    serve_in_a_fraction_of_stock(make(window=window), prompt, fraction, **kwargs)

@@ -192,6 +192,27 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     return o if plan.q_positions is None else o.index_select(0, plan.q_positions)
 
 
+def token_rows(pool: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """A layer pool `[2, pages, page_size, H, D]` as token rows `[2, rows, H, D]` (a view) and the
+    rows from one page to the next: `page_size` when contiguous, the slice's page stride for a
+    layer packed into a wider slice (layout.py), where page p's token o is row `p * stride + o`.
+    None for any other layout."""
+    _, pages, page_size, heads, dim = pool.shape
+    if pool.is_contiguous():
+        return pool.view(2, -1, heads, dim), page_size
+    page_stride = pool.stride(1)
+    if page_stride % (heads * dim) or pool.stride()[2:] != (heads * dim, dim, 1):
+        return None
+    per_page = page_stride // (heads * dim)
+    rows = (pages - 1) * per_page + page_size
+    return pool.as_strided((2, rows, heads, dim), (pool.stride(0), heads * dim, dim, 1)), per_page
+
+
+def packed_slots(slots: torch.Tensor, page_size: int, per_page: int) -> torch.Tensor:
+    """Slots `page * page_size + offset` as rows of `token_rows` (`page * per_page + offset`)."""
+    return slots if per_page == page_size else slots // page_size * per_page + slots % page_size
+
+
 def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[rows, H_kv, length, D]` (views) from a layer pool."""
     num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
@@ -200,8 +221,14 @@ def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int
     else:  # a layer packed into a wider slice (layout.py): its pages sit at the slice's stride
         page_size = pool.shape[2]
         k_slots = kv_slots[: kv_slots.numel() // 2]
-        pages, offsets = k_slots // page_size, k_slots % page_size
-        kv = torch.stack([pool[0][pages, offsets], pool[1][pages, offsets]])
+        found = token_rows(pool)
+        if found is not None:
+            tokens, per_page = found
+            k_slots = packed_slots(k_slots, page_size, per_page)
+            kv = torch.stack([tokens[0].index_select(0, k_slots), tokens[1].index_select(0, k_slots)])
+        else:
+            pages, offsets = k_slots // page_size, k_slots % page_size
+            kv = torch.stack([pool[0][pages, offsets], pool[1][pages, offsets]])
     kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 
