@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data (default: the bundled tiny summarization set)")
     data.add_argument("--dataset", help="hub dataset name, e.g. cnn_dailymail")
     data.add_argument("--dataset-config", help="hub dataset config, e.g. 3.0.0")
-    data.add_argument("--split", help='split or slice, e.g. "test[:200]" (default: test; train for --data-files)')
+    data.add_argument("--split", help='split or slice, e.g. "test[:200]" (default: test, also for the built-in data; train for --data-files)')
     data.add_argument("--data-files", nargs="+", metavar="FILE", help="local .json/.jsonl/.csv/.parquet files")
     data.add_argument("--text-column", default="document", help="column holding the input text (default: document)")
     data.add_argument("--reference-column", default="summary", help="column holding the reference output ('' for none)")
@@ -195,7 +195,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         ) from error
     data_files = args.data_files or (None if args.dataset else bundled_data_files())
     with state.main_process_first():
-        rows = load_rows(args.dataset, args.dataset_config, args.split, data_files)
+        # The built-in data is a "test" split, as --help says; --data-files give a "train" split.
+        rows = load_rows(args.dataset, args.dataset_config, args.split, data_files, "train" if args.data_files else "test")
     samples = make_samples(rows, args.text_column, args.reference_column or None, args.prompt_template, args.limit)
     device = torch.device(args.device) if args.device else state.device
     if args.threads:
