@@ -11,11 +11,11 @@ import hf_paged
 from hf_paged import PagedCache, UnsupportedModelError
 from hf_paged.wrap import ATTN_NAME
 
-from tiny import COMMON, Interrupt, padded_prompts, tiny_model
+from tiny import COMMON, Interrupt, generate, padded_prompts, tiny_model
 
 
 def _generate(model, input_ids, mask, **kwargs):
-    return model.generate(input_ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, **kwargs)
+    return generate(model, input_ids, mask, max_new_tokens=5, **kwargs)
 
 
 # -- the pool follows the model ----------------------------------------------------------------

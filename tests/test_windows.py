@@ -17,6 +17,8 @@ from hf_paged import PagedCache, _compat
 from hf_paged.groups import window_page_size
 from hf_paged.tables import num_pages_for
 
+import tiny
+from tiny import BASIC_MODES as MODES
 from tiny import COMMON, padded_prompts, tiny_model
 
 WINDOW = 8
@@ -32,18 +34,9 @@ def gemma3_style(seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def generate(model, input_ids, mask, seed=3, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault("max_new_tokens", 16)
-    kwargs.setdefault("min_new_tokens", kwargs["max_new_tokens"])
-    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
-MODES = {
-    "greedy": dict(),
-    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
-    "beam": dict(num_beams=4, num_return_sequences=2),
-}
+def generate(model, input_ids, mask, seed=3, max_new_tokens=16, **kwargs):
+    kwargs.setdefault("min_new_tokens", max_new_tokens)
+    return tiny.generate(model, input_ids, mask, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
 
 
 def test_groups_follow_the_config():
