@@ -42,11 +42,20 @@ def structure_key(model: torch.nn.Module) -> tuple:
                 module.training,
                 tuple(module._forward_hooks),
                 tuple(module._forward_pre_hooks),
-                id(module.__dict__.get("forward")),  # None unless forward was replaced on the instance
+                _instance_forward(module),
                 _adapter_state(module),
             )
         )
     return tuple(parts)
+
+
+def _instance_forward(module: torch.nn.Module) -> int | None:
+    """id of a forward replaced on the instance, else None. hf_paged's own (compile.CompiledDecode,
+    installed while another thread's compiled call runs) computes the same K/V: not a change."""
+    forward = module.__dict__.get("forward")
+    if forward is None or type(forward).__module__.startswith(f"{__package__}."):
+        return None
+    return id(forward)
 
 
 def _adapter_state(module: torch.nn.Module) -> tuple | None:

@@ -189,3 +189,20 @@ def test_the_key_is_stable_when_nothing_changes():
     key = model_state_key(model)
     generate(model, input_ids, mask)
     assert model_state_key(model) == key
+
+
+def test_a_forward_replaced_on_an_instance_empties_the_cache():
+    """Monkeypatching a module's forward (not a hook) is seen too; hf_paged's own swap is not a change."""
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    input_ids, mask = prompts()
+
+    def steer(projection):
+        original = projection.forward
+        projection.forward = lambda x: original(x) * -3.0
+
+    steer(reference.model.layers[0].self_attn.v_proj)
+    expected = generate(reference, input_ids, mask)
+    wrap(model)
+    hits = fill(model, input_ids, mask)
+    steer(model.model.layers[0].self_attn.v_proj)
+    assert_fresh(model, input_ids, mask, expected, hits)
