@@ -42,3 +42,14 @@ def test_the_table_says_the_unit_of_each_score():
     for name in ("rouge1", "rouge2", "rougeL"):
         assert f"{name} (F1, 0-100)" in titles
     assert "bleu (0-100)" in titles and "chrf (0-100)" in titles
+
+
+def test_compare_in_half_precision_puts_stock_attention_agreement_next_to_hf_paged(tmp_path, eval_main, capsys):
+    args = ["--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--no-warmup", "--compare"]
+    assert eval_main([*args, "--dtype", "bfloat16", "--output-dir", str(tmp_path / "bf16")]) == 0
+    summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    other = summary["stock_attention_agreement"]
+    assert other["implementations"] == ["sdpa", "eager"] and 0.0 <= other["agreement"] <= 1.0
+    assert "stock sdpa vs eager agreement" in capsys.readouterr().out
+    assert eval_main([*args, "--dtype", "float32", "--output-dir", str(tmp_path / "fp32")]) == 0
+    assert "stock_attention_agreement" not in json.loads((tmp_path / "fp32" / "summary.json").read_text())

@@ -93,6 +93,9 @@ def table(summary: dict) -> str:
         lines.append(line)
     if stock is not None:
         lines.append(["token agreement", _format(summary["agreement"]), "", ""])
+        other = summary.get("stock_attention_agreement")
+        if other is not None:  # half precision: stock against itself with its other attention implementation
+            lines.append([f"stock {' vs '.join(other['implementations'])} agreement", "", _format(other["agreement"]), ""])
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(line, widths))) for line in lines]
     return os.linesep.join(text)
