@@ -182,3 +182,15 @@ def grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_he
     slots, copies = tables.append(list(new_lens))
     meta = build_metadata(tables, list(new_lens), max(new_lens), slots, copies, None, torch.device("cpu"), cascade=True)
     return pool, meta, num_pages
+
+
+def dense_from_pool(q: torch.Tensor, pool: torch.Tensor, meta, params: LayerParams) -> torch.Tensor:
+    """dense_layer of every row's new tokens (q [nnz, H_q, D]) on the K/V its pages hold: the pool
+    [2, pages, page_size, H_kv, D] read page by page from the metadata's host lists (no executor code)."""
+    out, start = [], 0
+    for row, (num_new, num_keys) in enumerate(zip(meta.qo_lens, meta.kv_lens)):
+        pages = meta.kv_indices_host[meta.kv_indptr_host[row] : meta.kv_indptr_host[row + 1]]
+        k, v = (pool[plane, pages].flatten(0, 1)[:num_keys] for plane in (0, 1))
+        out.append(dense_layer(q[start : start + num_new], k, v, params))
+        start += num_new
+    return torch.cat(out)

@@ -231,7 +231,8 @@ def test_a_copy_or_a_dtype_change_makes_a_pool_with_each_groups_page_size():
     assert torch.equal(generate(twin, input_ids, mask, num_beams=3), expected)
     assert [pool.shape[2] for pool in twin.hf_paged_runtime.pool.pools] == [2, 2, 2, 2, 2, 4]
     model.to(torch.float64)
-    generate(model, input_ids, mask, num_beams=3)
+    stock = gemma3_style().to(torch.float64)
+    assert torch.equal(generate(model, input_ids, mask, num_beams=3), generate(stock, input_ids, mask, num_beams=3))
     pools = model.hf_paged_runtime.pool.pools
     assert [(pool.dtype, pool.shape[2]) for pool in pools] == [(torch.float64, 2)] * 5 + [(torch.float64, 4)]
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
