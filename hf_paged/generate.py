@@ -178,9 +178,9 @@ class PagedGenerate:
                 return original(model, inputs, generation_config, **kwargs)
         finally:
             cache.release()
-            # This call's own peaks (its page tables count them), whatever other calls hold; with
-            # several groups of layers, the sum of each group's peak.
-            runtime.last_peak_pages = sum(tables.peak_pages_held for tables in cache.group_tables)
+            # This call's own peaks (its page tables count them), whatever other calls hold: the page
+            # ids all groups held at one instant (inside forwards), group_pages.py.
+            runtime.last_peak_pages = cache.pages.peak_pool_pages
             runtime.last_peak_shared_pages = sum(tables.peak_shared_held for tables in cache.group_tables)
             runtime.last_peak_kv_bytes = cache.peak_kv_bytes
             runtime.last_peak_group_pages = list(cache.peak_group_pages)

@@ -195,16 +195,26 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
 def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[rows, H_kv, length, D]` (views) from a layer pool."""
     num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
-    kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
+    if pool.is_contiguous():
+        kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
+    else:  # a layer packed into a wider slice (layout.py): its pages sit at the slice's stride
+        page_size = pool.shape[2]
+        k_slots = kv_slots[: kv_slots.numel() // 2]
+        pages, offsets = k_slots // page_size, k_slots % page_size
+        kv = torch.stack([pool[0][pages, offsets], pool[1][pages, offsets]])
     kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
     return kv[0], kv[1]
 
 
 def rows_view(pool: torch.Tensor, row_run: tuple[int, int], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy."""
+    """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy
+    (a copy for a layer packed into a wider slice, whose consecutive pages are not adjacent)."""
     first, stride = row_run
     page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
-    tokens = pool.view(2, -1, num_kv_heads, head_dim)[:, first * page_size : (first + rows * stride) * page_size]
+    if pool.is_contiguous():
+        tokens = pool.view(2, -1, num_kv_heads, head_dim)[:, first * page_size : (first + rows * stride) * page_size]
+    else:
+        tokens = pool[:, first : first + rows * stride].reshape(2, -1, num_kv_heads, head_dim)
     kv = tokens.view(2, rows, stride * page_size, num_kv_heads, head_dim)[:, :, :length].transpose(2, 3)
     return kv[0], kv[1]
 
