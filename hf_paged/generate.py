@@ -142,7 +142,11 @@ class PagedGenerate:
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
         if _compat.user_cache(kwargs) is not None:
             return original(model, inputs, generation_config, **kwargs)
-        if not _runs_on_a_cache(settings):
+        # As another model's assistant_model, transformers calls this generate() once per round and
+        # passes the cache it returned back in (cropped): a cache this call created would be released
+        # by then. The assistant's rounds run the stock way, on its own cache (is_assistant: set by
+        # transformers' candidate generators on the config they pass).
+        if not _runs_on_a_cache(settings) or getattr(settings, "is_assistant", False):
             # Stock's masks in this thread only (other threads' paged calls keep theirs); attention
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
