@@ -177,8 +177,8 @@ def test_unpadded_greedy_and_sampling_read_in_place_and_match_stock(family):
     assert plans.gathered == 0, "every forward (prompt + 9 steps) of the full-attention layers reads in place"
     if any(group.window is None for group in model.hf_paged_runtime.groups):
         assert plans.in_place >= 2 * 10  # at least one plan per forward (one per distinct layer setting)
-    else:
-        assert plans.windowed >= 2 * 10
+    else:  # every decode step; the prompt's sliding layers attend from its own K/V (inflight.py)
+        assert plans.windowed >= 2 * 9
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 
 
