@@ -137,7 +137,9 @@ def test_executor_matches_torch_executor_through_flashinfer_api(monkeypatch, fam
     assert len(settings) == (2 if family == "gemma2" else 1)  # one wrapper per distinct layer setting
     if family == "gemma2":
         assert {p.window_left for p in settings} == {-1, 4} and all(p.logits_soft_cap == 5.0 for p in settings)
-    assert comparer.num_compared >= 2 * 7  # every layer of every forward
+    # Every layer of every forward, but the sliding layer of the (beam) prompt's forward: it attends
+    # from the forward's own K/V, not through the executor (inflight.py).
+    assert comparer.num_compared >= 2 * 7 - (1 if family == "gemma2" else 0)
 
 
 def test_two_groups_with_the_same_layer_setting_get_their_own_wrappers(monkeypatch):
