@@ -32,6 +32,14 @@ class ForwardState:
     window_params: dict[tuple, LayerParams] = field(default_factory=dict)
     num_written: int = 0
     num_attended: int = 0
+    # The layer setting, group and device PagedCache.attend planned for last, with its plan and
+    # metadata: the next layer with the same (the same LayerParams object: wrap.layer_params
+    # hands out one per setting) reuses them without hashing anything.
+    last_params: LayerParams | None = None
+    last_group: int = -1
+    last_device: torch.device | None = None
+    last_plan: object = None
+    last_meta: ForwardMetadata | None = None
 
     @property
     def meta(self) -> ForwardMetadata:
@@ -66,6 +74,11 @@ class PagedCache(Cache):
         self.group_tables = [PageTables(pool.blocks, group.page_size, group.window) for group in self.groups]
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
         self.group_page_bytes = [pool.layer_bytes(group.layers) for group in self.groups]
+        # Per pool, not per layer and token: each layer's key and value planes as `[slots, H_kv, D]`
+        # views (where update() writes), and whether every layer is on one device (then a group's
+        # metadata is the one begin_forward built, found without a device lookup).
+        self._layer_planes = [_token_planes(layer_pool) for layer_pool in pool.pools]
+        self._one_device = len({layer_pool.device for layer_pool in pool.pools}) <= 1
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
         # Stock prefills the whole prompt in one forward; generate.prefill_prompt and
@@ -95,7 +108,7 @@ class PagedCache(Cache):
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
-        change = self.runtime.pool_mismatch(self.pool)
+        change = None if self.runtime.pool_still_matches(self.pool) else self.runtime.pool_mismatch(self.pool)
         if change is not None:
             raise ValueError(
                 f"the model's dtype or device changed after this PagedCache was created ({change}); "
@@ -108,6 +121,9 @@ class PagedCache(Cache):
                     "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
                     f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
                 )
+        if attention_mask is not None and bool(attention_mask.all()):  # no pad at all (the common case): one call
+            attention_mask = None
+        if attention_mask is not None:
             holes = padding_holes(attention_mask)
             new_mask = attention_mask[:, -q_len:].to(torch.bool)
             any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
@@ -276,18 +292,27 @@ class PagedCache(Cache):
         """Write this forward's new K/V `[batch, H_kv, q_len, D]` into layer `layer_idx`'s pages.
 
         Returns the inputs unchanged: the paged attention function reads the pool itself.
+        Runs per layer and token: what does not change within a forward or a pool is worked out
+        once (begin_forward, `_layer_planes`), not here.
         """
+        state = self._state()
         pool = self.pool.pools[layer_idx]
-        meta = self._meta_on(pool.device, self.layer_group[layer_idx])
-        batch, num_kv_heads, q_len, head_dim = key_states.shape
-        if (num_kv_heads, head_dim) != tuple(pool.shape[-2:]):
+        meta = state.group_metas[self.layer_group[layer_idx]] if self._one_device else self._meta_on(
+            pool.device, self.layer_group[layer_idx])
+        shape = key_states.shape
+        if shape[1] != pool.shape[3] or shape[3] != pool.shape[4]:
             raise ValueError(
-                f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
+                f"layer {layer_idx} produced K/V with {shape[1]} heads of size {shape[3]}, but its pool "
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
-        ops.write_kv_auto(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
-        self._forward.num_written += 1
+        if torch.compiler.is_compiling():  # the hf_paged::write_kv op, which dynamo records
+            ops.write_kv_auto(pool, key, value, meta.slot_mapping)
+        else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
+            keys, values = self._layer_planes[layer_idx]
+            keys.index_copy_(0, meta.slot_mapping, key)
+            values.index_copy_(0, meta.slot_mapping, value)
+        state.num_written += 1
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
@@ -296,8 +321,24 @@ class PagedCache(Cache):
         state.num_attended += 1
         pool = self.pool.pools[layer_idx]
         group = self.layer_group[layer_idx]
+        if params is state.last_params and group == state.last_group and pool.device == state.last_device:
+            plan, meta = state.last_plan, state.last_meta  # the common case: every layer like the one before
+        else:
+            plan, meta = self._plan_for(state, layer_idx, pool, group, params)
+        batch, num_heads, q_len, head_dim = query.shape
+        q = _pack(query, meta.token_index, query.dtype)
+        out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
+        if meta.token_index is None:
+            return out.view(batch, q_len, num_heads, head_dim)
+        full = out.new_zeros(batch * q_len, num_heads, head_dim)
+        return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def _plan_for(self, state: ForwardState, layer_idx: int, pool: torch.Tensor, group: int, params: LayerParams):
+        """The plan and metadata of a layer whose setting, group or device differs from the layer
+        before it (planned once per forward, setting, group and device)."""
         window = self.groups[group].window
         meta = self._meta_on(pool.device, group)
+        layer_params = params
         if window is not None and not 0 <= params.window_left < window:
             effective = state.window_params.get((group, params))
             if effective is None:
@@ -309,13 +350,10 @@ class PagedCache(Cache):
         plan = state.plans.get(key)
         if plan is None:
             plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
-        batch, num_heads, q_len, head_dim = query.shape
-        q = _pack(query, meta.token_index, query.dtype)
-        out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
-        if meta.token_index is None:
-            return out.view(batch, q_len, num_heads, head_dim)
-        full = out.new_zeros(batch * q_len, num_heads, head_dim)
-        return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+        if not (window is None and self.runtime.config.compile):  # (that check reads the layer's own window)
+            state.last_params, state.last_group, state.last_device = layer_params, group, pool.device
+            state.last_plan, state.last_meta = plan, meta
+        return plan, meta
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer, for models that do not pass it to the attention function."""
@@ -448,7 +486,17 @@ class PagedCache(Cache):
 def _pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the new tokens only, in row order."""
     batch, heads, q_len, head_dim = states.shape
-    flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
-    if token_index is not None:
-        flat = flat.index_select(0, token_index)
-    return flat.to(dtype)
+    if q_len == 1 and token_index is None:  # decode: dropping the length-1 dim is a view (one call, not three)
+        flat = states.view(batch, heads, head_dim)
+    else:
+        flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        if token_index is not None:
+            flat = flat.index_select(0, token_index)
+    return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def _token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value planes of a layer pool `[2, pages, page_size, H_kv, D]` as `[slots, H_kv, D]`
+    (slot = page * page_size + offset, as `slot_mapping` counts)."""
+    flat = layer_pool.view(2, -1, layer_pool.shape[3], layer_pool.shape[4])  # a view: writes land in the pool
+    return flat[0], flat[1]
