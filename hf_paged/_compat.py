@@ -15,20 +15,69 @@ Known differences:
   modeling source (`routes_through_interface`); hf_paged.patches serves the families that do not.
 - 5.24 added `crop`, `is_croppable` and `is_compileable` to more cache *layer* classes. PagedCache
   keeps no layers (`layers=[]`) and defines every `Cache` method itself, so those additions need
-  nothing here; the container API (`Cache`'s methods) is the same in both releases.
+  nothing here.
+- 5.25 passes `recurrent_states_to_keep=` to `Cache.activate_past_recording` (assisted and
+  prompt-lookup decoding) and added `Cache.get_recurrent_states_to_keep`; PagedCache takes and
+  answers both (tests/test_compat.py fails when a release adds a `Cache` member PagedCache does not
+  define). 5.25 also moved Falcon onto the attention interface (`routes_through_interface`), with
+  ALiBi added to the attention mask; ALiBi Falcon stays refused (hf_paged.refusals).
+
+Which releases are tested is said once, in pyproject.toml's transformers requirement (capped at the
+newest minor the suite passed on); `tested_transformers()` reads it from the installed package's
+metadata, and wrap() warns once when the installed release lies outside it.
 """
 
+import importlib.metadata
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import transformers
+from packaging.requirements import Requirement
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 TRANSFORMERS_VERSION: str = transformers.__version__
-# The releases the suite ran on (.ci/run runs it on both ends); pyproject.toml allows <6.
-TESTED_RANGE = "transformers 5.23.0 to 5.24.0"
+
+
+def tested_transformers() -> str | None:
+    """The transformers releases hf_paged was tested on, as its installed metadata requires them
+    (for example ">=5.23,<5.26"), or None when hf_paged runs from a folder that was never installed."""
+    try:
+        requirements = importlib.metadata.requires("hf_paged") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.name == "transformers" and requirement.marker is None:
+            return ",".join(sorted(map(str, requirement.specifier), reverse=True))  # ">=5.23,<5.26"
+    return None
+
+
+TESTED = tested_transformers()
+TESTED_RANGE = f"transformers{TESTED}" if TESTED else "the releases in its pyproject.toml"
+_warned_untested = False
+
+
+def warn_if_untested(version: str | None = None) -> bool:
+    """Warn once per process when `version` (the installed release by default) lies outside the
+    tested range; True if it does."""
+    global _warned_untested
+    version = version or TRANSFORMERS_VERSION
+    if TESTED is None or Requirement(f"transformers{TESTED}").specifier.contains(version, prereleases=True):
+        return False
+    if not _warned_untested:
+        _warned_untested = True
+        warnings.warn(
+            f"transformers {version} is installed, but hf_paged was tested on {TESTED_RANGE}: wrap() raises "
+            "UnsupportedModelError where a hook it needs is gone, but a changed mask or cache rule could go unseen. "
+            f"Install a tested release (pip install \"transformers{TESTED}\") or check your model's tokens "
+            "against the unwrapped model.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return True
 
 # Every name a model's forward has taken its KV cache under, newest first.
 CACHE_ARG_NAMES = ("cache", "past_key_values")
@@ -95,7 +144,7 @@ def resolve_generation_config(model: Any, generation_config: Any, kwargs: dict[s
 
     Merged the way generate() merges it (the passed config, else the model's own
     `model.generation_config`, then global defaults, then the keyword overrides), by asking
-    transformers: `_prepare_generation_config` is private but identical in 5.23 and 5.24.
+    transformers: `_prepare_generation_config` is private but identical in 5.23 to 5.25.
     generate()'s own named parameters (streamer, logits_processor, ...) are left out, as
     generate() itself never passes them to the merge.
     """

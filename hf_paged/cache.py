@@ -435,9 +435,22 @@ class PagedCache(Cache):
                 "create your own PagedCache(model), pass it as past_key_values and release() it when done"
             )
 
-    def activate_past_recording(self) -> None:
-        """Keep every page from now on (assisted decoding crops back): windows release nothing."""
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        """Keep every page from now on (assisted decoding crops back): windows release nothing.
+
+        `recurrent_states_to_keep` (passed from transformers 5.25 on) sizes the state history of
+        linear-attention layers, which a PagedCache never holds (wrap() refuses such models); K/V
+        pages are kept whole until `crop`, whatever it says.
+        """
         self.recording = True
+
+    def is_recording_past(self, layer_idx: int = 0) -> bool:
+        """As stock: only a layer that drops tokens (a sliding window) records, once activated."""
+        return self.recording and self.layer_window(layer_idx) is not None
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        """No layer keeps recurrent states (stock's default reads `self.layers`, which is empty here)."""
+        return 0
 
     def __enter__(self) -> "PagedCache":
         return self

@@ -62,7 +62,9 @@ def layer_specs(text_config: Any, modules: list[torch.nn.Module]) -> list[LayerS
     """What layer i stores per token: heads and head dim from the config, device and dtype from its weights."""
     num_heads = text_config.num_attention_heads
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or num_heads
-    if getattr(text_config, "multi_query", False):  # GPT-BigCode: one K/V head, no num_key_value_heads
+    if getattr(text_config, "new_decoder_architecture", False):  # Falcon-40B style: grouped K/V, multi_query ignored
+        num_kv_heads = text_config.num_kv_heads
+    elif getattr(text_config, "multi_query", False):  # GPT-BigCode, Falcon-7B: one K/V head whatever else it says
         num_kv_heads = 1
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
     specs = []

@@ -216,6 +216,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
+    _compat.warn_if_untested()
     runtime = find_runtime(model)
     config = _requested_config(runtime, config, overrides)
     if runtime is not None and runtime.config == config:

@@ -2,8 +2,10 @@
 
 Stock broadcasts the grouped keys and values to every query head before caching them; the pages
 hold each KV head once, in the order of stock's fused layout (query head = kv head * group + g,
-the executor's grouped-query order). ALiBi Falcon is refused: stock rounds its ALiBi bias to
-bfloat16 at absolute positions, which an exact bias does not reproduce token for token.
+the executor's grouped-query order). Only releases before 5.25 need this patch (from 5.25 Falcon
+routes through the attention interface). ALiBi Falcon is refused on every release
+(hf_paged.refusals): stock rounds its ALiBi bias to bfloat16 at absolute positions, which an exact
+bias does not reproduce token for token.
 """
 
 import math
@@ -12,18 +14,11 @@ import sys
 import torch
 
 from hf_paged.attention.params import LayerParams
-from hf_paged.errors import UnsupportedModelError
 
 from . import modules_by_layer
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    if model.config.alibi:
-        raise UnsupportedModelError(
-            type(model).__name__,
-            "Falcon with alibi=True: stock rounds the ALiBi bias to bfloat16 at absolute positions, "
-            "which paged attention's exact bias does not reproduce token for token",
-        )
     return modules_by_layer(model, ("FalconAttention",), "layer_idx", model.config.num_hidden_layers)
 
 

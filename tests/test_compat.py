@@ -5,7 +5,6 @@ these tests pin what differs between them, each on whichever release is installe
 """
 
 import inspect
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hf_paged
 from hf_paged import PagedCache, UnsupportedModelError, _compat
 
-from tiny import RELEASE_DEPENDENT_CONFIGS, padded_prompts, tiny_model
+from tiny import RELEASE_DEPENDENT_CONFIGS, padded_prompts, routes_through_interface, tiny_model
 
 FORWARD_TAKES_CACHE = "cache" in inspect.signature(transformers.LlamaModel.forward).parameters
 
@@ -108,12 +107,6 @@ def test_a_model_whose_forward_takes_neither_name_is_refused_with_the_version():
     assert model.config._attn_implementation == implementation and not hasattr(model, "hf_paged_runtime")
 
 
-def routes_through_the_interface(model) -> bool:
-    """What the installed release does for this family, read off its modeling source."""
-    source = inspect.getsource(sys.modules[type(model).__module__])
-    return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
-
-
 @pytest.mark.parametrize("family", sorted(RELEASE_DEPENDENT_CONFIGS))
 def test_families_that_moved_to_the_interface_are_served_by_the_interface_or_a_patch(family):
     model = tiny_model(family)
@@ -127,7 +120,7 @@ def test_families_that_moved_to_the_interface_are_served_by_the_interface_or_a_p
     expected = [generate(**mode) for mode in modes]
     hf_paged.wrap(model, num_pages=64, page_size=4)
     # Where the release's attention bypasses the interface (5.23), hf_paged.patches serves it.
-    assert (model.hf_paged_runtime.patch is None) == routes_through_the_interface(model)
+    assert (model.hf_paged_runtime.patch is None) == routes_through_interface(family)
     for mode, tokens in zip(modes, expected):
         assert torch.equal(generate(**mode), tokens), (family, mode)
 
@@ -164,3 +157,97 @@ def test_paged_cache_answers_the_cache_api_as_dynamic_cache_does():
         assert cache.batch_size == 3
     assert got == expected
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+
+# Cache members PagedCache leaves to stock's `Cache`, each safe as inherited: offsets from
+# get_seq_length, and state of linear-attention / indexer / offloaded layers that wrap() refuses.
+INHERITED_ON_PURPOSE = {
+    "get_query_offset", "early_initialization", "offload", "prefetch", "has_previous_state",
+    "get_conv_state", "get_recurrent_state", "update_conv_state", "update_recurrent_state",
+    "increase_count", "update_indexer",
+}
+
+
+def test_paged_cache_defines_every_cache_member_of_the_installed_release():
+    """A release that adds a Cache method (5.25 added get_recurrent_states_to_keep and an argument
+    to activate_past_recording) fails here until PagedCache answers it or it is listed above."""
+    from transformers.cache_utils import Cache
+
+    members = {name for name in dir(Cache) if not name.startswith("_")}
+    own = {name for name in members if name in PagedCache.__dict__}
+    assert members - own - INHERITED_ON_PURPOSE == set()
+    for name in own:  # PagedCache takes every argument stock's method takes
+        stock, paged = getattr(Cache, name), PagedCache.__dict__[name]
+        if inspect.isfunction(stock):
+            taken = inspect.signature(paged).parameters
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values())
+            for parameter in inspect.signature(stock).parameters.values():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    assert takes_any, name
+                elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+                    assert parameter.name in taken or takes_any, (name, parameter.name)
+
+
+def test_past_recording_answers_as_dynamic_cache_does():
+    """Assisted and prompt-lookup decoding: activate_past_recording with the arguments the installed
+    release passes, then what stock's cache reports per layer (a window records, full attention not)."""
+    model = tiny_model("qwen2")  # one full-attention layer and one sliding one
+    input_ids, _ = padded_prompts(batch=1, length=9, pads=(0,))
+    takes_keep = "recurrent_states_to_keep" in inspect.signature(DynamicCache.activate_past_recording).parameters
+    arguments = dict(recurrent_states_to_keep=3) if takes_keep else {}
+
+    def drive(cache) -> list:
+        cache.activate_past_recording(**arguments)  # before the forwards it may crop, as generate() does
+        with torch.no_grad():
+            model(input_ids, **{_compat.model_cache_arg(model): cache})
+        seen = [cache.is_recording_past(layer) for layer in range(2)]
+        if hasattr(DynamicCache, "get_recurrent_states_to_keep"):
+            seen += [cache.get_recurrent_states_to_keep(), cache.get_recurrent_states_to_keep(1)]
+        cache.crop(-2)
+        return seen + [cache.get_seq_length()]
+
+    expected = drive(DynamicCache(config=model.config))
+    assert expected[:2] == [False, True]
+    hf_paged.wrap(model, num_pages=32, page_size=4)
+    with PagedCache(model) as cache:
+        assert drive(cache) == expected
+
+
+def test_the_tested_range_is_the_one_pyproject_caps_and_ci_runs_inside_it():
+    """pyproject.toml says the range once; the installed metadata (what wrap() reads) agrees with it,
+    and CI's pinned newest release (.ci/run) lies inside it, as the installed one does."""
+    import pathlib
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = Requirement(next(line for line in dependencies if line.startswith("transformers")))
+    assert _compat.TESTED is not None, "hf_paged is not installed (pip install -e .)"
+    assert Requirement(f"transformers{_compat.TESTED}").specifier == pinned.specifier, "reinstall: pip install -e ."
+    assert any(spec.operator == "<" for spec in pinned.specifier), "transformers must be capped"
+    ci = (root / ".ci" / "run").read_text()
+    for name in ("NEWEST_TRANSFORMERS", "OLDEST_TRANSFORMERS"):
+        release = re.search(rf"^{name}=(\S+)$", ci, re.M).group(1)
+        assert pinned.specifier.contains(release), (name, release)
+    # (The installed release itself may lie past the cap: the canary workflow forces the newest.)
+
+
+def test_wrap_warns_once_on_a_release_outside_the_tested_range(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(_compat, "_warned_untested", False)
+    monkeypatch.setattr(_compat, "TRANSFORMERS_VERSION", "5.99.0")
+    model = tiny_model("llama")
+    input_ids, mask = padded_prompts()
+    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_paged.wrap(model, num_pages=16, page_size=4)
+        hf_paged.wrap(tiny_model("llama"), num_pages=16, page_size=4)
+    untested = [str(w.message) for w in caught if "tested on" in str(w.message)]
+    assert len(untested) == 1, untested
+    assert "transformers 5.99.0 is installed" in untested[0] and _compat.TESTED in untested[0]
+    assert torch.equal(model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0), expected)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import hf_paged
 from hf_paged import UnsupportedModelError, _compat, patches
 
-from tiny import COMMON, padded_prompts
+from tiny import COMMON, padded_prompts, routes_through_interface
 
 FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **COMMON)
 
@@ -64,7 +64,8 @@ def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int
 
     expected = [generate(**mode) for mode in MODES]
     hf_paged.wrap(model, num_pages=512, page_size=4)
-    assert model.hf_paged_runtime.patch is not None
+    # Falcon routes through the interface from 5.25 (GPT-J and CodeGen from 5.24): no patch there.
+    assert (model.hf_paged_runtime.patch is None) == routes_through_interface(model.config.model_type)
     for mode, tokens in zip(MODES, expected):
         assert torch.equal(generate(**mode), tokens), mode
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
@@ -113,7 +114,11 @@ def test_a_family_that_routes_through_the_interface_gets_no_patch():
         assert patches.find_patch(tiny_model(family)) is None
     for family in ("gptj", "codegen"):
         model = tiny_model(family)
-        assert (patches.find_patch(model) is None) == _compat.routes_through_interface(model)
+        assert (patches.find_patch(model) is None) == routes_through_interface(family)
+    for variant in ("falcon", "falcon_new_arch"):
+        model = tiny(variant)
+        assert (patches.find_patch(model) is None) == routes_through_interface("falcon")
+        assert _compat.routes_through_interface(model) == routes_through_interface("falcon")
 
 
 def test_patches_live_in_hf_paged_namespace_only():
@@ -121,9 +126,17 @@ def test_patches_live_in_hf_paged_namespace_only():
     assert importlib.util.find_spec("patches") is None or "hf_paged" not in str(importlib.util.find_spec("patches").origin)
 
 
-def test_falcon_with_alibi_is_refused_before_it_is_touched():
+@pytest.mark.parametrize("variant", [dict(), dict(new_decoder_architecture=True, num_kv_heads=2)])
+def test_falcon_with_alibi_is_refused_before_it_is_touched(variant):
+    """On every release: patched (5.23, 5.24) or through the interface (5.25, where stock adds the
+    bias to the attention mask)."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers.FalconConfig(**FALCON, alibi=True)).eval()
+    model = AutoModelForCausalLM.from_config(transformers.FalconConfig(**FALCON, alibi=True, **variant)).eval()
+    implementation = model.config._attn_implementation
+    input_ids, mask = padded_prompts(batch=2, length=9, pads=(0, 3))
+    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
     with pytest.raises(UnsupportedModelError, match="bfloat16"):
         hf_paged.wrap(model, num_pages=64, page_size=4)
     assert not hasattr(model, "hf_paged_runtime") and not any("forward" in m.__dict__ for m in model.modules())
+    assert model.config._attn_implementation == implementation
+    assert torch.equal(model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0), expected)

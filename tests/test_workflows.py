@@ -7,6 +7,7 @@ Each validator is also shown a broken copy, to prove it can fail.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,19 @@ def test_upstream_workflow_runs_the_suite_on_the_newest_release_and_pre_release_
     runs = "\n".join(step.get("run", "") for step in job["steps"])
     assert "pip install --upgrade --pre transformers" in runs and "pip install --upgrade transformers" in runs
     assert "python -m pytest" in runs and "torch==2.13.0" in runs
+    # The project is installed first (its cap resolves a tested release), then the newest is forced over it.
+    steps = [step.get("run", "") for step in job["steps"]]
+    install = next(i for i, run in enumerate(steps) if '-e ".[test]"' in run)
+    assert all(i > install for i, run in enumerate(steps) if "--upgrade transformers" in run or "--pre transformers" in run)
+
+
+def test_ci_runs_the_suite_on_pinned_oldest_and_newest_releases():
+    """A CI run never depends on the day's releases: both ends are pinned and both get the suite."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^NEWEST_TRANSFORMERS=\d+\.\d+\.\d+$", ci, re.M)
+    assert re.search(r"^OLDEST_TRANSFORMERS=\d+\.\d+\.\d+$", ci, re.M)
+    assert 'for release in "$NEWEST_TRANSFORMERS" "$OLDEST_TRANSFORMERS"' in ci
+    assert 'pip install -q "transformers==$release"' in ci and "python -m pytest" in ci
 
 
 def test_every_action_is_on_a_current_major_version():
