@@ -202,8 +202,8 @@ def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """[nnz, H_q, D] -> [rows, H_kv, group * max_q, D] (group-major within each KV head)."""
     p = plan.params
     rows, max_q = plan.num_rows, plan.max_q
-    if max_q == 1 and plan.q_positions is None:  # decode: the packing is a plain view (one op, not three)
-        return q.view(rows, p.num_kv_heads, p.group_size, p.head_dim)
+    if max_q == 1 and plan.q_positions is None:  # decode: the packing is a reshape (one call, not three)
+        return q.reshape(rows, p.num_kv_heads, p.group_size, p.head_dim)
     if plan.q_positions is not None:
         padded = q.new_zeros(rows * max_q, p.num_qo_heads, p.head_dim)
         q = padded.index_copy_(0, plan.q_positions, q)
@@ -215,8 +215,8 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """Inverse of `pack_gqa`: [rows, H_kv, group * max_q, D] -> [nnz, H_q, D]."""
     p = plan.params
     rows, max_q = plan.num_rows, plan.max_q
-    if max_q == 1 and plan.q_positions is None:  # decode: a plain view
-        return o.view(rows, p.num_qo_heads, p.head_dim)
+    if max_q == 1 and plan.q_positions is None:  # decode: a reshape (a view unless o is cascade's merge)
+        return o.reshape(rows, p.num_qo_heads, p.head_dim)
     o = o.view(rows, p.num_kv_heads, p.group_size, max_q, p.head_dim).permute(0, 3, 1, 2, 4)
     o = o.reshape(rows * max_q, p.num_qo_heads, p.head_dim)
     return o if plan.q_positions is None else o.index_select(0, plan.q_positions)
