@@ -51,6 +51,10 @@ def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool
     config = generation_config if generation_config is not None else model.generation_config
     if kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None):
         return False
+    # Stock's first step returns the hidden states of the whole prompt ([rows, prompt length, hidden]):
+    # a prompt prefilled here would leave generate() only its last token's.
+    if kwargs.get("output_hidden_states") or getattr(config, "output_hidden_states", False):
+        return False
     # Any other tensor input (embeddings, position ids, multimodal inputs) goes through generate() as is.
     extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")]
     if extra:

@@ -23,6 +23,7 @@ from .attention import Executor, select_executor
 from .config import PagedConfig
 from .groups import layer_page_sizes
 from .pool import KVPool, LayerSpec
+from .tensor_parallel import TPGroup, make_pool
 
 RUNTIME_ATTR = "hf_paged_runtime"
 # How a forward's PagedCache reaches the attention function: the decoder's pre-hook adds it to the
@@ -110,12 +111,16 @@ class Runtime:
     # under compile=True, whose one group ignores them (PagedCache._check_compiled_window).
     cache_windows: list = field(default_factory=list)
     last_peak_kv_bytes: int = 0
+    # This rank's place in the model's tensor-parallel group (tensor_parallel.py), None without TP:
+    # the ranks' pools then agree on their page count, and errors before collectives reach all ranks.
+    tp: TPGroup | None = None
     last_peak_group_pages: list[int] = field(default_factory=list)
 
     # A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at
     # the copy's modules, and its pool and executor are made on first use (they never travel), so
     # copying costs no pool memory.
-    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches", "_weight_slots")
+    # A copy also leaves out the TP group (a process group does not travel): it sizes its pool alone.
+    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches", "tp", "_weight_slots")
 
     def __getstate__(self) -> dict:
         state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
@@ -126,6 +131,7 @@ class Runtime:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.compiled = None
+        self.tp = None
         self.lock = threading.RLock()
         self.forward_caches = threading.local()
 
@@ -136,7 +142,7 @@ class Runtime:
         weights = [next(module.parameters()) for module in self.attention_modules]
         specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
         self.executor = select_executor(self.config.backend, specs)
-        self.pool = KVPool(self.config, specs, self.page_sizes())
+        self.pool = make_pool(self.config, specs, self.page_sizes(), self.tp)
         return getattr(self, name)
 
     def page_sizes(self) -> list[int]:
@@ -204,7 +210,7 @@ class Runtime:
                     )
                 specs = self.current_specs()
                 executor = select_executor(self.config.backend, specs)  # raises before anything changes
-                self.pool = KVPool(self.config, specs, self.page_sizes())
+                self.pool = make_pool(self.config, specs, self.page_sizes(), self.tp)
                 self.executor = executor
                 self.compiled = None  # its graphs and static addresses are those of the old pool
             self.pool.open_cache(cache)

@@ -21,6 +21,9 @@ def memory_stats(model: torch.nn.Module) -> dict:
     group's pages at its own bytes (a page id stores K/V of one group's layers only). With the prefix cache on, `pages_in_use` includes the
     `cached_pages` it keeps between calls, and `prefix_*` count looked-up tokens, hit pages, hit
     tokens and evicted pages since wrap().
+
+    Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
+    which holds this rank's KV heads; every rank's pool has the same pages.
     """
     runtime = runtime_of(model, "memory_stats")
     pool = runtime.pool
@@ -35,6 +38,9 @@ def memory_stats(model: torch.nn.Module) -> dict:
         "peak_pages_in_use": runtime.last_peak_pages,
         "peak_shared_pages": runtime.last_peak_shared_pages,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
+        # Under tensor parallelism every figure is this rank's pool (its local KV heads); each rank has one.
+        "tp_rank": runtime.tp.rank if runtime.tp is not None else 0,
+        "tp_size": runtime.tp.size if runtime.tp is not None else 1,
     }
     if any(group.window is not None for group in runtime.groups):
         # Counted by the cache after each forward (a sliding group has let go of what it cannot see),

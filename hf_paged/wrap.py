@@ -1,5 +1,6 @@
 """wrap/unwrap: register the paged attention and mask functions, hook the model, patch generate."""
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .cache import PagedCache
 from .config import PagedConfig
 from .errors import UnsupportedModelError
 from .groups import layer_groups, layer_page_sizes
-from .pool import KVPool
+from .tensor_parallel import local_specs, make_pool, tp_group
 from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs, stock_mask_implementation
 
 ATTN_NAME = "hf_paged"
@@ -228,14 +229,16 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     text_config = model.config.get_text_config()
     attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
     specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
+    tp = tp_group(model)  # under tensor parallelism: this rank's pool holds its local KV heads
+    specs = local_specs(model, specs, tp)
     executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
     # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
     # compiled decode steps read one metadata for every layer.
     cache_windows = _compat.layer_windows(text_config, len(specs))
     grouped = [None] * len(specs) if config.compile else cache_windows
     groups = layer_groups(grouped, config.page_size, config.window_page_size)
-    # Raises (budget below one page, allocation failed) before anything is patched.
-    pool = KVPool(config, specs, layer_page_sizes(groups, len(specs)))
+    # Raises (budget below one page, allocation failed) before anything is patched; on every rank under TP.
+    pool = make_pool(config, specs, layer_page_sizes(groups, len(specs)), tp)
     if runtime is not None:
         unwrap(model)
     runtime = Runtime(
@@ -252,6 +255,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
         groups=groups,
         cache_windows=cache_windows,
         patch=patch,
+        tp=tp,
     )
     registered = _register_functions()
     try:
@@ -341,7 +345,13 @@ class _BeginForward:
             inputs = arguments.get("inputs_embeds")
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
-        cache.begin_forward(inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device)
+        begin = functools.partial(
+            cache.begin_forward, inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device
+        )
+        if runtime.tp is None:
+            begin()
+        else:  # a rank that cannot place its tokens must not leave the others waiting in the forward's collectives
+            runtime.tp.run(begin, "placing a forward's tokens")
         runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
         return args, {**kwargs, CACHE_KWARG: cache}
 

@@ -5,6 +5,7 @@
         --split "test[:200]" --text-column article --reference-column highlights --compare --num-beams 4
     accelerate launch --num_processes 2 scripts/eval.py --model ... --compare   # data parallel
     python scripts/eval.py --model ... --device-map auto      # one model across GPUs
+    torchrun --nproc_per_node 2 scripts/eval.py --tp 2 --model ...   # one model sharded (tensor parallel)
 
 Writes samples.jsonl and summary.json to --output-dir and prints a table. Bad input exits with code 2.
 """
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (default: auto)")
     model.add_argument("--device", help="e.g. cpu, cuda:0 (default: this process's accelerate device)")
     model.add_argument("--device-map", help='auto, balanced, sequential, a device, or JSON {"module": device}')
+    model.add_argument(
+        "--tp", type=int, default=1,
+        help="tensor parallelism: shard the model over this many launched processes (transformers' "
+        "DistributedConfig(tp_size=N)); launch N with torchrun --nproc_per_node N or accelerate launch "
+        "--num_processes N (default: 1, no sharding)",
+    )
     model.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: torch's; 1 for the built-in model; 0: torch's)"
     )
@@ -105,7 +112,17 @@ def check_args(args: argparse.Namespace, state: PartialState) -> None:
         raise EvalError("--num-return-sequences must be <= --num-beams without --do-sample")
     if args.dataset and args.data_files:
         raise EvalError("pass either --dataset (hub) or --data-files (local), not both")
-    if args.device_map is not None and state.num_processes > 1:
+    if args.tp < 1:
+        raise EvalError(f"--tp must be >= 1, got {args.tp}")
+    if args.tp > 1:
+        if state.num_processes != args.tp:
+            raise EvalError(
+                f"--tp {args.tp} shards the model over {args.tp} processes, but {state.num_processes} were launched: "
+                f"use torchrun --nproc_per_node {args.tp} (or accelerate launch --num_processes {args.tp})"
+            )
+        if args.device_map is not None or args.device is not None:
+            raise EvalError("--tp places the model itself (each rank's GPU, else the CPU): drop --device-map and --device")
+    elif args.device_map is not None and state.num_processes > 1:
         raise EvalError("--device-map spreads one model over devices; run it in one process, not with --num_processes > 1")
     if args.threads is not None and args.threads < 0:
         raise EvalError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
@@ -203,13 +220,19 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     elif args.threads is None and args.model is None:
         # The built-in model's matmuls are too small to gain from threads; on a busy CPU they lose a lot.
         torch.set_num_threads(1)
-    model, tokenizer, model_name = load_model(args.model, args.dtype, device, parse_device_map(args.device_map), seed=0)
+    model, tokenizer, model_name = load_model(
+        args.model, args.dtype, device, parse_device_map(args.device_map), seed=0, tp=args.tp
+    )
     device = input_device(model)
     prompt_ids = encode_prompts(tokenizer, samples, context_length(model), args.max_new_tokens, args.truncate)
     batches = make_batches(samples, prompt_ids, args.batch_size)
     kwargs = generate_kwargs(args, tokenizer)
-    with state.split_between_processes(batches) as my_batches:
-        my_batches = list(my_batches)
+    # Data parallel: each process its share of the batches. Tensor parallel: every rank runs every
+    # batch (each computes its heads of one model) and the main process reports.
+    my_batches = batches
+    if args.tp == 1:
+        with state.split_between_processes(batches) as my_batches:
+            my_batches = list(my_batches)
     show = state.is_local_main_process
 
     try:
@@ -224,7 +247,10 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
             warm_up(model, tokenizer, my_batches, kwargs, device)  # every compiled shape, with --compile
         before = hf_paged.memory_stats(model)
         paged_records, paged_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "paged", show)
-        prefix_counts = prefix_cache_counts(before, hf_paged.memory_stats(model))
+        after = hf_paged.memory_stats(model)
+        prefix_counts = prefix_cache_counts(before, after)
+        rank_pool = {key: after[key] for key in ("tp_rank", "num_pages", "page_bytes", "pool_bytes")}
+        rank_pool["peak_kv_bytes"] = paged_stats.peak_kv_bytes  # over this rank's batches
         stock_records, stock_stats = [], RunStats()
         if args.compare:
             hf_paged.unwrap(model)
@@ -245,10 +271,17 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         index, message = failures[0]
         raise EvalError(f"[process {index}] {message}" if state.num_processes > 1 else message)
 
-    paged_records = sorted(gather_object(paged_records), key=lambda record: record["index"])
-    stock_records = sorted(gather_object(stock_records), key=lambda record: record["index"])
-    paged_stats, stock_stats = gather_object([paged_stats]), gather_object([stock_stats])
-    prefix_counts = gather_object([prefix_counts])
+    rank_pools = gather_object([rank_pool])
+    if args.tp > 1:  # every rank generated the same outputs: the main process's records and measures stand for all
+        paged_records, stock_records, prefix_counts = paged_records, stock_records, [prefix_counts]
+        paged_stats, stock_stats = [paged_stats], [stock_stats]
+    else:
+        paged_records = gather_object(paged_records)
+        stock_records = gather_object(stock_records)
+        paged_stats, stock_stats = gather_object([paged_stats]), gather_object([stock_stats])
+        prefix_counts = gather_object([prefix_counts])
+    paged_records = sorted(paged_records, key=lambda record: record["index"])
+    stock_records = sorted(stock_records, key=lambda record: record["index"])
     if not state.is_main_process:
         return None
     summary = summarize(paged_records, paged_stats, metrics)
@@ -262,6 +295,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         | {"groups": [{key: group[key] for key in ("window", "num_layers", "page_size")} for group in geometry["groups"]]},
         pool_placement=placement,
         prefix_cache=prefix_cache_summary(prefix_counts) if args.prefix_cache else None,
+        # Under --tp each rank's pool holds its share of the KV heads (KV figures above are rank 0's).
+        tensor_parallel={"tp_size": args.tp, "ranks": rank_pools},
     )
     if args.compare:
         summary["stock"] = summarize(stock_records, stock_stats, metrics)

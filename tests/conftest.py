@@ -1,4 +1,4 @@
-"""Shared test setup: offline hub, deterministic CPU threads, the `gpu` marker."""
+"""Shared test setup: offline hub, the `gpu` marker, and process state (threads, Dynamo) reset around each test."""
 
 import os
 
@@ -16,3 +16,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def isolated_process_state():
+    """Each test starts and ends with the process as the suite found it.
+
+    scripts/eval.py's main() sets torch's intra-op threads to 1 (its timings need it); compiled code
+    and Dynamo's recompile counts are per code object for the whole process, so a compile test would
+    change which steps a later test compiles. The teardown runs whether the test passed or failed.
+    """
+    threads = torch.get_num_threads()
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+        torch.set_num_threads(threads)

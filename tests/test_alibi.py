@@ -6,23 +6,8 @@ import torch
 from hf_paged.attention import LayerParams, ops
 from hf_paged.attention.torch import dense as torch_backend
 
-from test_torch_executor import CASES, HEAD_DIM, paged_case, reserved_case
-
-
-def dense_alibi(q, k, v, params: LayerParams):
-    """One row: q [Q, H_q, D], k/v [L, H_kv, D]; scores * scale + slope_h * (key - query), causal, window."""
-    group = params.group_size
-    k, v = k.repeat_interleave(group, dim=1).double(), v.repeat_interleave(group, dim=1).double()
-    num_q, num_k = q.shape[0], k.shape[0]
-    query_pos = torch.arange(num_k - num_q, num_k)[:, None]
-    keys = torch.arange(num_k)[None]
-    slopes = torch.tensor(params.alibi_slopes, dtype=torch.float64)[:, None, None]
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * params.sm_scale + slopes * (keys - query_pos)
-    allowed = keys <= query_pos
-    if params.window_left >= 0:
-        allowed &= keys >= query_pos - params.window_left
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).float()
+from reference import HEAD_DIM, PAGED_CASES, dense_layer, paged_case, reserved_case
+from tiny import CountingBackend, padded_prompts, tiny_model
 
 
 def slopes(num_heads: int) -> tuple[float, ...]:
@@ -32,12 +17,12 @@ def slopes(num_heads: int) -> tuple[float, ...]:
 def check_rows(out, q, meta, dense, params):
     start = 0
     for row, n in enumerate(meta.qo_lens):
-        expected = dense_alibi(q[start : start + n], *dense[row], params)
+        expected = dense_layer(q[start : start + n], *dense[row], params)
         torch.testing.assert_close(out[start : start + n], expected, rtol=1e-5, atol=1e-5)
         start += n
 
 
-@pytest.mark.parametrize("page_size,past_lens,new_lens,shared_prefix", CASES)
+@pytest.mark.parametrize("page_size,past_lens,new_lens,shared_prefix", PAGED_CASES)
 @pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(4, 4), (8, 2), (7, 1)])
 @pytest.mark.parametrize("window_left", [-1, 4])
 def test_alibi_matches_dense_attention(page_size, past_lens, new_lens, shared_prefix, num_qo_heads, num_kv_heads, window_left):
@@ -79,13 +64,10 @@ def test_flashinfer_executor_plans_alibi_and_matches_the_torch_executor(monkeypa
 
     import hf_paged
     pytest.importorskip("flashinfer")  # the stand-in binds FlashInfer's real signatures
-    from test_flashinfer_stand_in import Comparer, fake_flashinfer
-    from test_patches import tiny
+    from stand_in import Comparer, fake_flashinfer
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
-    model = tiny("bloom")
-    from tiny import padded_prompts
-
+    model = tiny_model("bloom")
     input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 4))
     hf_paged.wrap(model, num_pages=256, page_size=4, backend="torch", cascade=True)
     comparer = model.hf_paged_runtime.executor = Comparer()
@@ -110,12 +92,7 @@ def test_compiled_decode_of_an_alibi_family_carries_the_slopes():
     """compile=True on Bloom: each decode step runs the patched attention through the custom op."""
     import hf_paged
     from hf_paged.compile import compile_decode
-    from test_compile import CountingBackend
-    from test_patches import tiny
-    from tiny import padded_prompts
-
-    torch._dynamo.reset()
-    model = tiny("bloom")
+    model = tiny_model("bloom")
     input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
     kwargs = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, pad_token_id=0)
     expected = model.generate(input_ids, **kwargs)
@@ -124,7 +101,6 @@ def test_compiled_decode_of_an_alibi_family_carries_the_slopes():
     compiled = compile_decode(model, backend=backend)
     assert torch.equal(model.generate(input_ids, **kwargs), expected)
     assert compiled.num_compiled_steps == 9 and backend.num_graphs == 1
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("soft_cap", [0.0, 5.0])

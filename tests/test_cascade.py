@@ -15,35 +15,14 @@ from hf_paged.attention.torch import cascade, dense
 from hf_paged.blocks import BlockManager
 from hf_paged.metadata import build_metadata
 from hf_paged.tables import PageTables
+
+from reference import HEAD_DIM, dense_from_pool, grouped_case
 from tiny import padded_prompts, tiny_model
-
-HEAD_DIM = 8
-
 
 @pytest.fixture
 def always_cascade(monkeypatch):
     """Take the cascade path whenever a shared prefix exists, however little it saves."""
     monkeypatch.setattr(prefix, "MIN_SAVED_FRACTION", 0.0)
-
-
-def grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, num_kv_heads, seed=0):
-    """Rows forked from `len(prefix_lens)` parents (parent i holds `prefix_lens[i]` tokens).
-
-    `fork[r]` is row r's parent; then row r appends `private_lens[r]` and finally `new_lens[r]`
-    tokens. Pool contents are random (both paths read the same pool). Returns (pool, meta, zero page).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    num_pages = 512
-    pool = torch.randn(2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM, generator=generator)
-    pool[:, num_pages].zero_()
-    tables = PageTables(BlockManager(num_pages), page_size)
-    tables.add_rows(len(prefix_lens))
-    tables.append(list(prefix_lens))
-    tables.select_rows(list(fork))
-    tables.append(list(private_lens))
-    slots, copies = tables.append(list(new_lens))
-    meta = build_metadata(tables, list(new_lens), max(new_lens), slots, copies, None, torch.device("cpu"), cascade=True)
-    return pool, meta, num_pages
 
 
 CASES = [
@@ -75,7 +54,8 @@ def test_cascade_matches_plain_path(always_cascade, page_size, prefix_lens, fork
     assert isinstance(shared_plan, cascade.CascadePlan), "these rows share full pages: cascade must run"
     plain_plan = torch_executor.plan(dataclasses.replace(meta, cascade=False), params, zero_page)
     assert isinstance(plain_plan, dense.TorchPlan)
-    expected = torch_executor.run(q, pool, plain_plan)
+    expected = dense_from_pool(q, pool, meta, params)
+    torch.testing.assert_close(torch_executor.run(q, pool, plain_plan), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch_executor.run(q, pool, shared_plan), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -137,7 +117,9 @@ def test_fresh_prompts_take_causal_path_equal_to_masked(page_size, num_qo_heads,
     mask = dense.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
     masked = dataclasses.replace(plan, causal=False, mask=mask)
     q = torch.randn(39, num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(4))
-    torch.testing.assert_close(torch_executor.run(q, pool, plan), torch_executor.run(q, pool, masked))
+    expected = dense_from_pool(q, pool, meta, params)
+    torch.testing.assert_close(torch_executor.run(q, pool, plan), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch_executor.run(q, pool, masked), expected, rtol=1e-5, atol=1e-5)
     padded = build_metadata(tables_with_past(page_size), [13, 13], 13, [], [], None,
                             torch.device("cpu"))
     assert not torch_executor.plan(padded, params, zero_page).causal, "rows with a past need the mask"

@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 import hf_paged
 from hf_paged import PagedCache, UnsupportedModelError, _compat

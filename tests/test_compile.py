@@ -12,79 +12,22 @@ from hf_paged.attention import ops
 from hf_paged.compile import DecodeBuffers, StaticDecodeCache, compile_decode, compiled_decode
 from hf_paged.runtime import CACHE_KWARG
 
-from reference import dense_attention
-from tiny import padded_prompts, tiny_model
+from reference import dense_rows, paged_inputs
+import tiny
+from tiny import CountingBackend, fixed_length, padded_prompts, tiny_model
 
 NEW_TOKENS = 40  # decode steps per generate(): more than the 32 the no-recompile check needs
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test starts with no compiled code (the recompile limit is per code object, process-wide)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
-
-    def __init__(self):
-        self.num_graphs = 0
-
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
-        self.num_graphs += 1
-        return gm.forward
 
 
 # -- the ops -------------------------------------------------------------------------------
 
 
-def paged_inputs(page_size: int, kv_lens: list[int], qo_lens: list[int], num_kv_heads=2, group=2, head_dim=8, seed=0):
-    """A NaN-filled pool holding rows of random K/V in shuffled pages, FlashInfer-format indices with a
-    garbage tail, queries, and the dense K/V of each row for the reference."""
-    generator = torch.Generator().manual_seed(seed)
-    num_pages = sum(-(-n // page_size) for n in kv_lens) + 3
-    pool = torch.full((2, num_pages + 1, page_size, num_kv_heads, head_dim), float("nan"))
-    pool[:, num_pages].zero_()  # the zero page
-    page_ids = torch.randperm(num_pages, generator=generator).tolist()
-    kv_indices, kv_indptr, dense = [], [0], []
-    for kv_len in kv_lens:
-        k = torch.randn(kv_len, num_kv_heads, head_dim, generator=generator)
-        v = torch.randn(kv_len, num_kv_heads, head_dim, generator=generator)
-        table = [page_ids.pop() for _ in range(-(-kv_len // page_size))]
-        for t in range(kv_len):
-            pool[0, table[t // page_size], t % page_size] = k[t]
-            pool[1, table[t // page_size], t % page_size] = v[t]
-        kv_indices += table
-        kv_indptr.append(len(kv_indices))
-        dense.append((k, v))
-    kv_indices += page_ids  # never read: pages of NaNs past kv_indptr[-1]
-    q = torch.randn(sum(qo_lens), num_kv_heads * group, head_dim, generator=generator)
-    qo_indptr = torch.tensor([0] + qo_lens).cumsum(0).to(torch.int32)
-    last = [(n - 1) % page_size + 1 for n in kv_lens]
-    tensors = (
-        q, pool, qo_indptr, torch.tensor(kv_indptr, dtype=torch.int32),
-        torch.tensor(kv_indices, dtype=torch.int32), torch.tensor(last, dtype=torch.int32),
-    )
-    return tensors, dense
-
-
-def dense_reference(q, dense, qo_lens, sm_scale, window_left, soft_cap):
-    """Row by row: the dense reference (tests/reference.py) on each row's new tokens."""
-    starts = [0, *torch.tensor(qo_lens).cumsum(0).tolist()]
-    return torch.cat([
-        dense_attention(q[start:end], k, v, sm_scale, window_left, soft_cap)
-        for (k, v), start, end in zip(dense, starts, starts[1:])
-    ])
-
-
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("window_left, soft_cap", [(-1, 0.0), (3, 0.0), (-1, 5.0)])
-def test_paged_attention_op_matches_dense_reference(page_size, window_left, soft_cap):
+def test_paged_attention_op_matches_dense_rows(page_size, window_left, soft_cap):
     kv_lens, qo_lens = [5, 1, 19, 8], [2, 1, 3, 1]  # ragged new tokens, awkward lengths
     inputs, dense = paged_inputs(page_size, kv_lens, qo_lens)
-    expected = dense_reference(inputs[0], dense, qo_lens, 0.3, window_left, soft_cap)
+    expected = dense_rows(inputs[0], dense, qo_lens, 0.3, window_left, soft_cap)
     for max_kv in (max(kv_lens), 64):  # exact maxima, and a fixed capacity as the compiled decode uses
         out = torch.ops.hf_paged.paged_attention(*inputs, max(qo_lens), max_kv, 0.3, window_left, soft_cap, "torch")
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
@@ -95,7 +38,7 @@ def test_paged_attention_op_decode_rows():
     kv_lens, qo_lens = [7, 1, 12], [1, 1, 1]
     inputs, dense = paged_inputs(4, kv_lens, qo_lens)
     out = torch.ops.hf_paged.paged_attention(*inputs, 1, 32, 0.5, -1, 0.0, "torch")
-    torch.testing.assert_close(out, dense_reference(inputs[0], dense, qo_lens, 0.5, -1, 0.0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, dense_rows(inputs[0], dense, qo_lens, 0.5, -1, 0.0), atol=1e-5, rtol=1e-5)
 
 
 def test_paged_attention_op_unknown_backend_says_what_to_do():
@@ -125,7 +68,7 @@ def test_torchscript_function_calls_the_op():
 
     assert "hf_paged::paged_attention" in str(scripted.graph)
     inputs, dense = paged_inputs(4, [6, 3], [1, 1])
-    expected = dense_reference(inputs[0], dense, [1, 1], 0.5, -1, 0.0)
+    expected = dense_rows(inputs[0], dense, [1, 1], 0.5, -1, 0.0)
     torch.testing.assert_close(scripted(*inputs, 16), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -151,9 +94,7 @@ def test_op_traces_in_a_fullgraph_compile_without_breaks():
 
 
 def generate(model, input_ids, mask, new_tokens=NEW_TOKENS, **kwargs):
-    return model.generate(
-        input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs
-    )
+    return tiny.generate(model, input_ids, mask, **fixed_length(new_tokens), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 import hf_paged
 from hf_paged import OutOfPagesError
 
+from threads import Worker, run_threads
 from tiny import padded_prompts, tiny_model
 
 # Deterministic modes only: sampling draws from torch's global generator, which threads share, so
@@ -52,26 +53,6 @@ def _generate(model, call: int, mode: str, **extra):
     )
 
 
-def _run_threads(target, num_threads: int) -> list:
-    results, errors = [None] * num_threads, []
-    barrier = threading.Barrier(num_threads)
-
-    def run(index):
-        try:
-            barrier.wait()
-            results[index] = target(index)
-        except BaseException as error:  # reported below with its thread
-            errors.append((index, error))
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(num_threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    return results
-
-
 def test_eight_threads_of_mixed_modes_return_the_sequential_tokens():
     calls = [(thread, round_) for thread in range(8) for round_ in range(3)]
     modes = list(MODES)
@@ -82,7 +63,7 @@ def test_eight_threads_of_mixed_modes_return_the_sequential_tokens():
     def thread_calls(thread):
         return [_generate(model, 3 * thread + r, modes[(thread + r) % len(modes)]) for r in range(3)]
 
-    results = _run_threads(thread_calls, 8)
+    results = run_threads(thread_calls, 8)
     for thread, outputs in enumerate(results):
         for round_, out in enumerate(outputs):
             assert torch.equal(out, expected[thread, round_]), (thread, round_, modes[(thread + round_) % len(modes)])
@@ -90,19 +71,11 @@ def test_eight_threads_of_mixed_modes_return_the_sequential_tokens():
 
 
 def _start_paused(model, call: int, mode: str, at: int = 2):
-    """Run a call on a thread until its `at`-th step; returns (pause, thread, result holder)."""
-    pause, holder = Pause(at), {}
-
-    def run():
-        try:
-            holder["out"] = _generate(model, call, mode, stopping_criteria=StoppingCriteriaList([pause]))
-        except BaseException as error:
-            holder["error"] = error
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    """Run a call on a thread until its `at`-th step; returns (pause, worker)."""
+    pause = Pause(at)
+    worker = Worker(lambda: _generate(model, call, mode, stopping_criteria=StoppingCriteriaList([pause]))).start()
     assert pause.reached.wait(60)
-    return pause, thread, holder
+    return pause, worker
 
 
 def test_each_call_reports_its_own_peak_pages():
@@ -112,13 +85,12 @@ def test_each_call_reports_its_own_peak_pages():
         _generate(model, call, mode)
         alone[call] = hf_paged.memory_stats(model)["peak_pages_in_use"]
     assert alone[5] > alone[1] > 0
-    pause, thread, holder = _start_paused(model, 5, "beams")  # holds its pages while call 1 runs
+    pause, worker = _start_paused(model, 5, "beams")  # holds its pages while call 1 runs
     assert hf_paged.memory_stats(model)["pages_in_use"] > 0
     _generate(model, 1, "greedy")
     assert hf_paged.memory_stats(model)["peak_pages_in_use"] == alone[1]
     pause.resume.set()
-    thread.join(60)
-    assert "error" not in holder
+    worker.result(60)
     assert hf_paged.memory_stats(model)["peak_pages_in_use"] == alone[5]
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 
@@ -127,7 +99,7 @@ def test_a_call_that_finds_the_pool_short_raises_and_leaves_the_others_intact():
     stock = tiny_model("llama")
     expected = _generate(stock, 5, "beams")
     model = hf_paged.wrap(tiny_model("llama"), num_pages=40, page_size=2)
-    pause, thread, holder = _start_paused(model, 5, "beams")
+    pause, worker = _start_paused(model, 5, "beams")
     held = hf_paged.memory_stats(model)["pages_in_use"]
     free = 40 - held
     input_ids = torch.randint(3, 100, (1, 2 * free + 2), generator=torch.Generator().manual_seed(0))
@@ -135,8 +107,7 @@ def test_a_call_that_finds_the_pool_short_raises_and_leaves_the_others_intact():
         model.generate(input_ids, max_new_tokens=2, pad_token_id=0)
     assert hf_paged.memory_stats(model)["pages_in_use"] == held  # the failed call gave back all it took
     pause.resume.set()
-    thread.join(60)
-    assert "error" not in holder and torch.equal(holder["out"], expected)
+    assert torch.equal(worker.result(60), expected)
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 
 
@@ -147,7 +118,7 @@ def test_concurrent_compiled_decode_calls_match_stock():
     expected = [_generate(stock, call, mode) for call, mode in enumerate(modes)]
     model = hf_paged.wrap(tiny_model("llama"), num_pages=256, page_size=4, compile=True)
     hf_paged.compile.compile_decode(model, backend="aot_eager")
-    results = _run_threads(lambda call: _generate(model, call, modes[call]), len(modes))
+    results = run_threads(lambda call: _generate(model, call, modes[call]), len(modes))
     assert all(torch.equal(got, want) for got, want in zip(results, expected))
     compiled = model.hf_paged_runtime.compiled
     assert compiled.num_compiled_steps > 0 and compiled.num_installed == 0

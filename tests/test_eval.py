@@ -4,7 +4,6 @@ Most tests call the script's main() in this process (fast); the exit-code and ac
 it as a subprocess, as a user would.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,43 +20,10 @@ from hf_paged.evaluation.data import BUNDLED_DATA, DEFAULT_TEMPLATE
 from hf_paged.evaluation.default_model import byte_tokenizer, tiny_llama
 from hf_paged.evaluation.model import pool_placement
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "eval.py"
-# Scripts started as processes import the hf_paged of this checkout, not whichever one is installed.
-CHECKOUT = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+from script_runs import CHECKOUT, EVAL_SCRIPT, SAMPLE_FIELDS, SUMMARY_FIELDS, eval_script, run_eval
+
+SCRIPT = EVAL_SCRIPT
 SMALL_RUN = ["--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--no-warmup"]
-SAMPLE_FIELDS = {"index", "id", "prompt_tokens", "output_text", "output_texts", "output_ids", "generated_tokens", "reference", "batch"}
-SUMMARY_FIELDS = {
-    "num_samples", "tokens_per_second", "time_to_first_token_s", "peak_kv_bytes", "peak_shared_pages", "scores",
-}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("hf_paged_eval_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_script = _load_script()
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """main() sets torch's thread count for the built-in model; keep that out of other tests."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def run_eval(tmp_path: Path, *args: str) -> tuple[int, list[dict], dict]:
-    """main(args) with --output-dir; returns (exit code, samples.jsonl records, summary.json)."""
-    out = tmp_path / "out"
-    code = eval_script.main([*args, "--output-dir", str(out)])
-    if code != 0:
-        return code, [], {}
-    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    return code, records, json.loads((out / "summary.json").read_text())
 
 
 # The built-in model (2 layers, 1 KV head of dim 64, fp32), by hand; hf_paged's default page size.

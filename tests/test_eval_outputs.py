@@ -4,7 +4,7 @@ import torch
 
 import hf_paged.compile
 
-from test_eval import SAMPLE_FIELDS, eval_script, run_eval
+from script_runs import SAMPLE_FIELDS, eval_script, run_eval
 
 RUN = ["--limit", "6", "--batch-size", "4", "--max-new-tokens", "4"]  # batches of 4 and 2 prompts
 
@@ -46,11 +46,7 @@ def test_compile_warm_up_covers_every_shape_of_the_timed_run(tmp_path, monkeypat
         return result
 
     monkeypatch.setattr(eval_script, "run_batches", counting_run_batches)
-    torch._dynamo.reset()
-    try:
-        code, _, summary = run_eval(tmp_path, *RUN, "--compile", "--num-beams", "2")
-    finally:
-        torch._dynamo.reset()
+    code, _, summary = run_eval(tmp_path, *RUN, "--compile", "--num-beams", "2")  # Dynamo reset: conftest.py
     assert code == 0
     assert graphs["compiled steps"] > 0 and graphs["timed run"] == 0
     assert summary["paging"]["compile"] is True

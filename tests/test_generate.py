@@ -6,20 +6,13 @@ import torch
 import hf_paged
 from hf_paged.attention import TorchExecutor
 
-from tiny import CONFIGS, padded_prompts, tiny_model
-
-MODES = {
-    "greedy": dict(),
-    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
-    "beam": dict(num_beams=4, num_return_sequences=2),
-    "beam_sample": dict(num_beams=3, do_sample=True),
-}
+import tiny
+from tiny import CONFIGS, MODES, padded_prompts, tiny_model
 
 
-def generate(model, input_ids, mask, seed=5, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault("max_new_tokens", 10)
-    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
+
+def generate(model, input_ids, mask, seed=5, max_new_tokens=10, **kwargs):
+    return tiny.generate(model, input_ids, mask, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))

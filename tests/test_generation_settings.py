@@ -6,7 +6,7 @@ from transformers import GenerationConfig
 
 import hf_paged
 
-from tiny import padded_prompts, tiny_model
+from tiny import generate, padded_prompts, tiny_model
 
 NEW_TOKENS = 8
 
@@ -20,9 +20,7 @@ SETTINGS = {
 }
 
 
-def run(model, input_ids, mask, **kwargs):
-    torch.manual_seed(0)
-    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
+run = generate  # seeded with 0
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

@@ -14,72 +14,33 @@ from transformers import AutoModelForCausalLM
 import hf_paged
 from hf_paged import UnsupportedModelError, _compat, patches
 
-from tiny import COMMON, padded_prompts, routes_through_interface
-
-FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **COMMON)
-
-CONFIGS = {
-    "xglm": lambda: transformers.XGLMConfig(
-        d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=64, **COMMON
-    ),
-    "gpt_neox_japanese": lambda: transformers.GPTNeoXJapaneseConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2,
-        max_position_embeddings=64, **COMMON
-    ),
-    "mpt": lambda: transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, **COMMON),
-    "mpt_clip_qkv_6_heads": lambda: transformers.MptConfig(
-        d_model=48, n_heads=6, n_layers=2, max_seq_len=64, attn_config=dict(clip_qkv=0.5, softmax_scale=0.3), **COMMON
-    ),
-    "falcon": lambda: transformers.FalconConfig(**FALCON),  # multi-query (one KV head)
-    "falcon_mha": lambda: transformers.FalconConfig(**FALCON, multi_query=False, num_kv_heads=4),
-    "falcon_new_arch": lambda: transformers.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2),
-    "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **COMMON),
-    "gpt_neo": lambda: transformers.GPTNeoConfig(
-        hidden_size=64, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]], window_size=5,
-        max_position_embeddings=64, **COMMON
-    ),
-}
-
-MODES = [
-    dict(),
-    dict(do_sample=True, num_return_sequences=3),
-    dict(num_beams=4, num_return_sequences=2),
-]
-
-
-def tiny(family: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+from tiny import (
+    BASIC_MODES, FALCON, PATCHED_CONFIGS, fixed_length, generate, padded_prompts, routes_through_interface, tiny_model,
+)
 
 
 def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int, ...] = (0, 5), new: int = 10):
     input_ids, mask = padded_prompts(batch=2, length=length, pads=pads)
-
-    def generate(**mode):
-        torch.manual_seed(7)
-        return model.generate(
-            input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
-            use_cache=True, **mode,  # MPT's config turns the cache off by default
-        )
-
-    expected = [generate(**mode) for mode in MODES]
+    # use_cache=True: MPT's config turns the cache off by default.
+    kwargs = {mode: dict(seed=7, use_cache=True, **fixed_length(new), **extra) for mode, extra in BASIC_MODES.items()}
+    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in kwargs.items()}
     hf_paged.wrap(model, num_pages=512, page_size=4)
     # Falcon routes through the interface from 5.25 (GPT-J and CodeGen from 5.24): no patch there.
     assert (model.hf_paged_runtime.patch is None) == routes_through_interface(model.config.model_type)
-    for mode, tokens in zip(MODES, expected):
-        assert torch.equal(generate(**mode), tokens), mode
+    for mode, kw in kwargs.items():
+        assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), mode
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
+@pytest.mark.parametrize("family", sorted(PATCHED_CONFIGS))
 def test_patched_family_gives_stock_tokens(family):
-    assert_same_tokens(tiny(family))
+    assert_same_tokens(tiny_model(family))
 
 
 def test_a_model_whose_generation_config_turns_the_cache_off_generates_as_stock():
     """MPT's config has use_cache=False: stock generate() re-feeds the whole sequence with no cache;
     the wrapped generate() must do the same rather than hand it a PagedCache."""
-    model = tiny("mpt_clip_qkv_6_heads")
+    model = tiny_model("mpt_clip_qkv_6_heads")
     assert model.generation_config.use_cache is False
     input_ids, mask = padded_prompts(batch=2, length=13, pads=(0, 5))
     kwargs = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, pad_token_id=0)
@@ -90,7 +51,7 @@ def test_a_model_whose_generation_config_turns_the_cache_off_generates_as_stock(
 
 
 def test_unwrap_restores_the_class_forward_bit_for_bit():
-    model = tiny("gpt_neo")
+    model = tiny_model("gpt_neo")
     input_ids, mask = padded_prompts(batch=2, pads=(0, 3))
     with torch.no_grad():
         expected = model(input_ids, attention_mask=mask).logits
@@ -108,15 +69,13 @@ def test_unwrap_restores_the_class_forward_bit_for_bit():
 
 
 def test_a_family_that_routes_through_the_interface_gets_no_patch():
-    from tiny import tiny_model
-
     for family in ("llama", "gpt2"):
         assert patches.find_patch(tiny_model(family)) is None
     for family in ("gptj", "codegen"):
         model = tiny_model(family)
         assert (patches.find_patch(model) is None) == routes_through_interface(family)
     for variant in ("falcon", "falcon_new_arch"):
-        model = tiny(variant)
+        model = tiny_model(variant)
         assert (patches.find_patch(model) is None) == routes_through_interface("falcon")
         assert _compat.routes_through_interface(model) == routes_through_interface("falcon")
 

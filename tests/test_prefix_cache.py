@@ -13,6 +13,9 @@ from hf_paged.blocks import BlockManager
 from hf_paged.prefix_cache import PrefixCache, page_keys
 from hf_paged.tables import PageTables
 
+import tiny
+from tiny import BASIC_MODES as MODES
+from threads import run_threads
 from tiny import padded_prompts, tiny_model
 
 
@@ -66,17 +69,8 @@ def test_eviction_is_least_recently_used_and_tail_first_and_only_unreferenced():
     assert prefix.num_cached_pages == 0 and blocks.free_page_ids == [0]
 
 
-def generate(model, input_ids, mask, seed=7, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault("max_new_tokens", 6)
-    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
-MODES = {
-    "greedy": dict(),
-    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
-    "beam": dict(num_beams=4, num_return_sequences=2),
-}
+def generate(model, input_ids, mask, seed=7, max_new_tokens=6, **kwargs):
+    return tiny.generate(model, input_ids, mask, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
@@ -206,24 +200,17 @@ def test_a_new_dtype_gets_a_new_pool_and_its_own_prefix_cache():
 
 
 def test_concurrent_calls_share_the_prefix_cache_and_give_stock_tokens():
-    import threading
-
     model = tiny_model("llama")
     prompts = [padded_prompts(batch=2, length=17, pads=(0, 3), seed=s % 3) for s in range(6)]
     expected = [generate(model, ids, mask) for ids, mask in prompts]
     hf_paged.wrap(model, num_pages=100, page_size=4, prefix_cache=True)  # calls at once need ~84: some evict
-    results = [None] * len(prompts)
 
-    def run(index):
-        for _ in range(3):
-            results[index] = generate(model, *prompts[index])
+    def three_calls(index):  # greedy: no thread reseeds torch's shared generator
+        return [generate(model, *prompts[index], seed=None) for _ in range(3)]
 
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert all(torch.equal(got, want) for got, want in zip(results, expected))
+    for index, outputs in enumerate(run_threads(three_calls, len(prompts))):
+        for call, got in enumerate(outputs):
+            assert torch.equal(got, expected[index]), (index, call)
     stats = hf_paged.memory_stats(model)
     assert stats["pages_in_use"] == stats["cached_pages"]
 

@@ -7,9 +7,8 @@ from hypothesis import strategies as st
 
 import hf_paged
 
-from tiny import padded_prompts, tiny_model
+from tiny import MODES, generate, padded_prompts, tiny_model
 
-MODES = ("greedy", "sample", "beams", "beam_sample")
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +21,8 @@ def models():
 
 @st.composite
 def calls(draw):
-    mode = draw(st.sampled_from(MODES))
-    beams = draw(st.integers(2, 8)) if mode in ("beams", "beam_sample") else 1
+    mode = draw(st.sampled_from(list(MODES)))
+    beams = draw(st.integers(2, 8)) if mode in ("beam", "beam_sample") else 1
     most_returned = beams if beams > 1 else (4 if mode == "sample" else 1)
     batch, length = draw(st.integers(1, 3)), draw(st.integers(2, 10))
     return dict(
@@ -42,9 +41,8 @@ def calls(draw):
 
 
 def _generate(model, call: dict, input_ids, mask, eos_token_id):
-    torch.manual_seed(call["seed"])
-    return model.generate(
-        input_ids, attention_mask=mask, pad_token_id=0, eos_token_id=eos_token_id,
+    return generate(
+        model, input_ids, mask, seed=call["seed"], eos_token_id=eos_token_id,
         do_sample=call["mode"] in ("sample", "beam_sample"), num_beams=call["num_beams"],
         num_return_sequences=call["num_return_sequences"], max_new_tokens=call["max_new_tokens"],
     )

@@ -22,8 +22,9 @@ def _rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _one_call(model, assistant, rng: random.Random, call: int) -> str:
-    """Run one random call; returns its kind. Calls that must fail assert that they did."""
+def _one_call(model, stock, assistant, rng: random.Random, call: int) -> str:
+    """Run one random call; returns its kind. Calls that must fail assert that they did; the others
+    return the unwrapped `stock` model's tokens (both seeded alike)."""
     batch, length = rng.randint(1, 3), rng.randint(3, 12)
     pads = tuple(rng.randint(0, length - 2) for _ in range(batch))
     input_ids, mask = padded_prompts(batch=batch, length=length, pads=pads, seed=call)
@@ -50,8 +51,10 @@ def _one_call(model, assistant, rng: random.Random, call: int) -> str:
         kwargs.update(num_beams=2, max_new_tokens=6, stopping_criteria=StoppingCriteriaList([Interrupt(2, InterruptedError)]))
     expected_error = {"too_big": OutOfPagesError, "interrupt": InterruptedError}.get(kind)
     if expected_error is None:
+        torch.manual_seed(call)
         out = model.generate(input_ids, **kwargs)
-        assert out.shape[1] > input_ids.shape[1]
+        torch.manual_seed(call)
+        assert torch.equal(out, stock.generate(input_ids, **kwargs)), (call, kind)
     else:
         with pytest.raises(expected_error):
             model.generate(input_ids, **kwargs)
@@ -71,12 +74,12 @@ def one_thread():
 def test_a_thousand_mixed_calls_leak_no_page_and_no_memory(one_thread):
     torch.manual_seed(0)
     model = hf_paged.wrap(tiny_model("llama"), num_pages=NUM_PAGES, page_size=PAGE_SIZE)
-    assistant = tiny_model("llama", seed=1)
+    assistant, stock = tiny_model("llama", seed=1), tiny_model("llama")
     rng = random.Random(0)
     kinds: dict[str, int] = {}
     rss_at_100 = None
     for call in range(NUM_CALLS):
-        kind = _one_call(model, assistant, rng, call)
+        kind = _one_call(model, stock, assistant, rng, call)
         kinds[kind] = kinds.get(kind, 0) + 1
         assert hf_paged.memory_stats(model)["pages_in_use"] == 0, (call, kind)
         if call == 99:

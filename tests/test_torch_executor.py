@@ -5,75 +5,12 @@ import dataclasses
 import pytest
 import torch
 
-from hf_paged.attention import LayerParams, ops
+from hf_paged.attention import LayerParams
 from hf_paged.attention.torch import dense as torch_dense
-from hf_paged.blocks import BlockManager
-from hf_paged.metadata import build_metadata
-from hf_paged.tables import PageTables
 
-from reference import dense_attention
+from reference import HEAD_DIM, PAGED_CASES, dense_layer, paged_case, reserved_case
 
-HEAD_DIM = 8
-
-
-def dense_reference(q, k, v, params: LayerParams):
-    """q [Q, H_q, D], k/v [L, H_kv, D] of one row; bottom-right causal, window, soft-cap."""
-    return dense_attention(q, k, v, params.sm_scale, params.window_left, params.logits_soft_cap)
-
-
-def paged_case(page_size, past_lens, new_lens, shared_prefix, num_kv_heads, seed=0):
-    """A pool and metadata for rows that share `shared_prefix` tokens, then hold private tokens.
-
-    Returns (pool, meta, per-row dense K/V, zero page id).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    num_pages = 256
-    pool = torch.randn(2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM, generator=generator)
-    pool[:, num_pages].zero_()
-    flat = pool.view(2, -1, num_kv_heads, HEAD_DIM)
-    tables = PageTables(BlockManager(num_pages), page_size)
-    num_rows = len(past_lens)
-    prefix_k = torch.randn(shared_prefix, num_kv_heads, HEAD_DIM, generator=generator)
-    prefix_v = torch.randn(shared_prefix, num_kv_heads, HEAD_DIM, generator=generator)
-    dense = [[prefix_k, prefix_v] for _ in range(num_rows)]
-
-    def write(slots, copies, k, v):
-        for src, dst in copies:
-            pool[:, dst] = pool[:, src]
-        slots = torch.tensor(slots, dtype=torch.long)
-        flat[0, slots] = k
-        flat[1, slots] = v
-
-    tables.add_rows(1)
-    slots, copies = tables.append([shared_prefix])
-    write(slots, copies, prefix_k, prefix_v)
-    tables.select_rows([0] * num_rows)
-    for step_lens in ([p - shared_prefix for p in past_lens], new_lens):
-        slots, copies = tables.append(step_lens)
-        k = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator)
-        v = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator)
-        write(slots, copies, k, v)
-        start = 0
-        for row, n in enumerate(step_lens):
-            dense[row][0] = torch.cat([dense[row][0], k[start : start + n]])
-            dense[row][1] = torch.cat([dense[row][1], v[start : start + n]])
-            start += n
-    meta = build_metadata(tables, new_lens, max(new_lens), slots, [], None, torch.device("cpu"))
-    return pool, meta, dense, num_pages
-
-
-CASES = [
-    # page_size, past lens (incl. shared prefix), new lens, shared prefix
-    (1, [5, 9, 7], [1, 1, 1], 3),
-    (8, [13, 20, 8, 31], [1, 1, 1, 1], 8),
-    (16, [17, 40, 16], [1, 1, 1], 16),
-    (16, [0, 5, 33], [7, 1, 3], 0),
-    (8, [11, 11, 11], [5, 5, 5], 11),
-    (1, [3, 0], [4, 2], 0),
-]
-
-
-@pytest.mark.parametrize("page_size,past_lens,new_lens,shared_prefix", CASES)
+@pytest.mark.parametrize("page_size,past_lens,new_lens,shared_prefix", PAGED_CASES)
 @pytest.mark.parametrize("num_qo_heads,num_kv_heads", [(2, 2), (8, 2), (7, 1)])
 @pytest.mark.parametrize("window_left,soft_cap", [(-1, 0.0), (4, 0.0), (-1, 3.0)])
 def test_matches_dense_attention(page_size, past_lens, new_lens, shared_prefix, num_qo_heads, num_kv_heads, window_left, soft_cap):
@@ -83,7 +20,7 @@ def test_matches_dense_attention(page_size, past_lens, new_lens, shared_prefix, 
     out = torch_dense.run(q, pool, torch_dense.plan(meta, params, zero_page))
     start = 0
     for row, n in enumerate(new_lens):
-        expected = dense_reference(q[start : start + n], dense[row][0], dense[row][1], params)
+        expected = dense_layer(q[start : start + n], dense[row][0], dense[row][1], params)
         torch.testing.assert_close(out[start : start + n], expected, rtol=1e-5, atol=1e-5)
         start += n
 
@@ -101,32 +38,6 @@ def test_metadata_is_in_flashinfer_format():
 
 
 # -- rows in consecutive pages: read as a view of the pool, no gather -----------------------------
-
-
-def reserved_case(page_size, steps, num_rows, num_kv_heads, reserve_tokens, seed=0):
-    """Rows that reserved runs of pages, each appending `steps[i][row]` tokens of random K/V at step i.
-
-    Returns (pool, meta of the last step, per-row dense K/V, zero page id).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    num_pages = 128
-    pool = torch.full((2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM), float("nan"))
-    pool[:, num_pages].zero_()
-    tables = PageTables(BlockManager(num_pages), page_size)
-    tables.add_rows(num_rows)
-    assert tables.reserve(reserve_tokens)
-    dense = [[torch.empty(0, num_kv_heads, HEAD_DIM)] * 2 for _ in range(num_rows)]
-    for step in steps:
-        slots, copies = tables.append(step)
-        assert not copies
-        k, v = (torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator) for _ in range(2))
-        ops.write_kv_auto(pool, k, v, torch.tensor(slots))
-        start = 0
-        for row, n in enumerate(step):
-            dense[row] = [torch.cat([dense[row][i], t[start : start + n]]) for i, t in enumerate((k, v))]
-            start += n
-    meta = build_metadata(tables, steps[-1], max(steps[-1]), slots, [], None, torch.device("cpu"))
-    return pool, meta, dense, num_pages
 
 
 @pytest.mark.parametrize("page_size", [1, 8, 16])
@@ -152,7 +63,7 @@ def test_rows_read_in_place_match_dense_attention(page_size, steps, num_qo_heads
     assert not out.isnan().any()  # the NaN slots past every row's tokens are never read
     start = 0
     for row, n in enumerate(meta.qo_lens):
-        expected = dense_reference(q[start : start + n], *dense[row], params)
+        expected = dense_layer(q[start : start + n], *dense[row], params)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
     gathered = torch_dense.plan(dataclasses.replace(meta, kv_indices_host=None), params, zero_page)
@@ -169,7 +80,7 @@ def test_rows_of_unequal_length_are_gathered_even_in_consecutive_pages():
     q = torch.randn(2, 2, HEAD_DIM)
     out = torch_dense.run(q, pool, plan)
     for row in range(2):
-        torch.testing.assert_close(out[row : row + 1], dense_reference(q[row : row + 1], *dense[row], params), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[row : row + 1], dense_layer(q[row : row + 1], *dense[row], params), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("page_size, past_len, new_len, shared_prefix", [(4, 9, 1, 4), (4, 8, 1, 8), (1, 5, 2, 3), (8, 13, 3, 8)])
@@ -197,5 +108,5 @@ def test_rows_of_equal_length_in_scattered_pages_are_gathered_by_whole_pages(
     assert not out.isnan().any()
     for row in range(rows):
         rows_q = q[row * new_len : (row + 1) * new_len]
-        expected = dense_reference(rows_q, *dense[row], params)
+        expected = dense_layer(rows_q, *dense[row], params)
         torch.testing.assert_close(out[row * new_len : (row + 1) * new_len], expected, atol=1e-5, rtol=1e-5)

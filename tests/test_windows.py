@@ -17,6 +17,8 @@ from hf_paged import PagedCache, _compat
 from hf_paged.groups import window_page_size
 from hf_paged.tables import num_pages_for
 
+import tiny
+from tiny import BASIC_MODES as MODES
 from tiny import COMMON, padded_prompts, tiny_model
 
 WINDOW = 8
@@ -32,18 +34,9 @@ def gemma3_style(seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def generate(model, input_ids, mask, seed=3, **kwargs):
-    torch.manual_seed(seed)
-    kwargs.setdefault("max_new_tokens", 16)
-    kwargs.setdefault("min_new_tokens", kwargs["max_new_tokens"])
-    return model.generate(input_ids, attention_mask=mask, pad_token_id=0, **kwargs)
-
-
-MODES = {
-    "greedy": dict(),
-    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
-    "beam": dict(num_beams=4, num_return_sequences=2),
-}
+def generate(model, input_ids, mask, seed=3, max_new_tokens=16, **kwargs):
+    kwargs.setdefault("min_new_tokens", max_new_tokens)
+    return tiny.generate(model, input_ids, mask, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
 
 
 def test_groups_follow_the_config():
@@ -238,7 +231,8 @@ def test_a_copy_or_a_dtype_change_makes_a_pool_with_each_groups_page_size():
     assert torch.equal(generate(twin, input_ids, mask, num_beams=3), expected)
     assert [pool.shape[2] for pool in twin.hf_paged_runtime.pool.pools] == [2, 2, 2, 2, 2, 4]
     model.to(torch.float64)
-    generate(model, input_ids, mask, num_beams=3)
+    stock = gemma3_style().to(torch.float64)
+    assert torch.equal(generate(model, input_ids, mask, num_beams=3), generate(stock, input_ids, mask, num_beams=3))
     pools = model.hf_paged_runtime.pool.pools
     assert [(pool.dtype, pool.shape[2]) for pool in pools] == [(torch.float64, 2)] * 5 + [(torch.float64, 4)]
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0

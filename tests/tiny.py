@@ -1,4 +1,10 @@
-"""Tiny random models of every family the tests claim, built from configs (no hub)."""
+"""Shared test helpers: tiny random models of every family the tests claim (built from configs, no
+hub), padded prompts, the one seed-and-generate wrapper and the decoding modes the tests compare.
+
+Pool/metadata builders and dense references live in reference.py, the FlashInfer stand-in in
+stand_in.py, the thread helper in threads.py. Test modules import
+these helpers, never each other.
+"""
 
 import torch
 import transformers
@@ -37,6 +43,44 @@ RELEASE_DEPENDENT_CONFIGS = {
     "codegen": lambda: transformers.CodeGenConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **COMMON),
 }
 
+FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **COMMON)
+
+# Families whose attention bypasses the attention interface (Falcon: before 5.25, see ROUTED_FROM):
+# wrap() serves them through hf_paged.patches.
+PATCHED_CONFIGS = {
+    "xglm": lambda: transformers.XGLMConfig(
+        d_model=64, num_layers=2, attention_heads=4, ffn_dim=128, max_position_embeddings=64, **COMMON
+    ),
+    "gpt_neox_japanese": lambda: transformers.GPTNeoXJapaneseConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_multiple_size=2,
+        max_position_embeddings=64, **COMMON
+    ),
+    "mpt": lambda: transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, **COMMON),
+    "mpt_clip_qkv_6_heads": lambda: transformers.MptConfig(
+        d_model=48, n_heads=6, n_layers=2, max_seq_len=64, attn_config=dict(clip_qkv=0.5, softmax_scale=0.3), **COMMON
+    ),
+    "falcon": lambda: transformers.FalconConfig(**FALCON),  # multi-query (one KV head)
+    "falcon_mha": lambda: transformers.FalconConfig(**FALCON, multi_query=False, num_kv_heads=4),
+    "falcon_new_arch": lambda: transformers.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=2),
+    "bloom": lambda: transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **COMMON),
+    "gpt_neo": lambda: transformers.GPTNeoConfig(
+        hidden_size=64, num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]], window_size=5,
+        max_position_embeddings=64, **COMMON
+    ),
+}
+
+ALL_CONFIGS = {**CONFIGS, **RELEASE_DEPENDENT_CONFIGS, **PATCHED_CONFIGS}
+
+# The decoding modes every token-for-token comparison runs (each call seeds torch first, so sampling
+# draws the same numbers wrapped and unwrapped).
+MODES = {
+    "greedy": dict(),
+    "sample": dict(do_sample=True, num_return_sequences=3, top_k=20),
+    "beam": dict(num_beams=4, num_return_sequences=2),
+    "beam_sample": dict(num_beams=3, do_sample=True),
+}
+BASIC_MODES = {mode: MODES[mode] for mode in ("greedy", "sample", "beam")}
+
 
 # The first release whose modeling code routes each family's attention through the attention
 # interface (read off each release's source by hand and written down here, so that no test takes its
@@ -60,8 +104,7 @@ def routes_through_interface(model_type: str) -> bool:
 
 def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = (CONFIGS.get(family) or RELEASE_DEPENDENT_CONFIGS[family])()
-    return AutoModelForCausalLM.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(ALL_CONFIGS[family]()).eval()
 
 
 def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0, 4), seed: int = 1):
@@ -75,6 +118,20 @@ def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0,
     return input_ids, mask
 
 
+def generate(model, input_ids, mask, seed: int | None = 0, **kwargs):
+    """`model.generate` on left-padded prompts `[batch, length]`, torch seeded with `seed` first (None:
+    not seeded, for threads that must not reseed the shared generator); pad token 0."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    kwargs.setdefault("pad_token_id", 0)
+    return model.generate(input_ids, attention_mask=mask, **kwargs)
+
+
+def fixed_length(new_tokens: int, **kwargs) -> dict:
+    """Keyword arguments for exactly `new_tokens` new tokens per row (tiny models rarely emit EOS)."""
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+
+
 class Interrupt(StoppingCriteria):
     """A stopping criterion that raises `error` at its `at`-th step, as a user's criterion (or Ctrl-C) may."""
 
@@ -86,3 +143,14 @@ class Interrupt(StoppingCriteria):
         if self.calls == self.at:
             raise self.error("stopped by the test")
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced."""
+
+    def __init__(self):
+        self.num_graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        self.num_graphs += 1
+        return gm.forward

@@ -1,6 +1,7 @@
 """Load and place the model of an evaluation: a hub/local checkpoint, or the built-in tiny one."""
 
 import json
+import tempfile
 
 import torch
 
@@ -28,27 +29,32 @@ def parse_device_map(text: str | None) -> str | dict | None:
     return {"": int(text) if text.isdigit() else text}
 
 
-def load_model(name: str | None, dtype: str, device: torch.device, device_map: str | dict | None, seed: int):
+def load_model(name: str | None, dtype: str, device: torch.device, device_map: str | dict | None, seed: int, tp: int = 1):
     """(model in eval mode, tokenizer with left padding and a pad token, model name).
 
     `name=None` builds the seeded random tiny Llama and byte tokenizer (no download). With a
-    `device_map` the model is placed by transformers/accelerate and `device` is ignored.
+    `device_map` the model is placed by transformers/accelerate and `device` is ignored. With
+    `tp > 1` transformers shards it over the `tp` launched processes
+    (`DistributedConfig(tp_size=tp)`) and places it itself (each rank's GPU, else the CPU).
     """
     if name is None:
         tokenizer = byte_tokenizer()
         torch_dtype = torch.float32 if dtype == "auto" else DTYPES[dtype]
         model = tiny_llama(len(tokenizer), seed=seed, dtype=torch_dtype)
+        if tp > 1:  # transformers shards only in from_pretrained: every rank saves its (identical) copy and loads it
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                return _from_pretrained(folder, dtype, None, tp).eval(), tokenizer, DEFAULT_MODEL_NAME
         model = _dispatch(model, device_map) if device_map is not None else model.to(device)
         return model, tokenizer, DEFAULT_MODEL_NAME
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], device_map=device_map)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise EvalError(f"could not load model {name!r}: {first_line}") from error
-    if device_map is None:
+        raise EvalError(f"could not load model {name!r}: {_first_line(error)}") from error
+    model = _from_pretrained(name, dtype, device_map, tp)
+    if device_map is None and tp == 1:
         model = model.to(device)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -56,6 +62,24 @@ def load_model(name: str | None, dtype: str, device: torch.device, device_map: s
             raise EvalError(f"the tokenizer of {name!r} has neither a pad nor an eos token; batching needs one")
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, name
+
+
+def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": DTYPES[dtype], "device_map": device_map}
+    if tp > 1:
+        from transformers.distributed import DistributedConfig
+
+        kwargs = {"dtype": DTYPES[dtype], "distributed_config": DistributedConfig(tp_size=tp)}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        raise EvalError(f"could not load model {name!r}: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _dispatch(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:

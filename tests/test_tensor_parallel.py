@@ -1,0 +1,138 @@
+"""Tensor parallelism: transformers' own TP 2 on CPU (two gloo processes under torchrun).
+
+One launch (its startup is the cost) of tests/tp_worker.py checks every case; this process
+computes what the ranks must give: the single-process, unwrapped model's tokens, and the
+single-process pool's bytes (each rank's pool holds its half of the KV heads).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import hf_paged
+from hf_paged.tensor_parallel import local_specs, make_pool, tp_group
+from tiny import COMMON, SMALL, tiny_model
+from tp_cases import CASES, FAMILIES, NUM_PAGES, PAGE_SIZE, run_case
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _save_models(folder: Path) -> None:
+    for family in FAMILIES:
+        tiny_model(family).save_pretrained(folder / family)
+    torch.manual_seed(0)  # one KV head: cannot be split over two ranks
+    config = transformers.LlamaConfig(**{**SMALL, "num_key_value_heads": 1}, **COMMON)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder / "mqa")
+
+
+def _single_process(family: str) -> dict:
+    """Stock tokens of every case, and the wrapped single-process pool's bytes and peaks."""
+    model = tiny_model(family)
+    expected = {"tokens": {name: run_case(model, name) for name in CASES}, "peak_kv_bytes": {}}
+    hf_paged.wrap(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE)
+    for name in CASES:
+        assert run_case(model, name) == expected["tokens"][name]  # the single-process paged path, as a baseline
+        stats = hf_paged.memory_stats(model)
+        expected["peak_kv_bytes"][name] = stats["peak_kv_bytes"]
+    expected["pool_bytes"] = stats["pool_bytes"]
+    # What one rank's pool must hold, from the config: half the KV heads, in every layer's page size.
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    slots = sum(group["page_size"] * group["num_layers"] for group in stats["groups"])
+    expected["local_pool_bytes"] = NUM_PAGES * slots * 2 * (config.num_key_value_heads // 2) * head_dim * 4
+    return expected
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory):
+    """Both ranks' reports of one torchrun launch of tests/tp_worker.py."""
+    launcher = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    folder = tmp_path_factory.mktemp("tp")
+    _save_models(folder / "models")
+    (folder / "out").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # A rank that hangs in a collective would hang the launch: the timeout turns that into a failure.
+    result = subprocess.run(
+        [launcher, "--standalone", "--nproc_per_node", "2", str(TESTS / "tp_worker.py"),
+         str(folder / "models"), str(folder / "out")],
+        capture_output=True, text=True, env=env, timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((folder / "out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_tp2_gives_single_process_tokens_with_half_the_kv_bytes_per_rank(tp_run):
+    for family in FAMILIES:
+        expected = _single_process(family)
+        for rank, report in enumerate(tp_run):
+            seen = report["families"][family]
+            for name in CASES:
+                where = f"{family}, {name}, rank {rank}"
+                assert seen["stock"][name] == expected["tokens"][name], f"stock TP differs from one process: {where}"
+                assert seen["paged"][name] == expected["tokens"][name], where
+                stats = seen["stats"][name]
+                assert (stats["tp_rank"], stats["tp_size"], stats["num_pages"]) == (rank, 2, NUM_PAGES), where
+                assert 2 * stats["peak_kv_bytes"] == expected["peak_kv_bytes"][name], where
+            assert 2 * stats["pool_bytes"] == expected["pool_bytes"], family
+            assert stats["pool_bytes"] == expected["local_pool_bytes"], family
+            assert seen["prefix_cache"] == [expected["tokens"]["greedy"]] * 2, family
+            assert seen["prefix_hits"] > 0, family
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_tp2_ranks_agree_on_pages_and_fail_together(tp_run):
+    greedy = run_case(tiny_model("llama"), "greedy")
+    rank0, rank1 = (report["agreement"] for report in tp_run)
+    # Rank r's free memory was (r + 1) * 4 MiB with max_memory=0.5: both take rank 0's 2 MiB.
+    config = tiny_model("llama").config
+    head_dim = config.hidden_size // config.num_attention_heads
+    page_bytes = config.num_hidden_layers * PAGE_SIZE * 2 * (config.num_key_value_heads // 2) * head_dim * 4
+    assert rank0["budget_num_pages"] == rank1["budget_num_pages"] == 2**21 // page_bytes
+    assert rank0["budget_tokens"] == rank1["budget_tokens"] == greedy
+    # Rank 1 could not size its pool: it raised its error, rank 0 one naming it; neither wrapped.
+    assert rank1["wrap_failure"]["error"] == "ValueError"
+    assert rank0["wrap_failure"]["error"] == "TensorParallelError"
+    assert "rank 1: ValueError: this rank's budget is below one page" in rank0["wrap_failure"]["message"]
+    assert not rank0["wrapped_after_wrap_failure"] and not rank1["wrapped_after_wrap_failure"]
+    # Rank 1 ran out of pages in a forward: both raised (no hang), every page returned, the next call works.
+    assert rank1["forward_failure"]["error"] == "OutOfPagesError"
+    assert rank0["forward_failure"]["error"] == "TensorParallelError"
+    assert "rank 1: OutOfPagesError" in rank0["forward_failure"]["message"]
+    for report in (rank0, rank1):
+        assert report["pages_in_use_after_failure"] == 0
+        assert report["tokens_after_failure"] == greedy
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_tp2_kv_heads_not_divisible_is_a_clear_error_on_every_rank(tp_run):
+    for report in tp_run:
+        assert report["mqa"]["error"] == "UnsupportedModelError"
+        assert "do not divide by tp_size=2" in report["mqa"]["message"]
+
+
+def test_without_tensor_parallelism_nothing_changes():
+    """A model loaded in one process has no TP group: the global heads, a pool as before."""
+    model = tiny_model("llama")
+    assert tp_group(model) is None
+    hf_paged.wrap(model, num_pages=8, page_size=PAGE_SIZE)
+    runtime = model.hf_paged_runtime
+    assert runtime.tp is None
+    assert local_specs(model, runtime.pool.specs, None) == runtime.pool.specs
+    assert runtime.pool.specs[0].num_kv_heads == model.config.num_key_value_heads
+    pool = make_pool(runtime.config, runtime.pool.specs, runtime.pool.page_sizes, None)
+    assert pool.num_pages == 8
+    stats = hf_paged.memory_stats(model)
+    assert (stats["tp_rank"], stats["tp_size"]) == (0, 1)
