@@ -99,7 +99,7 @@ _TYPECODES = {torch.int32: "i", torch.int64: "q"}
 def host_tensor(values: list[int], dtype: torch.dtype = torch.int32, pin_memory: bool = False) -> torch.Tensor:
     """A CPU tensor of `values`, pinned when asked (a source for asynchronous copies to a GPU)."""
     code = _TYPECODES.get(dtype)
-    if code is not None and values and array(code).itemsize == dtype.itemsize:
+    if code is not None and values and type(values[0]) is int and array(code).itemsize == dtype.itemsize:  # flat lists
         host = torch.frombuffer(array(code, values), dtype=dtype)  # keeps the array alive; a fresh one per call
     else:
         host = torch.tensor(values, dtype=dtype)
