@@ -141,7 +141,11 @@ class PagedGenerate:
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
         if _compat.user_cache(kwargs) is not None:
             return original(model, inputs, generation_config, **kwargs)
-        if not _runs_on_a_cache(settings):
+        # As another model's assistant_model, transformers calls this generate() once per round and
+        # passes the cache it returned back in (cropped): a cache this call created would be released
+        # by then. The assistant's rounds run the stock way, on its own cache (is_assistant: set by
+        # transformers' candidate generators on the config they pass).
+        if not _runs_on_a_cache(settings) or getattr(settings, "is_assistant", False):
             # Stock's masks in this thread only (other threads' paged calls keep theirs); attention
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
@@ -174,9 +178,9 @@ class PagedGenerate:
                 return original(model, inputs, generation_config, **kwargs)
         finally:
             cache.release()
-            # This call's own peaks (its page tables count them), whatever other calls hold; with
-            # several groups of layers, the sum of each group's peak.
-            runtime.last_peak_pages = sum(tables.peak_pages_held for tables in cache.group_tables)
+            # This call's own peaks (its page tables count them), whatever other calls hold: the page
+            # ids all groups held at one instant (inside forwards), group_pages.py.
+            runtime.last_peak_pages = cache.pages.peak_pool_pages
             runtime.last_peak_shared_pages = sum(tables.peak_shared_held for tables in cache.group_tables)
             runtime.last_peak_kv_bytes = cache.peak_kv_bytes
             runtime.last_peak_group_pages = list(cache.peak_group_pages)

@@ -21,7 +21,6 @@ import torch
 
 from .attention import Executor, select_executor
 from .config import PagedConfig
-from .groups import layer_page_sizes
 from .pool import KVPool, LayerSpec
 from .tensor_parallel import TPGroup, make_pool
 
@@ -142,12 +141,9 @@ class Runtime:
         weights = [next(module.parameters()) for module in self.attention_modules]
         specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
         self.executor = select_executor(self.config.backend, specs)
-        self.pool = make_pool(self.config, specs, self.page_sizes(), self.tp)
+        self.pool = make_pool(self.config, specs, self.groups, self.tp)
+        self.groups[:] = self.pool.groups
         return getattr(self, name)
-
-    def page_sizes(self) -> list[int]:
-        """The page size of each layer's pool, as its group has it (groups.py)."""
-        return layer_page_sizes(self.groups, len(self.attention_modules))
 
     def forward_cache(self) -> Any:
         """The cache of this thread's running forward (None outside one)."""
@@ -210,7 +206,8 @@ class Runtime:
                     )
                 specs = self.current_specs()
                 executor = select_executor(self.config.backend, specs)  # raises before anything changes
-                self.pool = make_pool(self.config, specs, self.page_sizes(), self.tp)
+                self.pool = make_pool(self.config, specs, self.groups, self.tp)
+                self.groups[:] = self.pool.groups  # caches read the runtime's list
                 self.executor = executor
                 self.compiled = None  # its graphs and static addresses are those of the old pool
             self.pool.open_cache(cache)

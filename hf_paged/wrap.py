@@ -15,7 +15,7 @@ from .attention import LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
 from .errors import UnsupportedModelError
-from .groups import layer_groups, layer_page_sizes
+from .groups import layer_groups
 from .tensor_parallel import local_specs, make_pool, tp_group
 from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs, stock_mask_implementation
 
@@ -238,7 +238,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     grouped = [None] * len(specs) if config.compile else cache_windows
     groups = layer_groups(grouped, config.page_size, config.window_page_size)
     # Raises (budget below one page, allocation failed) before anything is patched; on every rank under TP.
-    pool = make_pool(config, specs, layer_page_sizes(groups, len(specs)), tp)
+    pool = make_pool(config, specs, groups, tp)
+    groups = list(pool.groups)  # with the page size each group got in the pool's layout
     if runtime is not None:
         unwrap(model)
     runtime = Runtime(

@@ -25,10 +25,9 @@ class TorchPlan:
     """Derived once per forward and layer setting; read by every layer with that setting.
 
     kv_slots:  [2 * rows * max_kv] int64 slots (indices into `pool.view(-1, H_kv, D)`) of each
-               row's keys then values, padded with the pool's zero page; None with `row_run` or
-               `kv_pages`.
-    kv_pages:  [2 * rows * pages] int64 page ids (into `pool.view(-1, page_size, H_kv, D)`) of each
-               row's key pages then value pages, when every row holds max_kv tokens in its pages
+               row's keys then values, padded with the pool's zero page; None with `row_run` or `kv_pages`.
+    kv_pages:  [2 * rows * pages] int64 page ids of each row's key pages then value pages (values
+               offset by num_pages + 1) when every row holds max_kv tokens in its pages
                (`page_gather_index`): whole pages are gathered, one index per page; else None.
     row_run:   (first page, pages per row): row i's K/V are tokens `:max_kv` of pages
                `first + i * stride ...`, read as a view (see `rows_view`); else None.
@@ -181,9 +180,9 @@ def plan(
 
 
 def page_gather_index(meta: ForwardMetadata, max_kv: int, zero_page_id: int) -> torch.Tensor | None:
-    """[2 * rows * pages] int64 page ids into `pool.view(2 * (zero_page_id + 1), ...)` (every row's
-    key pages, then its value pages) when every row holds `max_kv > 0` tokens in exactly
-    `ceil(max_kv / page_size)` pages; else None. From the host lists: no device read.
+    """[2 * rows * pages] int64 page ids (every row's key pages, then its value pages, offset by
+    `zero_page_id + 1`) when every row holds `max_kv > 0` tokens in exactly `ceil(max_kv /
+    page_size)` pages; else None. From the host lists: no device read.
 
     Whole pages are gathered (contiguous runs of page_size tokens rather than one index per token),
     and the first `max_kv` tokens of each row's run are exactly its tokens: nothing unwritten is read.
@@ -223,17 +222,27 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
 
 
 def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values `[rows, H_kv, length, D]` (views of one gathered copy) from a layer pool."""
+    """Keys and values `[rows, H_kv, length, D]` (views) from a layer pool."""
     num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
-    kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
-    return kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3).unbind(0)
+    if pool.is_contiguous():
+        kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
+    else:  # a layer packed into a wider slice (layout.py): its pages sit at the slice's stride
+        page_size = pool.shape[2]
+        k_slots = kv_slots[: kv_slots.numel() // 2]
+        pages, offsets = k_slots // page_size, k_slots % page_size
+        kv = torch.stack([pool[0][pages, offsets], pool[1][pages, offsets]])
+    kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
+    return kv[0], kv[1]
 
 
 def gather_pages(pool: torch.Tensor, kv_pages: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[rows, H_kv, length, D]` (views of one gathered copy) of whole pages
     `kv_pages` (`page_gather_index`): each row's first `length` tokens."""
     page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
-    pages = pool.view(-1, page_size, num_kv_heads, head_dim).index_select(0, kv_pages)
+    if pool.is_contiguous():
+        pages = pool.view(-1, page_size, num_kv_heads, head_dim).index_select(0, kv_pages)
+    else:  # a layer packed into a wider slice (layout.py): the same pages, plane by plane
+        pages = pool.index_select(1, kv_pages[: kv_pages.shape[0] // 2])  # (2, rows * pages, P, H, D), contiguous
     row_tokens = kv_pages.shape[0] // (2 * rows) * page_size
     size = (rows, num_kv_heads, length, head_dim)
     strides = (row_tokens * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
@@ -241,26 +250,17 @@ def gather_pages(pool: torch.Tensor, kv_pages: torch.Tensor, rows: int, length: 
 
 
 def rows_view(pool: torch.Tensor, row_run: tuple[int, int], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy.
-
-    Row i's tokens are pages `first + i * stride ...` of each plane; one `as_strided` per plane
-    (this runs per layer and step: two tensor calls rather than seven views and slices).
-    """
-    first, stride = row_run
-    plane, page, slot, head, dim = pool.stride()
-    if page != pool.shape[2] * slot:  # tokens of consecutive pages are not one run: slice instead
-        return _rows_view_sliced(pool, row_run, rows, length)
-    size = (rows, pool.shape[3], length, pool.shape[4])
-    strides = (stride * page, head, slot, dim)
-    offset = pool.storage_offset() + first * page
-    return pool.as_strided(size, strides, offset), pool.as_strided(size, strides, offset + plane)
-
-
-def _rows_view_sliced(pool: torch.Tensor, row_run: tuple[int, int], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy
+    (a copy for a layer packed into a wider slice, whose consecutive pages are not adjacent)."""
     first, stride = row_run
     page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
-    tokens = pool.reshape(2, -1, num_kv_heads, head_dim)[:, first * page_size : (first + rows * stride) * page_size]
-    kv = tokens.reshape(2, rows, stride * page_size, num_kv_heads, head_dim)[:, :, :length].transpose(2, 3)
+    if pool.is_contiguous():  # one as_strided per plane (per layer and step: two calls, not seven)
+        plane, page, slot, head, dim = pool.stride()
+        size, strides = (rows, num_kv_heads, length, head_dim), (stride * page, head, slot, dim)
+        offset = pool.storage_offset() + first * page
+        return pool.as_strided(size, strides, offset), pool.as_strided(size, strides, offset + plane)
+    tokens = pool[:, first : first + rows * stride].reshape(2, -1, num_kv_heads, head_dim)
+    kv = tokens.view(2, rows, stride * page_size, num_kv_heads, head_dim)[:, :, :length].transpose(2, 3)
     return kv[0], kv[1]
 
 
