@@ -1,8 +1,11 @@
 """PagedCache: the transformers `Cache` that generate() drives, backed by a KVPool."""
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache
 
+from . import _compat
 from .attention import Executor, LayerParams, ops
 from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
 from .group_pages import GroupPages
@@ -40,6 +43,8 @@ class PagedCache(Cache):
         # Page bookkeeping per group of layers, and the peaks (group_pages.py).
         self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups])
         self.group_tables: list[PageTables] = self.pages.group_tables
+        # A cache dropped without release() gives its pages back once collected (KVPool.cache_dropped).
+        self._finalizer = weakref.finalize(self, pool.cache_dropped, self.group_tables)
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
         # Per pool, not per layer and token: each layer's key and value planes as `[slots, H_kv, D]`
         # views (where update() writes), and whether every layer is on one device (then a group's
@@ -152,9 +157,13 @@ class PagedCache(Cache):
         if self._forward is None:
             raise RuntimeError(
                 "PagedCache.update was called outside a forward of a wrapped model; "
-                "call hf_paged.wrap(model) first and pass the cache as past_key_values"
+                f"call hf_paged.wrap(model) first and pass the cache as {self._cache_kwarg()}="
             )
         return self._forward
+
+    def _cache_kwarg(self) -> str:
+        """The keyword the installed transformers release takes the cache under (for messages)."""
+        return _compat.model_cache_arg(self.runtime.decoder)
 
     def _meta_on(self, device: torch.device, group: int = 0) -> ForwardMetadata:
         state = self._state()
@@ -297,13 +306,14 @@ class PagedCache(Cache):
         self.seq_length = 0
         self._forward = None
         self.is_released = True
+        self._finalizer.detach()
         self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
         if self.is_released:
             raise RuntimeError(
                 "this PagedCache was released (generate() releases the caches it creates when it returns); "
-                "create your own PagedCache(model), pass it as past_key_values and release() it when done"
+                f"create your own PagedCache(model), pass it as {self._cache_kwarg()}= and release() it when done"
             )
 
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:

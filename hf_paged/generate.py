@@ -1,14 +1,14 @@
 """The generate() wrapper: prefill the prompt once per input, fork the rows, release every page."""
 
 import functools
-import inspect
 import warnings
 
 import torch
 
 from . import _compat
 from .cache import PagedCache
-from .prefill import can_use_prefix_cache, prefill_with_prefix_cache, weights_key
+from .model_state import model_state_key
+from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 from .prefix_cache import PrefixCache
 from .compile import generate_max_tokens, maybe_compiled_decode
 from .padding import check_left_padding
@@ -74,7 +74,7 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
     generate() then feeds only the last token (it sees `cache.get_seq_length() == len - 1`).
     """
     inputs = {"input_ids": input_ids[:, :-1], _compat.model_cache_arg(model): cache, "use_cache": True}
-    parameters = inspect.signature(model.forward).parameters
+    parameters = forward_parameters(model)  # a PEFT model's own forward names neither position_ids nor logits_to_keep
     if attention_mask is not None:
         mask = attention_mask[:, :-1]
         inputs["attention_mask"] = mask
@@ -104,10 +104,11 @@ def _can_use_prefix_cache(model, input_ids, settings, kwargs: dict) -> bool:
 
 def _prefix_cache_of(cache: PagedCache, model) -> PrefixCache:
     """The prefix cache of the pool `cache` opened (a new pool after model.to(...)), emptied first if
-    the model's weights changed since its pages were computed."""
+    the model changed since its pages were computed (weights, hooks, adapters: model_state.py)."""
     prefix_cache = cache.pool.prefix_cache
+    key = model_state_key(model)  # outside the lock: it may wait for the device
     with cache.pool.blocks.lock:  # other calls' caches may hold or evict its pages meanwhile
-        prefix_cache.check_weights(weights_key(model))
+        prefix_cache.check_weights(key)
     return prefix_cache
 
 

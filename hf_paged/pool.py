@@ -74,8 +74,10 @@ class KVPool:
     torch executor point there.
 
     Many caches, one pool: every open PagedCache draws pages from `blocks`, whose lock makes each
-    page-table change atomic. `num_open_caches()` counts the caches not yet released (a cache that
-    is garbage-collected unreleased stops counting; its pages are lost until the pool is replaced).
+    page-table change atomic. `num_open_caches()` counts the caches not yet released. A cache that
+    is garbage-collected unreleased stops counting, and its page tables are queued by a finalizer
+    (`cache_dropped`) and released at the next `open_cache`, `num_open_caches` or memory_stats:
+    a finalizer may run inside any allocation of any thread, so it only appends to a list.
     `write_lock` is held by a compiled decode step (a compiled graph may write the whole pool back,
     functionalized) and by copy-on-write copies, so neither overwrites the other's pages.
     """
@@ -92,6 +94,7 @@ class KVPool:
         self.num_pages = choose_num_pages(config, self.layout)
         self.zero_page_id = self.num_pages
         self._open_caches: weakref.WeakSet = weakref.WeakSet()
+        self._dropped: list[list] = []  # page tables of caches collected unreleased (cache_dropped)
         self.write_lock = threading.RLock()
         self.slices: list[torch.Tensor] = []
         self.pools: list[torch.Tensor] = []
@@ -115,6 +118,7 @@ class KVPool:
 
     def open_cache(self, cache: object) -> None:
         with self.blocks.lock:
+            self.reclaim_dropped()
             self._open_caches.add(cache)
 
     def close_cache(self, cache: object) -> None:
@@ -123,7 +127,19 @@ class KVPool:
 
     def num_open_caches(self) -> int:
         with self.blocks.lock:
+            self.reclaim_dropped()
             return len(self._open_caches)
+
+    def cache_dropped(self, group_tables: list) -> None:
+        """Finalizer of a PagedCache collected unreleased: queue its page tables (no lock taken here)."""
+        self._dropped.append(group_tables)  # atomic; the lock may be held by whatever the collector interrupted
+
+    def reclaim_dropped(self) -> None:
+        """Give back the pages of every cache collected unreleased (see cache_dropped)."""
+        with self.blocks.lock:
+            while self._dropped:
+                for tables in self._dropped.pop():
+                    tables.release()
 
     @property
     def page_bytes(self) -> int:

@@ -35,6 +35,7 @@ def memory_stats(model: torch.nn.Module) -> dict:
     """
     runtime = runtime_of(model, "memory_stats")
     pool = runtime.pool
+    pool.reclaim_dropped()  # caches collected unreleased give their pages back first
     blocks = pool.blocks
     stats = {
         "page_size": pool.page_size,
