@@ -58,8 +58,7 @@ def _warn_torch_instead(reasons: list[str]) -> None:
     if message in _WARNED:
         return
     _WARNED.add(message)
-    warnings.warn(
-        "hf_paged serves this CUDA model with its torch executor because FlashInfer is not available "
-        f"({message}); for FlashInfer's kernels: pip install 'hf_paged[flashinfer]' (Linux)",
+    warnings.warn(  # the reason ends with the install hint: pip install 'hf_paged[flashinfer]'
+        f"hf_paged serves this CUDA model with its torch executor because FlashInfer is not available: {message}",
         stacklevel=4,
     )
