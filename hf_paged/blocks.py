@@ -41,8 +41,6 @@ class BlockManager:
         self._stack_index = list(range(num_pages - 1, -1, -1))
         self._free_flags = bytearray(b"\x01") * num_pages
         self.num_shared_pages = 0
-        self.peak_used_pages = 0
-        self.peak_shared_pages = 0
         # Asked for pages when the free list is short, before anything is refused.
         self.evictor: Evictor | None = None
         self.num_evicted_pages = 0
@@ -87,7 +85,6 @@ class BlockManager:
             self.ref_counts[page_id] = 1
             self._stack_index[page_id] = -1
             self._free_flags[page_id] = 0
-        self._note_peaks()
         return page_ids
 
     def _allocate_around_reservations(self, num: int) -> list[int]:
@@ -126,7 +123,6 @@ class BlockManager:
         if self._reserved[page_id]:
             self._reserved[page_id] = 0
             self.num_reserved -= 1
-        self._note_peaks()
         return True
 
     def find_free_run(self, length: int, highest: bool = False) -> int | None:
@@ -147,7 +143,6 @@ class BlockManager:
             ref_counts[page_id] += 1
             if ref_counts[page_id] == 2:
                 self.num_shared_pages += 1
-        self._note_peaks()
 
     def free(self, page_ids: list[int]) -> None:
         """Drop one reference to each page, tail first; a page whose count reaches 0 is free again."""
@@ -167,14 +162,3 @@ class BlockManager:
 
     def is_shared(self, page_id: int) -> bool:
         return self.ref_counts[page_id] > 1
-
-    def reset_peaks(self) -> None:
-        self.peak_used_pages = self.num_used_pages
-        self.peak_shared_pages = self.num_shared_pages
-
-    def _note_peaks(self) -> None:
-        used = self.num_pages - len(self.free_page_ids)
-        if used > self.peak_used_pages:
-            self.peak_used_pages = used
-        if self.num_shared_pages > self.peak_shared_pages:
-            self.peak_shared_pages = self.num_shared_pages

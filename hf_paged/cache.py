@@ -1,42 +1,19 @@
 """PagedCache: the transformers `Cache` that generate() drives, backed by a KVPool."""
 
-from dataclasses import dataclass, field, replace
+import weakref
 
 import torch
 from transformers.cache_utils import Cache
 
+from . import _compat
 from .attention import Executor, LayerParams, ops
-from .errors import OutOfPagesError
+from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
+from .group_pages import GroupPages
 from .groups import GroupSpec, group_of_layer
 from .metadata import ForwardMetadata, build_metadata
-from .padding import padding_holes, raise_padding_error
 from .pool import copy_pages
 from .runtime import Runtime, runtime_of
 from .tables import PageTables
-
-
-@dataclass(slots=True)
-class ForwardState:
-    """Everything one forward shares across layers: one metadata per group of layers (groups.py).
-
-    num_written / num_attended: layers whose K/V this forward wrote / that attended through this
-    cache. They differ only when the model dropped the cache keyword on its way to the attention
-    function (see runtime.CACHE_KWARG): end_forward then raises instead of letting wrong tokens out.
-    """
-
-    group_metas: list[ForwardMetadata]
-    prompt_last: bool = False  # the forward of the prompt's last token after a split prefill (`prompt_phase`)
-    metas: dict[tuple[int, torch.device], ForwardMetadata] = field(default_factory=dict)
-    plans: dict[tuple, object] = field(default_factory=dict)
-    # (group, layer params) -> the params a layer attending wider than its group's window uses (once per forward)
-    window_params: dict[tuple, LayerParams] = field(default_factory=dict)
-    num_written: int = 0
-    num_attended: int = 0
-
-    @property
-    def meta(self) -> ForwardMetadata:
-        """The first group's metadata (the full-attention group when the model has one)."""
-        return self.group_metas[0]
 
 
 class PagedCache(Cache):
@@ -63,9 +40,17 @@ class PagedCache(Cache):
         cascade = self.runtime.config.cascade
         self.pool = pool
         self.groups: list[GroupSpec] = self.runtime.groups
-        self.group_tables = [PageTables(pool.blocks, group.page_size, group.window) for group in self.groups]
+        # Page bookkeeping per group of layers, and the peaks (group_pages.py).
+        self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups])
+        self.group_tables: list[PageTables] = self.pages.group_tables
+        # A cache dropped without release() gives its pages back once collected (KVPool.cache_dropped).
+        self._finalizer = weakref.finalize(self, pool.cache_dropped, self.group_tables)
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
-        self.group_page_bytes = [pool.layer_bytes(group.layers) for group in self.groups]
+        # Per pool, not per layer and token: each layer's key and value planes as `[slots, H_kv, D]`
+        # views (where update() writes), and whether every layer is on one device (then a group's
+        # metadata is the one begin_forward built, found without a device lookup).
+        self._layer_planes = [_token_planes(layer_pool) for layer_pool in pool.pools]
+        self._one_device = len({layer_pool.device for layer_pool in pool.pools}) <= 1
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
         # Stock prefills the whole prompt in one forward; generate.prefill_prompt and
@@ -77,8 +62,6 @@ class PagedCache(Cache):
         # prefill.prefill_with_prefix_cache: rows continue from different cached lengths, so its one
         # forward's mask has pads between a row's past and its new tokens, by construction.
         self.ragged_prefill = False
-        self.peak_group_pages = [0] * len(self.groups)
-        self.peak_kv_bytes = 0
         self.seq_length = 0
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
@@ -95,26 +78,14 @@ class PagedCache(Cache):
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
-        change = self.runtime.pool_mismatch(self.pool)
+        change = None if self.runtime.pool_still_matches(self.pool) else self.runtime.pool_mismatch(self.pool)
         if change is not None:
             raise ValueError(
                 f"the model's dtype or device changed after this PagedCache was created ({change}); "
                 "release() it and create a new PagedCache(model), which gets a pool that matches"
             )
-        new_mask = None
-        if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[1] < q_len:
-                raise ValueError(
-                    "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
-                    f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
-                )
-            holes = padding_holes(attention_mask)
-            new_mask = attention_mask[:, -q_len:].to(torch.bool)
-            any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
-            if any_hole and not self.ragged_prefill:
-                raise_padding_error(holes)
-            if all_new:
-                new_mask = None
+        # Pad tokens among the new ones are not stored.
+        qo_lens, token_index = new_tokens(attention_mask, batch_size, q_len, device, self.ragged_prefill)
         if self.tables.num_rows == 0 and self.seq_length == 0:
             self.add_rows(batch_size)
             self.reserve_rows()
@@ -123,18 +94,9 @@ class PagedCache(Cache):
                 f"this PagedCache holds {self.tables.num_rows} rows but the forward has batch size {batch_size}; "
                 "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
             )
-        token_index = None
-        qo_lens = [q_len] * batch_size
-        if new_mask is not None:  # some new tokens are pads: they are not stored
-            qo_lens = new_mask.sum(dim=1).tolist()
-            token_index = new_mask.reshape(-1).nonzero().squeeze(1).to(device)
-        blocks = self.pool.blocks
-        with blocks.lock:  # other caches share the pool: check every group's need and take it at once
+        with self.pool.blocks.lock:  # other caches share the pool: drop and take at once
             self._drop_out_of_window()
-            num_needed = sum(tables.num_pages_to_append(qo_lens) for tables in self.group_tables)
-            if not blocks.can_allocate(num_needed):  # every group's pages, before any group takes one
-                raise OutOfPagesError(num_needed, blocks.num_available_pages, blocks.num_pages)
-            appended = [tables.append(qo_lens) for tables in self.group_tables]
+            appended = self.pages.place(qo_lens)  # every group's pages, or none (OutOfPagesError)
         metas = [
             build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade, group)
             for group, (tables, (slots, copies)) in enumerate(zip(self.group_tables, appended))
@@ -153,88 +115,24 @@ class PagedCache(Cache):
     def _drop_out_of_window(self) -> None:
         """Windows let go of what the next queries cannot see (not while recording, nor a cache-only
         window while a split prompt is still open)."""
-        if self.recording:
-            return
-        for spec, tables in zip(self.groups, self.group_tables):
-            if not (spec.cache_window and self.prompt_phase is not None):
-                tables.drop_out_of_window()
-
-    def _cache_window_params(self, group: int, layer_idx: int, params: LayerParams, meta: ForwardMetadata) -> LayerParams:
-        """The settings a layer attending wider than its group's window W attends with.
-
-        Its config names a window (which stock's `DynamicCache(config)` keeps: the last W - 1 past
-        tokens) that its attention does not apply (Moshi). Stock's queries then see what that cache
-        returns: the last W - 1 tokens before the forward, and the forward's own tokens causally.
-        - A prompt forward (or, after a split prefill, its last token's) sees the whole prompt, as
-          does a forward whose rows hold at most W - 1 tokens before it: the layer's own setting.
-        - One query per row: `window_left = W - 1`.
-        - Several queries per row after more than W - 1 tokens (assisted decoding past the window):
-          no window_left expresses that; raises rather than attending other keys.
-        The group is marked `cache_window` (for later caches of the model too) the first time; if it
-        has already released pages by then, raises: they may be needed.
-        """
-        spec = self.groups[group]
-        window = spec.window
-        if not spec.cache_window:
-            if self.group_tables[group].num_released:
-                raise RuntimeError(
-                    f"layer {layer_idx} attends with window_left={params.window_left}, but its cache group kept only "
-                    f"a window of {window} tokens and released the rest; this model's windows are not what "
-                    "its config says"
-                )
-            self.groups[group] = spec = replace(spec, cache_window=True)  # the runtime's list: later caches too
-        past = [n - q for n, q in zip(self.group_tables[group].num_tokens, meta.qo_lens)]  # before this forward
-        if self.prompt_phase is not None or all(p < window for p in past):
-            return params
-        if meta.max_qo_len <= 1:
-            return replace(params, window_left=window - 1)
-        raise RuntimeError(
-            f"layer {layer_idx} attends without the window of {window} tokens its cache keeps (as stock's "
-            f"DynamicCache(config) keeps it); a forward of {meta.max_qo_len} tokens per row after more than "
-            f"{window - 1} cannot see what stock's cache returns (assisted or prompt-lookup decoding past the "
-            "window): hf_paged cannot serve it with stock's tokens; run this call on the unwrapped model"
-        )
-
-    def _check_compiled_window(self, layer_idx: int, params: LayerParams) -> None:
-        """compile=True keeps every layer in one full group; a layer whose attention is wider than the
-        window its config gives the cache (Moshi) would then see more than stock: raise."""
-        window = self.runtime.cache_windows[layer_idx] if self.runtime.cache_windows else None
-        if window is not None and not 0 <= params.window_left < window:
-            raise RuntimeError(
-                f"layer {layer_idx} attends without the window of {window} tokens its cache keeps (as stock's "
-                "DynamicCache(config) keeps it), which compile=True (one group keeping every token) cannot "
-                "reproduce; wrap with compile=False"
-            )
+        if not self.recording:
+            self.pages.drop_out_of_window(keep_cache_windows=self.prompt_phase is not None)
 
     def reserve_rows(self) -> None:
         """With `max_tokens_per_row`, give the (empty) rows runs of consecutive pages in every full group."""
-        for tables in self.group_tables:
-            if self.max_tokens_per_row and tables.window is None:
-                tables.reserve(self.max_tokens_per_row, highest=len(self.group_tables) > 1)
+        self.pages.reserve_rows(self.max_tokens_per_row)
 
     def add_rows(self, num_rows: int) -> None:
         """Append `num_rows` empty rows to every group's tables."""
-        for tables in self.group_tables:
-            tables.add_rows(num_rows)
+        self.pages.add_rows(num_rows)
 
     def adopt(self, row: int, group_pages: list[list[int]], num_tokens: int) -> None:
         """Start the empty row `row` with shared full pages, `group_pages[g]` in group g."""
-        for tables, pages in zip(self.group_tables, group_pages):
-            tables.adopt(row, pages, num_tokens)
+        self.pages.adopt(row, group_pages, num_tokens)
 
     def extend(self, row: int, group_pages: list[list[int]], num_tokens: int) -> None:
         """Append shared full pages to row `row`, which holds only full pages: `group_pages[g]` in group g."""
-        for tables, pages in zip(self.group_tables, group_pages):
-            tables.adopt(row, pages, num_tokens, extend=True)
-
-    def _note_peaks(self) -> None:
-        """Pages each group's rows hold now, and the K/V bytes that makes, at their highest."""
-        total = 0
-        for group, tables in enumerate(self.group_tables):
-            held = {page for table, lead in zip(tables.page_tables, tables.num_leading_holes) for page in table[lead:]}
-            self.peak_group_pages[group] = max(self.peak_group_pages[group], len(held))
-            total += len(held) * self.group_page_bytes[group]
-        self.peak_kv_bytes = max(self.peak_kv_bytes, total)
+        self.pages.adopt(row, group_pages, num_tokens, extend=True)
 
     def end_forward(self, completed: bool = True) -> None:
         """Close the forward; `completed=False` when it raised (then nothing is checked).
@@ -247,7 +145,7 @@ class PagedCache(Cache):
             if state.prompt_last:
                 self.prompt_phase = None
             self._drop_out_of_window()
-            self._note_peaks()
+            self.pages.note_peaks()
         if completed and state is not None and state.num_written != state.num_attended:
             raise RuntimeError(
                 f"{state.num_written} layers wrote K/V to this PagedCache but {state.num_attended} attended "
@@ -259,9 +157,13 @@ class PagedCache(Cache):
         if self._forward is None:
             raise RuntimeError(
                 "PagedCache.update was called outside a forward of a wrapped model; "
-                "call hf_paged.wrap(model) first and pass the cache as past_key_values"
+                f"call hf_paged.wrap(model) first and pass the cache as {self._cache_kwarg()}="
             )
         return self._forward
+
+    def _cache_kwarg(self) -> str:
+        """The keyword the installed transformers release takes the cache under (for messages)."""
+        return _compat.model_cache_arg(self.runtime.decoder)
 
     def _meta_on(self, device: torch.device, group: int = 0) -> ForwardMetadata:
         state = self._state()
@@ -276,18 +178,27 @@ class PagedCache(Cache):
         """Write this forward's new K/V `[batch, H_kv, q_len, D]` into layer `layer_idx`'s pages.
 
         Returns the inputs unchanged: the paged attention function reads the pool itself.
+        Runs per layer and token: what does not change within a forward or a pool is worked out
+        once (begin_forward, `_layer_planes`), not here.
         """
+        state = self._state()
         pool = self.pool.pools[layer_idx]
-        meta = self._meta_on(pool.device, self.layer_group[layer_idx])
-        batch, num_kv_heads, q_len, head_dim = key_states.shape
-        if (num_kv_heads, head_dim) != tuple(pool.shape[-2:]):
+        group = self.layer_group[layer_idx]
+        meta = state.group_metas[group] if self._one_device else self._meta_on(pool.device, group)
+        shape = key_states.shape
+        if shape[1] != pool.shape[3] or shape[3] != pool.shape[4]:
             raise ValueError(
-                f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
+                f"layer {layer_idx} produced K/V with {shape[1]} heads of size {shape[3]}, but its pool "
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
         key, value = _pack(key_states, meta.token_index, pool.dtype), _pack(value_states, meta.token_index, pool.dtype)
-        ops.write_kv_auto(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
-        self._forward.num_written += 1
+        planes = self._layer_planes[layer_idx]
+        if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
+            ops.write_kv_auto(pool, key, value, meta.slot_mapping)
+        else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
+            planes[0].index_copy_(0, meta.slot_mapping, key)
+            planes[1].index_copy_(0, meta.slot_mapping, value)
+        state.num_written += 1
         return key_states, value_states
 
     def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
@@ -296,19 +207,10 @@ class PagedCache(Cache):
         state.num_attended += 1
         pool = self.pool.pools[layer_idx]
         group = self.layer_group[layer_idx]
-        window = self.groups[group].window
-        meta = self._meta_on(pool.device, group)
-        if window is not None and not 0 <= params.window_left < window:
-            effective = state.window_params.get((group, params))
-            if effective is None:
-                effective = state.window_params[(group, params)] = self._cache_window_params(group, layer_idx, params, meta)
-            params = effective
-        elif window is None and self.runtime.config.compile:
-            self._check_compiled_window(layer_idx, params)
-        key = (pool.device, params, group)
-        plan = state.plans.get(key)
-        if plan is None:
-            plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
+        if params is state.last_params and group == state.last_group and pool.device == state.last_device:
+            plan, meta = state.last_plan, state.last_meta  # the common case: every layer like the one before
+        else:
+            plan, meta = self._plan_for(state, layer_idx, pool, group, params)
         batch, num_heads, q_len, head_dim = query.shape
         q = _pack(query, meta.token_index, query.dtype)
         out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
@@ -316,6 +218,29 @@ class PagedCache(Cache):
             return out.view(batch, q_len, num_heads, head_dim)
         full = out.new_zeros(batch * q_len, num_heads, head_dim)
         return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def _plan_for(self, state: ForwardState, layer_idx: int, pool: torch.Tensor, group: int, params: LayerParams):
+        """The plan and metadata of a layer whose setting, group or device differs from the layer
+        before it (planned once per forward, setting, group and device)."""
+        window = self.groups[group].window
+        meta = self._meta_on(pool.device, group)
+        layer_params = params
+        if window is not None and not 0 <= params.window_left < window:
+            effective = state.window_params.get((group, params))
+            if effective is None:
+                effective = cache_window_params(self, group, layer_idx, params, meta)
+                state.window_params[(group, params)] = effective
+            params = effective
+        elif window is None and self.runtime.config.compile:
+            check_compiled_window(self.runtime, layer_idx, params)
+        key = (pool.device, params, group)
+        plan = state.plans.get(key)
+        if plan is None:
+            plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
+        if not (window is None and self.runtime.config.compile):  # (that check reads the layer's own window)
+            state.last_params, state.last_group, state.last_device = layer_params, group, pool.device
+            state.last_plan, state.last_meta = plan, meta
+        return plan, meta
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer, for models that do not pass it to the attention function."""
@@ -352,8 +277,7 @@ class PagedCache(Cache):
         return self.group_tables[0]
 
     def _select_rows(self, row_ids: list[int]) -> None:
-        for tables in self.group_tables:
-            tables.select_rows(row_ids)
+        self.pages.select_rows(row_ids)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens of every row (`tokens_to_remove <= 0`, as stock).
@@ -369,32 +293,27 @@ class PagedCache(Cache):
         num_remove = min(-tokens_to_remove, self.seq_length)
         if num_remove == 0:
             return
-        counts = [num_remove] * self.tables.num_rows
-        for tables in self.group_tables:
-            tables.check_crop(counts)  # every group, before any changes
-        for tables in self.group_tables:
-            tables.crop(counts)
+        self.pages.crop(num_remove)  # checks every group before any changes
         self.seq_length -= num_remove
 
     def reset(self) -> None:
-        for tables in self.group_tables:
-            tables.release()
+        self.pages.release()
         self.seq_length = 0
 
     def release(self) -> None:
         """Give every page back to the pool. The cache cannot be used afterwards."""
-        for tables in self.group_tables:
-            tables.release()
+        self.pages.release()
         self.seq_length = 0
         self._forward = None
         self.is_released = True
+        self._finalizer.detach()
         self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
         if self.is_released:
             raise RuntimeError(
                 "this PagedCache was released (generate() releases the caches it creates when it returns); "
-                "create your own PagedCache(model), pass it as past_key_values and release() it when done"
+                f"create your own PagedCache(model), pass it as {self._cache_kwarg()}= and release() it when done"
             )
 
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
@@ -422,6 +341,14 @@ class PagedCache(Cache):
 
     def __len__(self) -> int:
         return self.pool.num_layers
+
+    @property
+    def peak_kv_bytes(self) -> int:
+        return self.pages.peak_kv_bytes
+
+    @property
+    def peak_group_pages(self) -> list[int]:
+        return self.pages.peak_group_pages
 
     @property
     def batch_size(self) -> int:
@@ -461,7 +388,20 @@ class PagedCache(Cache):
 def _pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the new tokens only, in row order."""
     batch, heads, q_len, head_dim = states.shape
-    flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
-    if token_index is not None:
-        flat = flat.index_select(0, token_index)
-    return flat.to(dtype)
+    if q_len == 1 and token_index is None:  # decode: dropping the length-1 dim is a view (one call, not three)
+        flat = states.view(batch, heads, head_dim)
+    else:
+        flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        if token_index is not None:
+            flat = flat.index_select(0, token_index)
+    return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def _token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The key and value planes of a contiguous layer pool `[2, pages, page_size, H_kv, D]` as
+    `[slots, H_kv, D]` views (slot = page * page_size + offset, as `slot_mapping` counts); None for
+    a layer packed into a wider slice (layout.py), which ops.write_kv_eager writes by page."""
+    if not layer_pool.is_contiguous():
+        return None
+    flat = layer_pool.view(2, -1, layer_pool.shape[3], layer_pool.shape[4])
+    return flat[0], flat[1]

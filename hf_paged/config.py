@@ -19,8 +19,10 @@ class PagedConfig:
     window_page_size: token slots per page in the sliding-window groups of a model with windowed
         layers (groups.py). A sliding layer holds its window plus the unused part of the page at
         each end of it, so smaller pages there keep its KV close to stock's window-only cache.
-        None: the largest divisor of page_size that is at most window // 32 (a window of 128
-        gets pages of 4, one of 512 or more pages of page_size). Must divide page_size.
+        None: the largest page that packs the group's layers into the full-attention layers' page
+        ids (layout.py: five sliding layers beside one full layer of pages of 16 get pages of 3; a
+        divisor of page_size with the prefix cache on); with no full layer, the largest divisor of
+        page_size that is at most window // 32. Must divide page_size.
     num_pages: pages in the pool. Takes precedence over `max_memory`.
     max_memory: pool budget, in bytes (int > 1) or as a fraction of the device's free memory
         (float in (0, 1], like vLLM's gpu_memory_utilization). None: 0.2 of available RAM on

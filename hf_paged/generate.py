@@ -1,14 +1,14 @@
 """The generate() wrapper: prefill the prompt once per input, fork the rows, release every page."""
 
 import functools
-import inspect
 import warnings
 
 import torch
 
 from . import _compat
 from .cache import PagedCache
-from .prefill import can_use_prefix_cache, prefill_with_prefix_cache, weights_key
+from .model_state import model_state_key
+from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 from .prefix_cache import PrefixCache
 from .compile import generate_max_tokens, maybe_compiled_decode
 from .padding import check_left_padding
@@ -74,7 +74,7 @@ def prefill_prompt(model, cache: PagedCache, input_ids: torch.Tensor, attention_
     generate() then feeds only the last token (it sees `cache.get_seq_length() == len - 1`).
     """
     inputs = {"input_ids": input_ids[:, :-1], _compat.model_cache_arg(model): cache, "use_cache": True}
-    parameters = inspect.signature(model.forward).parameters
+    parameters = forward_parameters(model)  # a PEFT model's own forward names neither position_ids nor logits_to_keep
     if attention_mask is not None:
         mask = attention_mask[:, :-1]
         inputs["attention_mask"] = mask
@@ -104,10 +104,11 @@ def _can_use_prefix_cache(model, input_ids, settings, kwargs: dict) -> bool:
 
 def _prefix_cache_of(cache: PagedCache, model) -> PrefixCache:
     """The prefix cache of the pool `cache` opened (a new pool after model.to(...)), emptied first if
-    the model's weights changed since its pages were computed."""
+    the model changed since its pages were computed (weights, hooks, adapters: model_state.py)."""
     prefix_cache = cache.pool.prefix_cache
+    key = model_state_key(model)  # outside the lock: it may wait for the device
     with cache.pool.blocks.lock:  # other calls' caches may hold or evict its pages meanwhile
-        prefix_cache.check_weights(weights_key(model))
+        prefix_cache.check_weights(key)
     return prefix_cache
 
 
@@ -141,7 +142,11 @@ class PagedGenerate:
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
         if _compat.user_cache(kwargs) is not None:
             return original(model, inputs, generation_config, **kwargs)
-        if not _runs_on_a_cache(settings):
+        # As another model's assistant_model, transformers calls this generate() once per round and
+        # passes the cache it returned back in (cropped): a cache this call created would be released
+        # by then. The assistant's rounds run the stock way, on its own cache (is_assistant: set by
+        # transformers' candidate generators on the config they pass).
+        if not _runs_on_a_cache(settings) or getattr(settings, "is_assistant", False):
             # Stock's masks in this thread only (other threads' paged calls keep theirs); attention
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
@@ -174,9 +179,9 @@ class PagedGenerate:
                 return original(model, inputs, generation_config, **kwargs)
         finally:
             cache.release()
-            # This call's own peaks (its page tables count them), whatever other calls hold; with
-            # several groups of layers, the sum of each group's peak.
-            runtime.last_peak_pages = sum(tables.peak_pages_held for tables in cache.group_tables)
+            # This call's own peaks (its page tables count them), whatever other calls hold: the page
+            # ids all groups held at one instant (inside forwards), group_pages.py.
+            runtime.last_peak_pages = cache.pages.peak_pool_pages
             runtime.last_peak_shared_pages = sum(tables.peak_shared_held for tables in cache.group_tables)
             runtime.last_peak_kv_bytes = cache.peak_kv_bytes
             runtime.last_peak_group_pages = list(cache.peak_group_pages)

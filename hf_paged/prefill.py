@@ -7,7 +7,6 @@ after `generate.prefill_prompt`). The rows' full prompt pages are then kept for 
 """
 
 import inspect
-import itertools
 
 import torch
 
@@ -16,15 +15,28 @@ from .cache import PagedCache
 from .prefix_cache import Entry, PrefixCache, page_keys
 
 
-def weights_key(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place (optimizer step,
-    load_state_dict, `.to(...)`): the prefix cache is emptied before it serves stale K/V."""
-    return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+def forward_parameters(model: torch.nn.Module) -> dict:
+    """The parameters of the forward that receives `model(**inputs)`'s keywords.
+
+    A PEFT model's forward takes `**kwargs` and hands them to its base model's forward, which names
+    `position_ids` and `logits_to_keep`; reading only the wrapper's signature would find neither
+    (the prefix cache never ran under PEFT). A PEFT prompt-learning model builds its own cache and
+    positions: its own signature is kept, so that the prefix cache is not used there.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    base = getattr(model, "get_base_model", None)
+    config = getattr(model, "active_peft_config", None)
+    if takes_kwargs and callable(base) and not getattr(config, "is_prompt_learning", False):
+        inner = base()
+        if inner is not model:
+            return forward_parameters(inner)
+    return dict(parameters)
 
 
 def can_use_prefix_cache(model: torch.nn.Module, attention_mask: torch.Tensor | None) -> bool:
     """Positions can be given explicitly and the mask is left padding only (no holes)."""
-    if "position_ids" not in inspect.signature(model.forward).parameters:
+    if "position_ids" not in forward_parameters(model):
         return False
     if attention_mask is None:
         return True
@@ -132,7 +144,7 @@ def _compute(
         _compat.model_cache_arg(model): cache,
         "use_cache": True,
     }
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if "logits_to_keep" in forward_parameters(model):
         inputs["logits_to_keep"] = 1
     cache.ragged_prefill = True
     try:

@@ -147,7 +147,7 @@ class PrefixCache:
         self.weights_key = None
 
     def check_weights(self, weights_key: object) -> None:
-        """Empty the cache if the model's weights changed since its pages were computed."""
+        """Empty the cache if the model changed since its pages were computed (model_state.model_state_key)."""
         if weights_key != self.weights_key:
             if self.pages_of:
                 self.clear()

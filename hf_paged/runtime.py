@@ -21,7 +21,6 @@ import torch
 
 from .attention import Executor, select_executor
 from .config import PagedConfig
-from .groups import layer_page_sizes
 from .pool import KVPool, LayerSpec
 from .tensor_parallel import TPGroup, make_pool
 
@@ -120,7 +119,7 @@ class Runtime:
     # the copy's modules, and its pool and executor are made on first use (they never travel), so
     # copying costs no pool memory.
     # A copy also leaves out the TP group (a process group does not travel): it sizes its pool alone.
-    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches", "tp")
+    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches", "tp", "_weight_slots")
 
     def __getstate__(self) -> dict:
         state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
@@ -142,12 +141,9 @@ class Runtime:
         weights = [next(module.parameters()) for module in self.attention_modules]
         specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
         self.executor = select_executor(self.config.backend, specs)
-        self.pool = make_pool(self.config, specs, self.page_sizes(), self.tp)
+        self.pool = make_pool(self.config, specs, self.groups, self.tp)
+        self.groups[:] = self.pool.groups
         return getattr(self, name)
-
-    def page_sizes(self) -> list[int]:
-        """The page size of each layer's pool, as its group has it (groups.py)."""
-        return layer_page_sizes(self.groups, len(self.attention_modules))
 
     def forward_cache(self) -> Any:
         """The cache of this thread's running forward (None outside one)."""
@@ -177,6 +173,20 @@ class Runtime:
                 return f"layer {layer_idx}: pool {spec.dtype} on {spec.device}, model {weight.dtype} on {weight.device}"
         return None
 
+    def pool_still_matches(self, pool: KVPool) -> bool:
+        """True when every layer's first weight still has `pool`'s dtype and device (a cheap check for
+        every forward: `pool_mismatch` walks each module's parameters, this reads one dict entry per
+        layer). A layer whose first weight cannot be found where it was answers False (then ask
+        `pool_mismatch`)."""
+        slots = self.__dict__.get("_weight_slots")
+        if slots is None:
+            slots = self._weight_slots = [_first_weight_slot(module) for module in self.attention_modules]
+        for spec, (owner, name) in zip(pool.specs, slots):
+            weight = owner._parameters.get(name)
+            if weight is None or weight.dtype != spec.dtype or weight.device != spec.device:
+                return False
+        return True
+
     def open_pool(self, cache: object) -> tuple[KVPool, Executor]:
         """The pool (and executor) a new cache uses; registers `cache` as open on it.
 
@@ -196,11 +206,20 @@ class Runtime:
                     )
                 specs = self.current_specs()
                 executor = select_executor(self.config.backend, specs)  # raises before anything changes
-                self.pool = make_pool(self.config, specs, self.page_sizes(), self.tp)
+                self.pool = make_pool(self.config, specs, self.groups, self.tp)
+                self.groups[:] = self.pool.groups  # caches read the runtime's list
                 self.executor = executor
                 self.compiled = None  # its graphs and static addresses are those of the old pool
             self.pool.open_cache(cache)
             return self.pool, self.executor
+
+
+def _first_weight_slot(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(owning module, attribute name) of `next(module.parameters())`, the weight whose dtype and
+    device a layer's pool follows."""
+    name = next(name for name, _ in module.named_parameters())
+    owner_name, _, attribute = name.rpartition(".")
+    return module.get_submodule(owner_name), attribute
 
 
 def find_runtime(model: torch.nn.Module) -> Runtime | None:

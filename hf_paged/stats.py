@@ -8,35 +8,45 @@ from .runtime import runtime_of
 def memory_stats(model: torch.nn.Module) -> dict:
     """Pool geometry and occupancy of a wrapped model.
 
+    Geometry: `num_pages` page ids of `page_bytes` each (every layer's share of an id, keys and
+    values, whichever group of layers holds it: layout.py), `pool_bytes` in all (the pool tensors
+    hold one more, zero, page).
+
     `peak_pages_in_use` and `peak_shared_pages` (pages held by more than one row) are those of
     the generate() call that finished last, counted by its own cache: pages that concurrent calls
-    held meanwhile are not included. `pages_in_use` is the whole pool's, now. `*_bytes` count keys
-    and values of all layers.
+    held meanwhile are not included. `peak_pages_in_use` counts the ids all groups of layers held at
+    one instant, inside forwards too (a forward holds its pages while its layers run), and
+    `peak_pool_bytes` is what they reserve: `peak_pages_in_use * page_bytes`, the smallest pool
+    that call fits in. `pages_in_use` is the whole pool's, now. `*_bytes` count keys and values of
+    all layers.
 
-    `groups` lists each group of layers (groups.py: full attention, or one sliding window) with
-    its page size (sliding groups take smaller pages), page bytes and the pages its rows held at
-    the peak of the last call; when a group has a
-    sliding window, `peak_kv_bytes` is what the rows held after each forward (a window lets go of
-    what it cannot see at the end of a forward, the measure of stock's window-only cache), each
-    group's pages at its own bytes (a page id stores K/V of one group's layers only). With the prefix cache on, `pages_in_use` includes the
-    `cached_pages` it keeps between calls, and `prefix_*` count looked-up tokens, hit pages, hit
-    tokens and evicted pages since wrap().
+    `groups` lists each group of layers (groups.py: full attention, or one sliding window) with its
+    page size (sliding groups take smaller pages), the bytes of an id its layers use
+    (`page_bytes`, at most the pool's) and the pages its rows held after a forward at the peak of
+    the last call; when a group has a sliding window, `peak_kv_bytes` is what the rows held after
+    each forward (a window lets go of what it cannot see at the end of a forward, the measure of
+    stock's window-only cache), each group's pages at the bytes its layers use; otherwise it
+    equals `peak_pool_bytes`. With the prefix cache on, `pages_in_use` includes the
+    `cached_pages` it keeps between calls (pages a call shares with it are not in that call's
+    peaks), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
     Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
     which holds this rank's KV heads; every rank's pool has the same pages.
     """
     runtime = runtime_of(model, "memory_stats")
     pool = runtime.pool
+    pool.reclaim_dropped()  # caches collected unreleased give their pages back first
     blocks = pool.blocks
     stats = {
         "page_size": pool.page_size,
         "num_pages": pool.num_pages,
         "page_bytes": pool.page_bytes,
-        "pool_bytes": pool.num_pages * pool.page_bytes,
+        "pool_bytes": pool.pool_bytes,
         "pages_in_use": blocks.num_used_pages,
         "shared_pages": blocks.num_shared_pages,
         "peak_pages_in_use": runtime.last_peak_pages,
         "peak_shared_pages": runtime.last_peak_shared_pages,
+        "peak_pool_bytes": runtime.last_peak_pages * pool.page_bytes,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
         # Under tensor parallelism every figure is this rank's pool (its local KV heads); each rank has one.
         "tp_rank": runtime.tp.rank if runtime.tp is not None else 0,
@@ -44,7 +54,7 @@ def memory_stats(model: torch.nn.Module) -> dict:
     }
     if any(group.window is not None for group in runtime.groups):
         # Counted by the cache after each forward (a sliding group has let go of what it cannot see),
-        # each group's pages at its own bytes: a page id holds K/V of one group's layers only.
+        # each group's pages at the bytes its layers use.
         stats["peak_kv_bytes"] = runtime.last_peak_kv_bytes
     stats["groups"] = [
         {

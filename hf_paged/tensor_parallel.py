@@ -26,7 +26,8 @@ import torch
 
 from .config import PagedConfig
 from .errors import UnsupportedModelError
-from .pool import KVPool, LayerSpec, choose_num_pages
+from .groups import GroupSpec
+from .pool import KVPool, LayerSpec, choose_num_pages, pool_layout
 
 T = TypeVar("T")
 
@@ -116,13 +117,13 @@ def local_specs(model: torch.nn.Module, specs: list[LayerSpec], tp: TPGroup | No
     return [replace(spec, num_kv_heads=h) for spec, h in zip(specs, local)]
 
 
-def make_pool(config: PagedConfig, specs: list[LayerSpec], page_sizes: list[int], tp: TPGroup | None) -> KVPool:
+def make_pool(config: PagedConfig, specs: list[LayerSpec], groups: list[GroupSpec], tp: TPGroup | None) -> KVPool:
     """The model's KVPool; under TP every rank gets the same number of pages, the smallest any rank
     can afford, and a rank that cannot size or allocate its pool makes every rank raise."""
     if tp is None:
-        return KVPool(config, specs, page_sizes)
-    num_pages = tp.run(lambda: choose_num_pages(config, specs, page_sizes), "sizing its page pool")
+        return KVPool(config, specs, groups)
+    num_pages = tp.run(lambda: choose_num_pages(config, pool_layout(config, specs, groups)), "sizing its page pool")
     # The smallest over the ranks: the maximum of the negated counts (one all-reduce, op MAX).
     (negated,) = tp.all_reduce_max([-num_pages])
     agreed = config.with_overrides(num_pages=-negated)
-    return tp.run(lambda: KVPool(agreed, specs, page_sizes), "allocating its page pool")
+    return tp.run(lambda: KVPool(agreed, specs, groups), "allocating its page pool")

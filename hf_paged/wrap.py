@@ -3,6 +3,7 @@
 import functools
 import inspect
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from .attention import LayerParams, select_executor
 from .cache import PagedCache
 from .config import PagedConfig
 from .errors import UnsupportedModelError
-from .groups import layer_groups, layer_page_sizes
+from .groups import layer_groups
 from .tensor_parallel import local_specs, make_pool, tp_group
 from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs, stock_mask_implementation
 
@@ -66,16 +67,35 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise UnsupportedModelError(type(module).__name__, "attention sinks are not supported")
     layer_idx = module.layer_idx
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else cache.layer_window(layer_idx)
-    head_dim = query.shape[-1]
-    params = LayerParams(
-        num_qo_heads=query.shape[1],
-        num_kv_heads=key.shape[1],  # the cache's update() returns the new K/V `[batch, H_kv, q_len, D]`
-        head_dim=head_dim,
-        sm_scale=float(scaling) if scaling is not None else head_dim**-0.5,
-        window_left=window - 1 if window else -1,
-        logits_soft_cap=float(kwargs.get("softcap") or 0.0),
-    )
+    # the cache's update() returns the new K/V `[batch, H_kv, q_len, D]`
+    params = layer_params(query.shape[1], key.shape[1], query.shape[-1], scaling, window, kwargs.get("softcap"))
     return cache.attend(layer_idx, query, params), None
+
+
+# (H_q, H_kv, D, scaling, window, softcap) -> LayerParams. Runs per layer and token: a dict lookup
+# instead of building (and later hashing) a frozen dataclass, and layers with one setting get one
+# object, which PagedCache.attend recognises by identity. A model has a handful of settings.
+_LAYER_PARAMS: dict[tuple, LayerParams] = {}
+
+
+def layer_params(num_qo_heads: int, num_kv_heads: int, head_dim: int, scaling, window, softcap) -> LayerParams:
+    """The LayerParams of an attention call (`scaling` None: `head_dim ** -0.5`; `window` None or
+    0: no window; `softcap` None or 0: none), one shared object per setting."""
+    key = (num_qo_heads, num_kv_heads, head_dim, scaling, window, softcap)
+    params = _LAYER_PARAMS.get(key)
+    if params is None:
+        params = LayerParams(
+            num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            sm_scale=float(scaling) if scaling is not None else head_dim**-0.5,
+            window_left=window - 1 if window else -1,
+            logits_soft_cap=float(softcap or 0.0),
+        )
+        if len(_LAYER_PARAMS) >= 1024:  # settings that keep changing (a scaling computed per call): stay bounded
+            _LAYER_PARAMS.clear()
+        _LAYER_PARAMS[key] = params
+    return params
 
 
 def _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -190,18 +210,22 @@ def _find_decoder(model: torch.nn.Module, modules: dict[int, torch.nn.Module]) -
     return best
 
 
-def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **overrides) -> torch.nn.Module:
     """Serve `model`'s generate() and forward from a paged KV cache. Patches in place, returns `model`.
 
-    `config` and keyword overrides (`wrap(model, page_size=8)`) set the PagedConfig. Wrapping a
-    wrapped model again with no settings, or the same ones, does nothing; with other settings it
-    re-wraps with them (fields not given take their defaults, as on a first wrap).
+    `config` (a PagedConfig or a mapping of its fields) and keyword overrides (`wrap(model,
+    page_size=8)`) set the PagedConfig. Wrapping a wrapped model again with no settings, or the
+    same ones, does nothing unless its attention implementation was changed since
+    (`model.set_attn_implementation`, which generate() then refuses): it re-wraps over the new one;
+    with other settings it re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
     _compat.warn_if_untested()
     runtime = find_runtime(model)
     config = _requested_config(runtime, config, overrides)
-    if runtime is not None and runtime.config == config:
+    # The implementation set after an earlier wrap (model.set_attn_implementation): wrap again over it.
+    changed = runtime is not None and runtime.patch is None and model.config._attn_implementation != ATTN_NAME
+    if runtime is not None and runtime.config == config and not changed:
         return model
     patch = patches.find_patch(model)  # families whose attention bypasses the interface
     modules = patch.attention_modules(model) if patch else check_supported(model)
@@ -219,14 +243,17 @@ def wrap(model: torch.nn.Module, config: PagedConfig | None = None, **overrides)
     grouped = [None] * len(specs) if config.compile else cache_windows
     groups = layer_groups(grouped, config.page_size, config.window_page_size)
     # Raises (budget below one page, allocation failed) before anything is patched; on every rank under TP.
-    pool = make_pool(config, specs, layer_page_sizes(groups, len(specs)), tp)
+    pool = make_pool(config, specs, groups, tp)
+    groups = list(pool.groups)  # with the page size each group got in the pool's layout
+    original = model.config._attn_implementation  # what attention falls back to without a PagedCache
     if runtime is not None:
+        original = original if changed else runtime.original_attn_implementation
         unwrap(model)
     runtime = Runtime(
         config=config,
         pool=pool,
         executor=executor,
-        original_attn_implementation=model.config._attn_implementation,
+        original_attn_implementation=original,
         layer_types=getattr(text_config, "layer_types", None),
         sliding_window=getattr(text_config, "sliding_window", None),
         forward_signature=inspect.signature(base.forward),
@@ -269,6 +296,14 @@ def _requested_config(runtime: Runtime | None, config: PagedConfig | None, overr
     """The config `wrap` asks for: a wrapped model's own when given no settings, else `config` (or the
     defaults) with the overrides. Overrides start from the defaults, not the current config, so that
     `wrap(model, max_memory=...)` is not silently beaten by an earlier `num_pages`."""
+    if config is not None and not isinstance(config, PagedConfig):
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                "wrap(model, config): expected a PagedConfig, a mapping of its fields (such as "
+                f"{{'page_size': 8}}) or None, got {type(config).__name__}; keyword settings work too: "
+                "wrap(model, page_size=8)"
+            )
+        config = PagedConfig().with_overrides(**config)  # unknown names raise TypeError listing the fields
     if runtime is not None and config is None and not overrides:
         return runtime.config
     base = config or PagedConfig()
@@ -313,12 +348,23 @@ class _BeginForward:
 
     def __call__(self, module, args, kwargs):
         runtime = self.runtime
-        arguments = runtime.forward_signature.bind_partial(*args, **kwargs).arguments
+        # generate() passes keywords only: binding them to the signature (tens of µs per step) would
+        # change nothing that find_cache or the lookups below read.
+        arguments = kwargs if not args else runtime.forward_signature.bind_partial(*args, **kwargs).arguments
         cache = _compat.find_cache(arguments)
         if not isinstance(cache, PagedCache):
             return None
         if cache.runtime is not runtime and cache.pool is not runtime.pool:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", ATTN_NAME)
+        if runtime.patch is None and implementation != ATTN_NAME:
+            # Its layers would call that implementation, which never reads the pages.
+            raise RuntimeError(
+                f"the model's attention implementation was changed to {implementation!r} after hf_paged.wrap() "
+                "(model.set_attn_implementation), so its layers no longer read hf_paged's pages; call "
+                "hf_paged.wrap(model) again to serve generate() from pages (stock attention then falls back "
+                f"to {implementation!r}), or hf_paged.unwrap(model) to run stock"
+            )
         inputs = arguments.get("input_ids")
         if inputs is None:
             inputs = arguments.get("inputs_embeds")

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data (default: the bundled tiny summarization set)")
     data.add_argument("--dataset", help="hub dataset name, e.g. cnn_dailymail")
     data.add_argument("--dataset-config", help="hub dataset config, e.g. 3.0.0")
-    data.add_argument("--split", help='split or slice, e.g. "test[:200]" (default: test; train for --data-files)')
+    data.add_argument("--split", help='split or slice, e.g. "test[:200]" (default: test, also for the built-in data; train for --data-files)')
     data.add_argument("--data-files", nargs="+", metavar="FILE", help="local .json/.jsonl/.csv/.parquet files")
     data.add_argument("--text-column", default="document", help="column holding the input text (default: document)")
     data.add_argument("--reference-column", default="summary", help="column holding the reference output ('' for none)")
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep prompt pages across batches and reuse shared prefixes (PagedConfig(prefix_cache=True))",
     )
     report = parser.add_argument_group("report")
-    report.add_argument("--compare", action="store_true", help="also run the unwrapped model and report agreement")
+    report.add_argument("--compare", action="store_true", help="also run the unwrapped model and report agreement (in fp16/bf16 also stock's eager vs sdpa agreement)")
     report.add_argument("--metric", default="rouge", help="rouge, bleu, chrf, sacrebleu (= bleu,chrf), comma-separated")
     report.add_argument("--output-dir", help="write samples.jsonl and summary.json here")
     report.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up generate()")
@@ -195,6 +195,22 @@ def prefix_cache_summary(counts: list[dict[str, int]]) -> dict:
     return {"hit_rate": total["prefix_hit_tokens"] / looked_up if looked_up else 0.0, **total}
 
 
+def run_other_attention(args, model, tokenizer, batches, kwargs, device, show) -> tuple[list[str], list[dict]] | None:
+    """With --compare in half precision: the unwrapped model again with its other attention
+    implementation (eager for sdpa, sdpa for eager). Rounding makes stock's two implementations
+    disagree on some tokens too; the report puts their agreement next to hf_paged's."""
+    if next(model.parameters()).dtype not in (torch.float16, torch.bfloat16) or args.tp > 1:
+        return None
+    current = model.config._attn_implementation
+    other = "eager" if current != "eager" else "sdpa"
+    model.set_attn_implementation(other)
+    try:
+        records, _ = run_batches(model, tokenizer, batches, kwargs, args.seed, device, f"stock {other}", show)
+    finally:
+        model.set_attn_implementation(current)
+    return [current, other], records
+
+
 def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     """Run the evaluation in this process; returns the summary on the main process, None elsewhere."""
     check_args(args, state)
@@ -212,7 +228,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         ) from error
     data_files = args.data_files or (None if args.dataset else bundled_data_files())
     with state.main_process_first():
-        rows = load_rows(args.dataset, args.dataset_config, args.split, data_files)
+        # The built-in data is a "test" split, as --help says; --data-files give a "train" split.
+        rows = load_rows(args.dataset, args.dataset_config, args.split, data_files, "train" if args.data_files else "test")
     samples = make_samples(rows, args.text_column, args.reference_column or None, args.prompt_template, args.limit)
     device = torch.device(args.device) if args.device else state.device
     if args.threads:
@@ -252,6 +269,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         rank_pool = {key: after[key] for key in ("tp_rank", "num_pages", "page_bytes", "pool_bytes")}
         rank_pool["peak_kv_bytes"] = paged_stats.peak_kv_bytes  # over this rank's batches
         stock_records, stock_stats = [], RunStats()
+        other_attention = None
         if args.compare:
             hf_paged.unwrap(model)
             if device.type == "cuda":  # hand the page pool's memory back before the stock run
@@ -260,6 +278,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
             if my_batches and not args.no_warmup:
                 warm_up(model, tokenizer, my_batches, kwargs, device)
             stock_records, stock_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "stock", show)
+            other_attention = run_other_attention(args, model, tokenizer, my_batches, kwargs, device, show)
     except hf_paged.OutOfPagesError as error:
         failure = f"out of pages: {error} (flags: --num-pages, --max-memory, --batch-size, --max-new-tokens)"
     else:
@@ -280,6 +299,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         stock_records = gather_object(stock_records)
         paged_stats, stock_stats = gather_object([paged_stats]), gather_object([stock_stats])
         prefix_counts = gather_object([prefix_counts])
+    if other_attention is not None:  # (never under --tp: run_other_attention)
+        other_attention = (other_attention[0], sorted(gather_object(other_attention[1]), key=lambda record: record["index"]))
     paged_records = sorted(paged_records, key=lambda record: record["index"])
     stock_records = sorted(stock_records, key=lambda record: record["index"])
     if not state.is_main_process:
@@ -302,6 +323,9 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         summary["stock"] = summarize(stock_records, stock_stats, metrics)
         summary["ratios"] = ratios(summary, summary["stock"])
         summary["agreement"] = agreement(paged_records, stock_records)
+        if other_attention is not None:  # half precision: how far stock's own implementations agree
+            names, other_records = other_attention
+            summary["stock_attention_agreement"] = {"implementations": names, "agreement": agreement(other_records, stock_records)}
         for record, stock in zip(paged_records, stock_records):
             record.update(stock_output_text=stock["output_text"], stock_output_ids=stock["output_ids"],
                           match=record["output_ids"] == stock["output_ids"])

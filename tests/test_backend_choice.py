@@ -66,7 +66,7 @@ def test_explicit_flashinfer_with_unsupported_head_dim_raises(fake_gpu):
 
 def test_explicit_flashinfer_without_flashinfer_installed_raises(monkeypatch, fake_gpu):
     monkeypatch.setitem(sys.modules, "flashinfer", None)  # makes `import flashinfer` fail
-    with pytest.raises(ValueError, match="pip install flashinfer-python"):
+    with pytest.raises(ValueError, match=r"pip install 'hf_paged\[flashinfer\]'"):
         select_executor("flashinfer", layer_specs(spec()))
     assert isinstance(select_executor("auto", layer_specs(spec())), TorchExecutor)
 

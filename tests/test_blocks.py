@@ -27,7 +27,6 @@ def test_fork_and_free_count_references_and_shared_pages():
     assert blocks.ref_counts[:2] == [2, 1] and blocks.num_shared_pages == 1
     blocks.free(pages)
     assert blocks.ref_counts[:2] == [1, 0] and blocks.free_page_ids[-1] == 1
-    assert blocks.peak_shared_pages == 2 and blocks.peak_used_pages == 2
 
 
 def test_out_of_pages_raises_before_changing_anything():
@@ -128,7 +127,7 @@ def test_take_removes_one_page_from_anywhere_in_the_free_stack():
     assert blocks.free_page_ids == [5, 4, 0, 2, 1] and blocks.num_used_pages == 1
     assert blocks.allocate(4) == [1, 2, 0, 4]
     blocks.free([3])
-    assert blocks.free_page_ids == [5, 3] and blocks.peak_used_pages == 5
+    assert blocks.free_page_ids == [5, 3]
 
 
 def test_find_free_run_returns_the_lowest_run_of_free_pages():

@@ -134,6 +134,27 @@ def tables_with_past(page_size):
     return tables
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_partials_merge_in_float32_and_round_once(always_cascade, monkeypatch, dtype):
+    """Issue 20: the two partial attentions reach the merge in float32, not rounded to half first."""
+    page_size, prefix_lens, fork, private_lens, new_lens = CASES[2]
+    pool, meta, zero_page = grouped_case(page_size, prefix_lens, fork, private_lens, new_lens, 2)
+    params = LayerParams(8, 2, HEAD_DIM, 0.3, -1, 0.0)
+    q = torch.randn(sum(new_lens), 8, HEAD_DIM, generator=torch.Generator().manual_seed(9)).to(dtype)
+    half_pool = pool.to(dtype)
+    seen = []
+    real_merge = cascade.merge
+    monkeypatch.setattr(cascade, "merge", lambda *a: seen.append((a[0].dtype, a[2].dtype)) or real_merge(*a))
+    shared_plan = torch_executor.plan(meta, params, zero_page)
+    assert isinstance(shared_plan, cascade.CascadePlan)
+    out = torch_executor.run(q, half_pool, shared_plan)
+    assert seen == [(torch.float32, torch.float32)] and out.dtype == dtype
+    # float32 attention on the same (half-precision) values, rounded once: at most one rounding apart.
+    plain_plan = torch_executor.plan(dataclasses.replace(meta, cascade=False), params, zero_page)
+    expected = torch_executor.run(q.float(), half_pool.float(), plain_plan).to(dtype)
+    torch.testing.assert_close(out, expected, rtol=2 ** -7, atol=1e-3)
+
+
 def test_merge_of_split_softmax_equals_softmax():
     generator = torch.Generator().manual_seed(3)
     scores = torch.randn(5, 12, generator=generator)

@@ -149,7 +149,7 @@ def _long_file(tmp_path: Path) -> Path:
 BAD_INPUT = {
     "missing column": (["--text-column", "article"], ["'article' is not a column", "'document'", "'summary'"]),
     "missing reference": (["--reference-column", "highlights"], ["'highlights' is not a column", "'document'"]),
-    "empty slice": (["--split", "train[:0]"], ["selection is empty", "train[:0]"]),
+    "empty slice": (["--split", "test[:0]"], ["selection is empty", "test[:0]"]),
     "empty file": ([], ["selection is empty"]),
     "unknown metric": (["--metric", "bleurt"], ["unknown --metric 'bleurt'", "rouge"]),
     "prompt too long": (["--max-new-tokens", "2"], ["context of 1024", "--truncate"]),

@@ -153,7 +153,8 @@ def test_two_groups_with_the_same_layer_setting_get_their_own_wrappers(monkeypat
     for layer in model.model.layers[::2]:
         layer.self_attn.sliding_window = None
     input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
-    hf_paged.wrap(model, num_pages=256, page_size=4, backend="torch")
+    # Sliding pages of 1 (by default they would fill the full layers' pages of 4: layout.py).
+    hf_paged.wrap(model, num_pages=256, page_size=4, window_page_size=1, backend="torch")
     comparer = model.hf_paged_runtime.executor = Comparer()
     model.generate(input_ids, attention_mask=mask, pad_token_id=0, max_new_tokens=6, num_beams=2)
     runtime = model.hf_paged_runtime

@@ -7,7 +7,7 @@ import hf_paged
 from hf_paged.attention import TorchExecutor
 
 import tiny
-from tiny import CONFIGS, MODES, padded_prompts, tiny_model
+from tiny import CONFIGS, MODES, padded_prompts, tiny_model, with_eos_mid_sequence
 
 
 
@@ -38,19 +38,17 @@ BEAM_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama_with_eos():
-    """A Llama whose EOS is a token greedy decoding emits mid-sequence, so beams finish early."""
-    model = tiny_model("llama")
-    input_ids, mask = padded_prompts(batch=3, pads=(0, 4, 7))
-    greedy = generate(model, input_ids, mask, max_new_tokens=12, min_new_tokens=12)
-    model.generation_config.eos_token_id = int(greedy[0, input_ids.shape[1] + 3])
-    return model, input_ids, mask
+# Llama every case; a family with a window on every layer (Mistral: 5, the prompts are 13 long, so
+# rows end past it) and a patched family (Bloom) the beam variants.
+BEAM_FAMILY_CASES = [("llama", case) for case in sorted(BEAM_CASES)] + [
+    (family, case) for family in ("mistral", "bloom") for case in sorted(BEAM_CASES) if case != "beams16"
+]
 
 
-@pytest.mark.parametrize("case", sorted(BEAM_CASES))
-def test_beam_search_variants_with_eos_mid_sequence(llama_with_eos, case):
-    model, input_ids, mask = llama_with_eos
+@pytest.mark.parametrize("family, case", BEAM_FAMILY_CASES)
+def test_beam_search_variants_with_eos_mid_sequence(family, case):
+    """EOS is a token greedy decoding emits mid-sequence, so beams finish early."""
+    model, input_ids, mask = with_eos_mid_sequence(family, batch=3, pads=(0, 4, 7))
     kwargs = dict(BEAM_CASES[case], max_new_tokens=12)
     expected = generate(model, input_ids, mask, **kwargs)
     hf_paged.wrap(model, num_pages=512, page_size=4)

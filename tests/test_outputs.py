@@ -126,3 +126,25 @@ def test_prefill_chunk_size_gives_stocks_tokens(family, mode):
     hf_paged.wrap(model, num_pages=256, page_size=4)
     assert torch.equal(generate(model, input_ids, mask, **kwargs), expected)
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_wrapped_assistant_model_gives_stock_tokens(family):
+    """Assisted decoding with both the model and its assistant wrapped: transformers keeps the
+    assistant's cache across its rounds (cropped back whenever the model rejects its tokens), so the
+    assistant's rounds run the stock way; the model runs on its pages (Mistral: past its window)."""
+    model, assistant = tiny_model(family), tiny_model(family, seed=1)
+    input_ids, mask = padded_prompts(batch=1, length=15, pads=(0,))
+    modes = [dict(), dict(do_sample=True)]
+    kwargs = [dict(assistant_model=assistant, max_new_tokens=16, **mode) for mode in modes]
+    expected = [generate(model, input_ids, mask, **kw) for kw in kwargs]
+    hf_paged.wrap(model, num_pages=128, page_size=4)
+    hf_paged.wrap(assistant, num_pages=128, page_size=4)
+    for mode, kw, tokens in zip(modes, kwargs, expected):
+        assert torch.equal(generate(model, input_ids, mask, **kw), tokens), mode
+    assert hf_paged.memory_stats(model)["pages_in_use"] == hf_paged.memory_stats(assistant)["pages_in_use"] == 0
+    assert hf_paged.memory_stats(model)["peak_pages_in_use"] > 0
+    # Wrapped or not, the assistant generates stock's tokens on its own.
+    input_ids, mask = padded_prompts(batch=2, length=15, pads=(0, 4))
+    assert torch.equal(generate(assistant, input_ids, mask, **fixed_length(NEW)),
+                       generate(tiny_model(family, seed=1), input_ids, mask, **fixed_length(NEW)))

@@ -15,14 +15,15 @@ import hf_paged
 from hf_paged import UnsupportedModelError, _compat, patches
 
 from tiny import (
-    BASIC_MODES, FALCON, PATCHED_CONFIGS, fixed_length, generate, padded_prompts, routes_through_interface, tiny_model,
+    FALCON, MODES, PATCHED_CONFIGS, fixed_length, generate, padded_prompts, routes_through_interface, tiny_model,
+    with_eos_mid_sequence,
 )
 
 
 def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int, ...] = (0, 5), new: int = 10):
     input_ids, mask = padded_prompts(batch=2, length=length, pads=pads)
     # use_cache=True: MPT's config turns the cache off by default.
-    kwargs = {mode: dict(seed=7, use_cache=True, **fixed_length(new), **extra) for mode, extra in BASIC_MODES.items()}
+    kwargs = {mode: dict(seed=7, use_cache=True, **fixed_length(new), **extra) for mode, extra in MODES.items()}
     expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in kwargs.items()}
     hf_paged.wrap(model, num_pages=512, page_size=4)
     # Falcon routes through the interface from 5.25 (GPT-J and CodeGen from 5.24): no patch there.
@@ -35,6 +36,20 @@ def assert_same_tokens(model: torch.nn.Module, length: int = 13, pads: tuple[int
 @pytest.mark.parametrize("family", sorted(PATCHED_CONFIGS))
 def test_patched_family_gives_stock_tokens(family):
     assert_same_tokens(tiny_model(family))
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon", "gpt_neo", "mpt", "xglm"])
+def test_eos_mid_sequence_in_every_mode_gives_stock_tokens(family):
+    """Rows that finish early (EOS at new token 3 of row 0 under greedy), then pads: GPT-Neo's local
+    layers (window 5) see the EOS rows past their window."""
+    model, input_ids, mask = with_eos_mid_sequence(family, batch=3, pads=(0, 4, 7))
+    kwargs = {mode: dict(seed=7, use_cache=True, max_new_tokens=10, **extra) for mode, extra in MODES.items()}
+    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in kwargs.items()}
+    assert (expected["greedy"][0, 13:] == model.generation_config.eos_token_id).any(), "the case must exercise an EOS"
+    hf_paged.wrap(model, num_pages=512, page_size=4)
+    for mode, kw in kwargs.items():
+        assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), mode
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
 
 
 def test_a_model_whose_generation_config_turns_the_cache_off_generates_as_stock():

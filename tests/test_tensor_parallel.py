@@ -132,7 +132,7 @@ def test_without_tensor_parallelism_nothing_changes():
     assert runtime.tp is None
     assert local_specs(model, runtime.pool.specs, None) == runtime.pool.specs
     assert runtime.pool.specs[0].num_kv_heads == model.config.num_key_value_heads
-    pool = make_pool(runtime.config, runtime.pool.specs, runtime.pool.page_sizes, None)
+    pool = make_pool(runtime.config, runtime.pool.specs, runtime.groups, None)
     assert pool.num_pages == 8
     stats = hf_paged.memory_stats(model)
     assert (stats["tp_rank"], stats["tp_size"]) == (0, 1)

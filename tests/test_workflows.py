@@ -101,7 +101,7 @@ def test_gpu_workflow_tests_benchmarks_and_uploads():
     job = load("gpu.yml")["jobs"]["gpu"]
     assert job["runs-on"] == ["self-hosted", "linux", "x64", "gpu"]
     runs = "\n".join(step.get("run", "") for step in job["steps"])
-    assert "nvidia-smi" in runs and "python3 -m venv" in runs and '-e ".[test]"' in runs
+    assert "nvidia-smi" in runs and "python3 -m venv" in runs and '-e ".[test,flashinfer]"' in runs
     assert "pytest -m gpu" in runs
     # bf16: FlashInfer runs fp16/bf16 only; an fp32 benchmark would measure the torch executor.
     assert "scripts/bench.py --device cuda --dtype bfloat16 --json out/bench.json --plot out/bench.png" in runs

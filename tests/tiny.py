@@ -107,6 +107,16 @@ def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(ALL_CONFIGS[family]()).eval()
 
 
+def with_eos_mid_sequence(family: str, step: int = 3, **prompts):
+    """A tiny model whose EOS is the token greedy decoding emits at new token `step` of row 0 (tiny
+    random models never emit their configured EOS), and its prompts (padded_prompts(**prompts))."""
+    model = tiny_model(family)
+    input_ids, mask = padded_prompts(**prompts)
+    greedy = generate(model, input_ids, mask, use_cache=True, **fixed_length(step + 1))
+    model.generation_config.eos_token_id = int(greedy[0, input_ids.shape[1] + step])
+    return model, input_ids, mask
+
+
 def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0, 4), seed: int = 1):
     """Left-padded prompts `[batch, length]` int64 and their mask; row i has `pads[i]` pads."""
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,8 @@ Layout (imports point down this list only; tests/test_imports.py checks there is
   registry of op runners.
 """
 
+import warnings
+
 from ..pool import LayerSpec
 from .executor import Executor
 from .params import LayerParams
@@ -42,4 +44,21 @@ def select_executor(backend: str, specs: list[LayerSpec]) -> Executor:
         return FlashInferExecutor()
     if backend == "flashinfer":
         raise ValueError("backend='flashinfer' cannot serve this model: " + "; ".join(reasons))
+    if not support.unsupported_reasons(specs):  # FlashInfer would serve it: it is missing or broken
+        _warn_torch_instead(reasons)
     return TorchExecutor()
+
+
+_WARNED: set[str] = set()  # warn once per process and reason
+
+
+def _warn_torch_instead(reasons: list[str]) -> None:
+    """backend='auto' on a GPU model FlashInfer could serve, but flashinfer does not import."""
+    message = "; ".join(reasons)
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    warnings.warn(  # the reason ends with the install hint: pip install 'hf_paged[flashinfer]'
+        f"hf_paged serves this CUDA model with its torch executor because FlashInfer is not available: {message}",
+        stacklevel=4,
+    )

@@ -155,6 +155,12 @@ def write_kv_auto(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def write_kv_eager(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if not kv_pool.is_contiguous():  # a layer packed into a wider slice (layout.py): index by page
+        page_size = kv_pool.shape[2]
+        pages, offsets = slot_mapping // page_size, slot_mapping % page_size
+        kv_pool[0][pages, offsets] = key.to(kv_pool.dtype)
+        kv_pool[1][pages, offsets] = value.to(kv_pool.dtype)
+        return
     flat = kv_pool.view(2, -1, kv_pool.shape[3], kv_pool.shape[4])  # (2, pages * page_size, H, D)
     flat[0].index_copy_(0, slot_mapping, key.to(flat.dtype))
     flat[1].index_copy_(0, slot_mapping, value.to(flat.dtype))

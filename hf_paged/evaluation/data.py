@@ -37,14 +37,18 @@ def file_format(paths: list[str]) -> str:
     return kinds.pop()
 
 
-def load_rows(dataset: str | None, config: str | None, split: str | None, data_files: list[str] | None):
-    """A `datasets.Dataset`: local files (split "train" unless given), else a hub dataset (split "test")."""
+def load_rows(
+    dataset: str | None, config: str | None, split: str | None, data_files: list[str] | None, files_split: str = "train"
+):
+    """A `datasets.Dataset`: local files (one split named `files_split`, the default split), else a
+    hub dataset (split "test" unless given). The built-in data is one split named "test"."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
         if data_files:
-            return datasets.load_dataset(file_format(data_files), data_files=data_files, split=split or "train")
+            files = {files_split: data_files}
+            return datasets.load_dataset(file_format(data_files), data_files=files, split=split or files_split)
         return datasets.load_dataset(dataset, config, split=split or "test")
     except EvalError:
         raise
@@ -54,7 +58,7 @@ def load_rows(dataset: str | None, config: str | None, split: str | None, data_f
         if "corresponds to no data" in first_line:  # datasets' own check of a slice like "train[:0]"
             raise EvalError(f"the selection is empty: split {split!r} has no rows; check --split and --limit") from error
         hint = "; check the name and config, or that it is cached when offline, or pass --data-files" if not data_files else ""
-        raise EvalError(f"could not load {what} split {split or ('train' if data_files else 'test')!r}: {first_line}{hint}") from error
+        raise EvalError(f"could not load {what} split {split or (files_split if data_files else 'test')!r}: {first_line}{hint}") from error
 
 
 def template_fields(template: str) -> list[str]:

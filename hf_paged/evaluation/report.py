@@ -64,6 +64,10 @@ def write_outputs(output_dir: str, records: list[dict], summary: dict) -> tuple[
     return samples_path, summary_path
 
 
+# What the scores of metrics.score are, for the table (summary.json keeps the bare names).
+SCORE_UNITS = {"rouge1": "F1, 0-100", "rouge2": "F1, 0-100", "rougeL": "F1, 0-100", "bleu": "0-100", "chrf": "0-100"}
+
+
 def _format(value) -> str:
     if value is None:
         return "-"
@@ -78,7 +82,7 @@ def table(summary: dict) -> str:
     rows = [("samples", "num_samples"), ("generated tokens", "generated_tokens"), ("tokens/s", "tokens_per_second"),
             ("time to first token (s)", "time_to_first_token_s"), ("peak KV bytes", "peak_kv_bytes"),
             ("peak shared pages", "peak_shared_pages")]
-    rows += [(name, ("scores", name)) for name in paged["scores"]]
+    rows += [(f"{name} ({SCORE_UNITS.get(name, '0-100')})", ("scores", name)) for name in paged["scores"]]
     header = ["", "paged"] + (["stock", "paged/stock"] if stock is not None else [])
     lines = [header]
     for title, key in rows:
@@ -89,6 +93,9 @@ def table(summary: dict) -> str:
         lines.append(line)
     if stock is not None:
         lines.append(["token agreement", _format(summary["agreement"]), "", ""])
+        other = summary.get("stock_attention_agreement")
+        if other is not None:  # half precision: stock against itself with its other attention implementation
+            lines.append([f"stock {' vs '.join(other['implementations'])} agreement", "", _format(other["agreement"]), ""])
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(line, widths))) for line in lines]
     return os.linesep.join(text)

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
 
 from .. import _compat
-from ..stats import cache_kv_bytes
+from ..stats import cache_kv_bytes, clear_prefix_cache
 from . import EvalError
 from .data import Sample
 
@@ -187,8 +187,18 @@ def warm_up(model, tokenizer, batches: list[Batch], generate_kwargs: dict, devic
     One short call on the first batch; with compiled decode steps (`PagedConfig(compile=True)`), one
     per decode shape the timed run will meet (rows x capacity, see hf_paged.compile), each with the
     run's own `max_new_tokens` (the capacity depends on it) and stopped after a few tokens.
+    With the prefix cache on, it is emptied afterwards: the warm-up's pages are no hits of the run.
     """
     runtime = getattr(model, "hf_paged_runtime", None)
+    try:
+        _warm_up(model, runtime, tokenizer, batches, generate_kwargs, device)
+    finally:
+        if runtime is not None and runtime.config.prefix_cache:
+            # The warm-up's prompt pages would be hits of the timed run: it leaves no trace there.
+            clear_prefix_cache(model)
+
+
+def _warm_up(model, runtime, tokenizer, batches: list[Batch], generate_kwargs: dict, device: torch.device) -> None:
     if runtime is None or not runtime.config.compile:
         input_ids, attention_mask = _pad_left(batches[0].prompt_ids, tokenizer.pad_token_id, device)
         model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**generate_kwargs, "max_new_tokens": 2})

@@ -21,7 +21,7 @@ def import_flashinfer():
     except Exception as exc:  # a broken install can raise more than ImportError
         raise ImportError(
             f"flashinfer is not importable ({type(exc).__name__}: {exc}); install it with "
-            "`pip install flashinfer-python` (Linux, CUDA) or use backend='torch'"
+            "`pip install 'hf_paged[flashinfer]'` (Linux, CUDA) or use backend='torch'"
         ) from exc
 
 

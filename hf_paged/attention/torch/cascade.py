@@ -142,10 +142,13 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
     """Cascade attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
     suffix, params = plan.suffix, plan.params
     rows = suffix.num_rows
-    packed = dense.pack_gqa(q, suffix)  # (R, H_kv, group*Q, D)
+    # In half precision both partial results are computed and merged in float32 and rounded once at
+    # the end, as stock's one softmax rounds once: half-precision partials would round twice.
+    wide = (lambda t: t.float()) if q.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
+    packed = wide(dense.pack_gqa(q, suffix))  # (R, H_kv, group*Q, D)
     _, num_kv_heads, packed_len, head_dim = packed.shape
     k, v = dense.gather_kv(pool, suffix.kv_slots, rows, suffix.max_kv)
-    out_s, lse_s = dense.attend(packed, k, v, suffix.mask, params, return_lse=True)
+    out_s, lse_s = dense.attend(packed, wide(k), wide(v), suffix.mask, params, return_lse=True)
 
     groups, members = plan.num_groups, plan.max_members
     per_row = (num_kv_heads, packed_len, head_dim)  # one row's packed queries
@@ -159,7 +162,7 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
         k, v = dense.rows_view(pool, plan.prefix_run, groups, plan.max_prefix)
     else:
         k, v = dense.gather_kv(pool, plan.prefix_slots, groups, plan.max_prefix)
-    out_p, lse_p = dense.attend(group_q, k, v, plan.prefix_mask, params, return_lse=True)  # (Gr, H_kv, M*group*Q, D)
+    out_p, lse_p = dense.attend(group_q, wide(k), wide(v), plan.prefix_mask, params, return_lse=True)  # (Gr, H_kv, M*group*Q, D)
     out_p = out_p.view(groups, num_kv_heads, members, packed_len, head_dim).transpose(1, 2)
     lse_p = lse_p.view(groups, num_kv_heads, members, packed_len).transpose(1, 2)
     if plan.row_position is None:
@@ -169,4 +172,4 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
         out_p = torch.cat([out_p.reshape(-1, *per_row), out_p.new_zeros(1, *per_row)])
         lse_p = torch.cat([lse_p.reshape(-1, num_kv_heads, packed_len), lse_p.new_full((1, num_kv_heads, packed_len), float("-inf"))])
         out_p, lse_p = out_p.index_select(0, plan.row_position), lse_p.index_select(0, plan.row_position)
-    return dense.unpack_gqa(merge(out_p, lse_p, out_s, lse_s), suffix)
+    return dense.unpack_gqa(merge(out_p, lse_p, out_s, lse_s).to(q.dtype), suffix)
