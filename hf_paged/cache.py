@@ -7,7 +7,7 @@ from transformers.cache_utils import Cache
 
 from . import _compat, inflight
 from .attention import Executor, LayerParams, ops
-from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens, pack_tokens
+from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
 from .group_pages import GroupPages
 from .groups import GroupSpec, group_of_layer
 from .metadata import ForwardMetadata, build_metadata
@@ -51,6 +51,11 @@ class PagedCache(Cache):
             group.window is not None and all(inflight.applies_window(modules[layer], group.window) for layer in group.layers)
             for group in self.groups
         ]
+        # Per pool, not per layer and token: each layer's key and value planes as `[slots, H_kv, D]`
+        # views (where update() writes), and whether every layer is on one device (then a group's
+        # metadata is the one begin_forward built, found without a device lookup).
+        self._layer_planes = [_token_planes(layer_pool) for layer_pool in pool.pools]
+        self._one_device = len({layer_pool.device for layer_pool in pool.pools}) <= 1
         # activate_past_recording() (assisted decoding crops): windows then release nothing.
         self.recording = False
         # Stock prefills the whole prompt in one forward; generate.prefill_prompt and
@@ -78,7 +83,7 @@ class PagedCache(Cache):
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
-        change = self.runtime.pool_mismatch(self.pool)
+        change = None if self.runtime.pool_still_matches(self.pool) else self.runtime.pool_mismatch(self.pool)
         if change is not None:
             raise ValueError(
                 f"the model's dtype or device changed after this PagedCache was created ({change}); "
@@ -184,19 +189,27 @@ class PagedCache(Cache):
         """Write this forward's new K/V `[batch, H_kv, q_len, D]` into layer `layer_idx`'s pages.
 
         Returns the inputs unchanged: the paged attention function reads the pool itself.
+        Runs per layer and token: what does not change within a forward or a pool is worked out
+        once (begin_forward, `_layer_planes`), not here.
         """
+        state = self._state()
         pool = self.pool.pools[layer_idx]
-        meta = self._meta_on(pool.device, self.layer_group[layer_idx])
-        batch, num_kv_heads, q_len, head_dim = key_states.shape
-        if (num_kv_heads, head_dim) != tuple(pool.shape[-2:]):
+        group = self.layer_group[layer_idx]
+        meta = state.group_metas[group] if self._one_device else self._meta_on(pool.device, group)
+        shape = key_states.shape
+        if shape[1] != pool.shape[3] or shape[3] != pool.shape[4]:
             raise ValueError(
-                f"layer {layer_idx} produced K/V with {num_kv_heads} heads of size {head_dim}, but its pool "
+                f"layer {layer_idx} produced K/V with {shape[1]} heads of size {shape[3]}, but its pool "
                 f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
             )
         index = meta.token_index if meta.write_index is None else meta.write_index
-        key, value = pack_tokens(key_states, index, pool.dtype), pack_tokens(value_states, index, pool.dtype)
-        ops.write_kv_auto(pool, key, value, meta.slot_mapping)  # the hf_paged::write_kv op when compiling
-        state = self._forward
+        key, value = _pack(key_states, index, pool.dtype), _pack(value_states, index, pool.dtype)
+        planes = self._layer_planes[layer_idx]
+        if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
+            ops.write_kv_auto(pool, key, value, meta.slot_mapping)
+        else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
+            planes[0].index_copy_(0, meta.slot_mapping, key)
+            planes[1].index_copy_(0, meta.slot_mapping, value)
         state.num_written += 1
         if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
             state.stash[layer_idx] = (key_states, value_states)
@@ -208,8 +221,27 @@ class PagedCache(Cache):
         state.num_attended += 1
         pool = self.pool.pools[layer_idx]
         group = self.layer_group[layer_idx]
+        if params is state.last_params and group == state.last_group and pool.device == state.last_device:
+            plan, meta = state.last_plan, state.last_meta  # the common case: every layer like the one before
+        else:
+            plan, meta = self._plan_for(state, layer_idx, pool, group, params)
+            if meta is None:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
+                return inflight.attend(state, layer_idx, group, query, plan)
+        batch, num_heads, q_len, head_dim = query.shape
+        q = _pack(query, meta.token_index, query.dtype)
+        out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
+        if meta.token_index is None:
+            return out.view(batch, q_len, num_heads, head_dim)
+        full = out.new_zeros(batch * q_len, num_heads, head_dim)
+        return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def _plan_for(self, state: ForwardState, layer_idx: int, pool: torch.Tensor, group: int, params: LayerParams):
+        """The plan and metadata of a layer whose setting, group or device differs from the layer
+        before it (planned once per forward, setting, group and device); for a group attending
+        from the forward's own K/V (inflight.py), the settings it attends with and None."""
         window = self.groups[group].window
         meta = self._meta_on(pool.device, group)
+        layer_params = params
         if window is not None and not 0 <= params.window_left < window:
             effective = state.window_params.get((group, params))
             if effective is None:
@@ -218,19 +250,16 @@ class PagedCache(Cache):
             params = effective
         elif window is None and self.runtime.config.compile:
             check_compiled_window(self.runtime, layer_idx, params)
-        if group in state.inflight:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
-            return inflight.attend(state, layer_idx, group, query, params)
+        if group in state.inflight:  # attends from the forward's own K/V: the caller runs inflight.attend
+            return params, None
         key = (pool.device, params, group)
         plan = state.plans.get(key)
         if plan is None:
             plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
-        batch, num_heads, q_len, head_dim = query.shape
-        q = pack_tokens(query, meta.token_index, query.dtype)
-        out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)
-        if meta.token_index is None:
-            return out.view(batch, q_len, num_heads, head_dim)
-        full = out.new_zeros(batch * q_len, num_heads, head_dim)
-        return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+        if not (window is None and self.runtime.config.compile):  # (that check reads the layer's own window)
+            state.last_params, state.last_group, state.last_device = layer_params, group, pool.device
+            state.last_plan, state.last_meta = plan, meta
+        return plan, meta
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer, for models that do not pass it to the attention function."""
@@ -376,3 +405,24 @@ class PagedCache(Cache):
             f"pages_in_use={self.pool.blocks.num_used_pages}/{self.pool.num_pages})"
         )
 
+
+def _pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the new tokens only, in row order."""
+    batch, heads, q_len, head_dim = states.shape
+    if q_len == 1 and token_index is None:  # decode: dropping the length-1 dim is a view (one call, not three)
+        flat = states.view(batch, heads, head_dim)
+    else:
+        flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        if token_index is not None:
+            flat = flat.index_select(0, token_index)
+    return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def _token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The key and value planes of a contiguous layer pool `[2, pages, page_size, H_kv, D]` as
+    `[slots, H_kv, D]` views (slot = page * page_size + offset, as `slot_mapping` counts); None for
+    a layer packed into a wider slice (layout.py), which ops.write_kv_eager writes by page."""
+    if not layer_pool.is_contiguous():
+        return None
+    flat = layer_pool.view(2, -1, layer_pool.shape[3], layer_pool.shape[4])
+    return flat[0], flat[1]

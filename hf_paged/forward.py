@@ -33,6 +33,14 @@ class ForwardState:
     inflight: dict[int, torch.Tensor | None] = field(default_factory=dict)
     stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     deferred: dict[int, list[int]] = field(default_factory=dict)
+    # The layer setting, group and device PagedCache.attend planned for last, with its plan and
+    # metadata: the next layer with the same (the same LayerParams object: wrap.layer_params
+    # hands out one per setting) reuses them without hashing anything.
+    last_params: LayerParams | None = None
+    last_group: int = -1
+    last_device: torch.device | None = None
+    last_plan: object = None
+    last_meta: ForwardMetadata | None = None
 
     @property
     def meta(self) -> ForwardMetadata:
@@ -58,6 +66,8 @@ def new_tokens(
             "hf_paged needs a 2-D padding mask of shape [batch, past + new tokens]; "
             f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
         )
+    if bool(attention_mask.all()):  # no pad at all (the common case): one call, not nine
+        return [q_len] * batch_size, None
     holes = padding_holes(attention_mask)
     new_mask = attention_mask[:, -q_len:].to(torch.bool)
     any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
@@ -116,12 +126,3 @@ def check_compiled_window(runtime, layer_idx: int, params: LayerParams) -> None:
             "reproduce; wrap with compile=False"
         )
 
-
-def pack_tokens(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the tokens at `token_index` of the `batch * q_len`
-    flattening (all when None), in row order."""
-    batch, heads, q_len, head_dim = states.shape
-    flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
-    if token_index is not None:
-        flat = flat.index_select(0, token_index)
-    return flat.to(dtype)

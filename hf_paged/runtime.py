@@ -119,7 +119,7 @@ class Runtime:
     # the copy's modules, and its pool and executor are made on first use (they never travel), so
     # copying costs no pool memory.
     # A copy also leaves out the TP group (a process group does not travel): it sizes its pool alone.
-    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches", "tp")
+    NOT_COPIED = ("pool", "executor", "compiled", "lock", "forward_caches", "tp", "_weight_slots")
 
     def __getstate__(self) -> dict:
         state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
@@ -173,6 +173,20 @@ class Runtime:
                 return f"layer {layer_idx}: pool {spec.dtype} on {spec.device}, model {weight.dtype} on {weight.device}"
         return None
 
+    def pool_still_matches(self, pool: KVPool) -> bool:
+        """True when every layer's first weight still has `pool`'s dtype and device (a cheap check for
+        every forward: `pool_mismatch` walks each module's parameters, this reads one dict entry per
+        layer). A layer whose first weight cannot be found where it was answers False (then ask
+        `pool_mismatch`)."""
+        slots = self.__dict__.get("_weight_slots")
+        if slots is None:
+            slots = self._weight_slots = [_first_weight_slot(module) for module in self.attention_modules]
+        for spec, (owner, name) in zip(pool.specs, slots):
+            weight = owner._parameters.get(name)
+            if weight is None or weight.dtype != spec.dtype or weight.device != spec.device:
+                return False
+        return True
+
     def open_pool(self, cache: object) -> tuple[KVPool, Executor]:
         """The pool (and executor) a new cache uses; registers `cache` as open on it.
 
@@ -198,6 +212,14 @@ class Runtime:
                 self.compiled = None  # its graphs and static addresses are those of the old pool
             self.pool.open_cache(cache)
             return self.pool, self.executor
+
+
+def _first_weight_slot(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """(owning module, attribute name) of `next(module.parameters())`, the weight whose dtype and
+    device a layer's pool follows."""
+    name = next(name for name, _ in module.named_parameters())
+    owner_name, _, attribute = name.rpartition(".")
+    return module.get_submodule(owner_name), attribute
 
 
 def find_runtime(model: torch.nn.Module) -> Runtime | None:

@@ -67,16 +67,35 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         raise UnsupportedModelError(type(module).__name__, "attention sinks are not supported")
     layer_idx = module.layer_idx
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else cache.layer_window(layer_idx)
-    head_dim = query.shape[-1]
-    params = LayerParams(
-        num_qo_heads=query.shape[1],
-        num_kv_heads=key.shape[1],  # the cache's update() returns the new K/V `[batch, H_kv, q_len, D]`
-        head_dim=head_dim,
-        sm_scale=float(scaling) if scaling is not None else head_dim**-0.5,
-        window_left=window - 1 if window else -1,
-        logits_soft_cap=float(kwargs.get("softcap") or 0.0),
-    )
+    # the cache's update() returns the new K/V `[batch, H_kv, q_len, D]`
+    params = layer_params(query.shape[1], key.shape[1], query.shape[-1], scaling, window, kwargs.get("softcap"))
     return cache.attend(layer_idx, query, params), None
+
+
+# (H_q, H_kv, D, scaling, window, softcap) -> LayerParams. Runs per layer and token: a dict lookup
+# instead of building (and later hashing) a frozen dataclass, and layers with one setting get one
+# object, which PagedCache.attend recognises by identity. A model has a handful of settings.
+_LAYER_PARAMS: dict[tuple, LayerParams] = {}
+
+
+def layer_params(num_qo_heads: int, num_kv_heads: int, head_dim: int, scaling, window, softcap) -> LayerParams:
+    """The LayerParams of an attention call (`scaling` None: `head_dim ** -0.5`; `window` None or
+    0: no window; `softcap` None or 0: none), one shared object per setting."""
+    key = (num_qo_heads, num_kv_heads, head_dim, scaling, window, softcap)
+    params = _LAYER_PARAMS.get(key)
+    if params is None:
+        params = LayerParams(
+            num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            sm_scale=float(scaling) if scaling is not None else head_dim**-0.5,
+            window_left=window - 1 if window else -1,
+            logits_soft_cap=float(softcap or 0.0),
+        )
+        if len(_LAYER_PARAMS) >= 1024:  # settings that keep changing (a scaling computed per call): stay bounded
+            _LAYER_PARAMS.clear()
+        _LAYER_PARAMS[key] = params
+    return params
 
 
 def _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -329,7 +348,9 @@ class _BeginForward:
 
     def __call__(self, module, args, kwargs):
         runtime = self.runtime
-        arguments = runtime.forward_signature.bind_partial(*args, **kwargs).arguments
+        # generate() passes keywords only: binding them to the signature (tens of µs per step) would
+        # change nothing that find_cache or the lookups below read.
+        arguments = kwargs if not args else runtime.forward_signature.bind_partial(*args, **kwargs).arguments
         cache = _compat.find_cache(arguments)
         if not isinstance(cache, PagedCache):
             return None

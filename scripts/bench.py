@@ -9,6 +9,7 @@ each side once more in its own subprocess (see scripts/_bench_measure.py for wha
     python scripts/bench.py --quick --workload summarize --no-memory
     python scripts/bench.py --workload none --prefix-cache   # the few-shot prefix-caching workload only
     python scripts/bench.py --workload none --windowed       # the sliding-window workloads only
+    python scripts/bench.py --workload overhead              # host time added per layer and token
 """
 
 import argparse
@@ -26,6 +27,7 @@ import hf_paged
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_measure import child_peak_memory, measure  # noqa: E402
+from _bench_overhead import measure_overhead, print_overhead  # noqa: E402
 from _bench_prefix import few_shot, print_few_shot  # noqa: E402
 from _bench_windowed import WINDOWED, measure_windowed, print_windowed  # noqa: E402
 from _bench_workloads import WORKLOADS, build_model_pair, select_workloads  # noqa: E402
@@ -43,7 +45,11 @@ RATIO_FIELDS = ("time_s", "tokens_per_s", "ttft_s", "kv_bytes", "peak_mem_bytes"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", default="all", help=f"'all' or comma-separated: {', '.join(WORKLOADS)}")
+    parser.add_argument(
+        "--workload", default="all",
+        help=f"'all' or comma-separated: {', '.join(WORKLOADS)}, or 'overhead' (a compute-free model: host "
+        "time added per layer and token, see scripts/_bench_overhead.py; not part of 'all')",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes (smoke test)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -230,9 +236,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         "num_beams": args.num_beams,
         "num_return_sequences": args.num_return_sequences,
     }
-    workloads = select_workloads(args.workload, sizes, args.quick)
+    names = [name.strip() for name in args.workload.split(",")]
+    with_overhead = "overhead" in names
+    names = [name for name in names if name != "overhead"]
+    workloads = select_workloads(",".join(names) if names else "none", sizes, args.quick)
     beams = [int(b) for b in (args.beams or ("1,2,4" if args.quick else "1,2,4,8,16")).split(",")] if args.plot else []
-    stock, paged = build_model_pair(args, device)
+    needs_pair = workloads or beams or args.prefix_cache
+    stock, paged = build_model_pair(args, device) if needs_pair else (None, None)
     steps = (4 * args.reps + 2 + (0 if args.no_memory else 2)) * len(workloads) + (4 * args.reps + 2) * len(beams)
     started = time.time()
     with tqdm(total=steps, desc="bench", unit="run") as progress:
@@ -240,13 +250,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         results = [add_ratios(measure(w, stock, paged, args, device, progress), skipped is None) for w in workloads]
         sweep_base = select_workloads("wide-beam", sizes, args.quick)[0]
         points = beam_sweep(beams, sweep_base, stock, paged, args, device, progress) if beams else []
+    overhead = measure_overhead(args, args.quick) if with_overhead else None
     windowed = [measure_windowed(case, args, device, args.quick) for case in WINDOWED] if args.windowed else None
     few = None
     if args.prefix_cache:
         few = few_shot(stock, paged, args, device, **(dict(prefix_len=64, num_questions=8) if args.quick else {}))
     model_info = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype")}
     # As the wrapped model resolves it (on for torch, off for FlashInfer); None when no workload wrapped it.
-    cascade = hf_paged.PagedCache(paged).cascade if hasattr(paged, "hf_paged_runtime") else None
+    cascade = hf_paged.PagedCache(paged).cascade if paged is not None and hasattr(paged, "hf_paged_runtime") else None
     document = {
         "machine": machine_info(device),
         "model": model_info,
@@ -257,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "beam_sweep": points,
         "few_shot": few,
         "windowed": windowed,
+        "overhead": overhead,
     }
     print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, "
           f"{args.reps} reps, {document['machine']['processor']} x{os.cpu_count()}, load {document['machine']['load_avg']}")
@@ -271,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print_few_shot(few)
     if windowed is not None:
         print_windowed(windowed)
+    if overhead is not None:
+        print_overhead(overhead)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(document, f, indent=2)

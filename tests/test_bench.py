@@ -28,7 +28,7 @@ def run_bench(tmp_path, *flags: str, output: dict | None = None) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **CHECKOUT})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "ratio" in done.stdout, "the table was not printed"
+    assert "ratio" in done.stdout or "+us/layer" in done.stdout, "the table was not printed"
     if output is not None:
         output.update(stdout=done.stdout, stderr=done.stderr)
     return json.loads(path.read_text())
@@ -140,3 +140,26 @@ def test_windowed_workloads_report_each_groups_pages(tmp_path):
     assert (full["window"], full["page_size"], sliding["window"], sliding["page_size"]) == (None, 4, 16, 1)
     [mistral] = runs["mistral-beam4"]["groups"]
     assert (mistral["window"], mistral["page_size"]) == (32, 1)
+
+
+def test_overhead_workload_reports_each_executor(tmp_path):
+    """--workload overhead: the compute-free model's step times for stock, the torch executor and
+    the FlashInfer executor's host side (its no-kernel stand-in); the torch executor's tokens are
+    stock's. (Numbers only: no timing is asserted.)"""
+    output = {}
+    document = run_bench(tmp_path, "--workload", "overhead", output=output)
+    assert document["results"] == []
+    overhead = document["overhead"]
+    assert overhead["model"]["layers"] == 2 and overhead["new_tokens"] == 8  # --quick
+    cases = {r["case"]: r for r in overhead["results"]}
+    assert list(cases) == ["greedy, batch 1", "sample, batch 4 x 2 seqs"]
+    sample = cases["sample, batch 4 x 2 seqs"]
+    assert (sample["batch_size"], sample["do_sample"], sample["num_return_sequences"]) == (4, True, 2)
+    for name, result in cases.items():
+        assert result["tokens_match"] is True, name
+        assert set(result["step_ms"]) == {"stock", "torch", "flashinfer-host"}
+        assert all(isinstance(ms, float) and ms > 0 for ms in result["step_ms"].values()), name
+        assert set(result["added_us_per_layer_token"]) == {"torch", "flashinfer-host"}
+        # 8 new tokens: 6 intervals between the 7 decode forwards, per run (warm-up excluded)
+        assert result["num_steps"] == {"stock": 6, "torch": 6, "flashinfer-host": 6}
+    assert "+us/layer" in output["stdout"]

@@ -1,7 +1,7 @@
 """FlashInfer under tensor parallelism: two GPUs, transformers' TP 2 (NCCL), one torchrun launch of
 tests/tp_gpu_worker.py. Each rank plans FlashInfer on its local heads (one KV head of the model's
 two); greedy and beam search agree with the unwrapped TP model as tests/test_gpu.py's single-GPU
-tests do (bf16 near-ties allowed), and both ranks return the same tokens. Skipped without two GPUs.
+tests do (numerics.token_agreement), and both ranks return the same tokens. Skipped without two GPUs.
 """
 
 import json

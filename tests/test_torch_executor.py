@@ -81,3 +81,32 @@ def test_rows_of_unequal_length_are_gathered_even_in_consecutive_pages():
     out = torch_dense.run(q, pool, plan)
     for row in range(2):
         torch.testing.assert_close(out[row : row + 1], dense_layer(q[row : row + 1], *dense[row], params), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("page_size, past_len, new_len, shared_prefix", [(4, 9, 1, 4), (4, 8, 1, 8), (1, 5, 2, 3), (8, 13, 3, 8)])
+@pytest.mark.parametrize("num_qo_heads, num_kv_heads", [(2, 2), (8, 2)])
+@pytest.mark.parametrize("window_left", [-1, 3])
+def test_rows_of_equal_length_in_scattered_pages_are_gathered_by_whole_pages(
+    page_size, past_len, new_len, shared_prefix, num_qo_heads, num_kv_heads, window_left
+):
+    """Rows that share a prefix (sampling, beams) hold the same number of tokens but not one strided
+    run of pages: the plan gathers whole pages (one index per page, not per token). Every slot that
+    holds no token of some row is NaN, so reading one would show."""
+    rows = 3
+    pool, meta, dense, zero_page = paged_case(page_size, [past_len] * rows, [new_len] * rows, shared_prefix, num_kv_heads)
+    held = torch.zeros(pool.shape[1] * page_size, dtype=torch.bool)
+    for row in range(rows):
+        pages = meta.kv_indices_host[meta.kv_indptr_host[row] : meta.kv_indptr_host[row + 1]]
+        held[[pages[t // page_size] * page_size + t % page_size for t in range(meta.kv_lens[row])]] = True
+    pool.view(2, -1, num_kv_heads, HEAD_DIM)[:, ~held] = float("nan")
+    params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.4, window_left)
+    plan = torch_dense.plan(meta, params, zero_page)
+    assert plan.row_run is None and plan.kv_slots is None
+    assert plan.kv_pages.numel() == 2 * rows * -(-(past_len + new_len) // page_size)
+    q = torch.randn(rows * new_len, num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(2))
+    out = torch_dense.run(q, pool, plan)
+    assert not out.isnan().any()
+    for row in range(rows):
+        rows_q = q[row * new_len : (row + 1) * new_len]
+        expected = dense_layer(rows_q, *dense[row], params)
+        torch.testing.assert_close(out[row * new_len : (row + 1) * new_len], expected, atol=1e-5, rtol=1e-5)

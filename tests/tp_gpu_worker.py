@@ -2,7 +2,7 @@
 
 Loads the saved model with transformers' TP 2 (NCCL on two GPUs; gloo on CPU for a dry run of the
 plumbing), runs greedy and beam search stock and wrapped on BACKEND, and writes to OUT/rank{rank}.json
-the tokens, their agreement with stock (tests/test_gpu.py's token_agreement: bf16 near-ties allowed)
+the tokens, their agreement with stock (tests/numerics.py's token_agreement, as tests/test_gpu.py judges)
 and what this rank's pool holds.
 """
 
@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hf_paged  # noqa: E402
 import test_gpu  # noqa: E402
-from test_gpu import NEW_TOKENS, prompts, token_agreement  # noqa: E402
+from numerics import token_agreement  # noqa: E402
+from test_gpu import NEW_TOKENS, prompts  # noqa: E402
 
 
 def main() -> None:

@@ -113,10 +113,17 @@ def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:
     return (workspace,), kwargs
 
 
-def run_args(q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype) -> Args:
+def run_args(
+    q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype, planes: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> Args:
     """Arguments of `wrapper.run`: q `[nnz, H_q, D]` in the planned dtype, and the layer's pool
-    `[2, num_pages + 1, page_size, H_kv, D]` as FlashInfer's `(k_cache, v_cache)` pair (each NHD)."""
-    return (q.to(dtype).contiguous(), kv_planes(layer_pool)), {}
+    `[2, num_pages + 1, page_size, H_kv, D]` as FlashInfer's `(k_cache, v_cache)` pair (each NHD;
+    `planes`: that pair, when the caller keeps it). Per layer and step: converts only what needs it."""
+    if q.dtype != dtype:
+        q = q.to(dtype)
+    if not q.is_contiguous():
+        q = q.contiguous()
+    return (q, kv_planes(layer_pool) if planes is None else planes), {}
 
 
 def kv_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,7 @@ the first plan), so `import hf_paged` stays fast and works without it or without
 """
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from ...metadata import ForwardMetadata
 from ...pool import KVPool
 from ..params import LayerParams
 from . import cascade, graph
-from .args import WRAPPER_CLASS_OF, WRAPPER_CLASSES, Args, decode_plan_args, host_indices, plan_args, run_args
+from .args import WRAPPER_CLASS_OF, WRAPPER_CLASSES, Args, decode_plan_args, host_indices, kv_planes, plan_args, run_args
 from .args import wrapper_args, wrapper_kind
 from .support import import_flashinfer
 
@@ -82,6 +83,7 @@ class FlashInferPlan:
     dtype: torch.dtype
     kind: str
     params: LayerParams
+    device_index: int | None = None  # the CUDA device run() makes current when it is not (None: CPU)
 
 
 class FlashInferExecutor:
@@ -94,6 +96,8 @@ class FlashInferExecutor:
 
     def __init__(self) -> None:
         self._devices: dict[torch.device, _DeviceState] = {}
+        # id(layer pool) -> (weak reference to it, its (k_cache, v_cache) planes)
+        self._layer_planes: dict[int, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor]]] = {}
         graph.register()  # compiled decode steps call graph.run_planned through the op
 
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Any:
@@ -112,7 +116,7 @@ class FlashInferExecutor:
                 return shared
         args, kwargs = plan_args(meta, params, dtype)
         wrapper = self.plan_wrapper(device, (kind, params, meta.group), args, kwargs, dtype)
-        return FlashInferPlan(wrapper, dtype, kind, params)
+        return FlashInferPlan(wrapper, dtype, kind, params, device.index if device.type == "cuda" else None)
 
     def plan_wrapper(self, device: torch.device, key: tuple, args: tuple, kwargs: dict, dtype: torch.dtype) -> Any:
         """Plan (creating it once) the wrapper `key` = (kind, params, group), kind "decode", "prefill"
@@ -124,7 +128,16 @@ class FlashInferExecutor:
         return record.wrapper
 
     def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: FlashInferPlan) -> torch.Tensor:
-        """Attention of `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]` in q's dtype."""
+        """Attention of `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]` in q's dtype.
+
+        Runs per layer and step: a planned wrapper on the current device goes straight to
+        `wrapper.run`, with the pool's planes viewed once per pool (`_planes`)."""
+        if type(plan) is FlashInferPlan and plan.wrapper is not None and (
+            plan.device_index is None or plan.device_index == torch.cuda.current_device()
+        ):
+            args, _ = run_args(q, layer_pool, plan.dtype, self._planes(layer_pool))
+            out = plan.wrapper.run(*args)
+            return out if out.dtype == q.dtype else out.to(q.dtype)
         with _device_guard(q.device):
             if isinstance(plan, cascade.FlashInferCascadePlan):
                 return cascade.run(q, layer_pool, plan).to(q.dtype)
@@ -150,6 +163,15 @@ class FlashInferExecutor:
                 )
                 self._plan(device, record, *decode_plan_args(meta, params, dtype, host), dtype)
                 graph.PLANNED.publish(buffers.kv_indptr, params, record)
+
+    def _planes(self, layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv_planes(layer_pool)`, made once per layer pool (held weakly: a replaced pool is freed)."""
+        entry = self._layer_planes.get(id(layer_pool))
+        if entry is None or entry[0]() is not layer_pool:
+            if len(self._layer_planes) > 4096:  # pools were replaced many times: drop the dead entries
+                self._layer_planes = {k: e for k, e in self._layer_planes.items() if e[0]() is not None}
+            entry = self._layer_planes[id(layer_pool)] = (weakref.ref(layer_pool), kv_planes(layer_pool))
+        return entry[1]
 
     def _state(self, device: torch.device) -> _DeviceState:
         state = self._devices.get(device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...metadata import ForwardMetadata
+from ...metadata import ForwardMetadata, to_device
 from ...tables import consecutive_run
 from ..params import LayerParams
 
@@ -25,7 +25,10 @@ class TorchPlan:
     """Derived once per forward and layer setting; read by every layer with that setting.
 
     kv_slots:  [2 * rows * max_kv] int64 slots (indices into `pool.view(-1, H_kv, D)`) of each
-               row's keys then values, padded with the pool's zero page; None with `row_run`.
+               row's keys then values, padded with the pool's zero page; None with `row_run` or `kv_pages`.
+    kv_pages:  [2 * rows * pages] int64 page ids of each row's key pages then value pages (values
+               offset by num_pages + 1) when every row holds max_kv tokens in its pages
+               (`page_gather_index`): whole pages are gathered, one index per page; else None.
     row_run:   (first page, pages per row): row i's K/V are tokens `:max_kv` of pages
                `first + i * stride ...`, read as a view (see `rows_view`); else None.
     mask:      [rows, 1, group * max_q or 1, max_kv] bool (True = attend), or None when every row
@@ -47,6 +50,7 @@ class TorchPlan:
     params: LayerParams
     causal: bool = False
     row_run: tuple[int, int] | None = None
+    kv_pages: torch.Tensor | None = None
 
 
 def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
@@ -151,11 +155,14 @@ def plan(
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
     # Rows of equal length in consecutive pages: read in place. (With unequal lengths a view would
     # also read the unwritten slots past a shorter row's end; the gather reads the zero page there.)
-    row_run = None
+    row_run = kv_pages = kv_slots = None
     if meta.kv_indices_host is not None and all(n == max_kv for n in meta.kv_lens):
         indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
         row_run = consecutive_run([indices[indptr[r]:indptr[r + 1]] for r in range(rows)], zero_page_id)
-    kv_slots = None if row_run is not None else kv_gather_slots(meta, max_kv, zero_page_id)
+        if row_run is None:
+            kv_pages = page_gather_index(meta, max_kv, zero_page_id)
+    if row_run is None and kv_pages is None:
+        kv_slots = kv_gather_slots(meta, max_kv, zero_page_id)
     uniform_q = all(n == max_q for n in meta.qo_lens)
     q_positions = None if uniform_q else padded_query_positions(meta, max_q, sum(meta.qo_lens))
     causal = (
@@ -169,13 +176,33 @@ def plan(
         mask = alibi_mask(meta, max_q, max_kv, params)
     else:
         mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
-    return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run)
+    return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run, kv_pages)
+
+
+def page_gather_index(meta: ForwardMetadata, max_kv: int, zero_page_id: int) -> torch.Tensor | None:
+    """[2 * rows * pages] int64 page ids (every row's key pages, then its value pages, offset by
+    `zero_page_id + 1`) when every row holds `max_kv > 0` tokens in exactly `ceil(max_kv /
+    page_size)` pages; else None. From the host lists: no device read.
+
+    Whole pages are gathered (contiguous runs of page_size tokens rather than one index per token),
+    and the first `max_kv` tokens of each row's run are exactly its tokens: nothing unwritten is read.
+    """
+    indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
+    pages = -(-max_kv // meta.page_size)
+    if max_kv == 0 or indptr[-1] != pages * meta.num_rows or any(
+        indptr[r + 1] - indptr[r] != pages for r in range(meta.num_rows)
+    ):
+        return None
+    plane = zero_page_id + 1
+    return to_device(indices + [page + plane for page in indices], torch.int64, meta.kv_indptr.device)
 
 
 def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """[nnz, H_q, D] -> [rows, H_kv, group * max_q, D] (group-major within each KV head)."""
     p = plan.params
     rows, max_q = plan.num_rows, plan.max_q
+    if max_q == 1 and plan.q_positions is None:  # decode: the packing is a reshape (one call, not three)
+        return q.reshape(rows, p.num_kv_heads, p.group_size, p.head_dim)
     if plan.q_positions is not None:
         padded = q.new_zeros(rows * max_q, p.num_qo_heads, p.head_dim)
         q = padded.index_copy_(0, plan.q_positions, q)
@@ -187,6 +214,8 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """Inverse of `pack_gqa`: [rows, H_kv, group * max_q, D] -> [nnz, H_q, D]."""
     p = plan.params
     rows, max_q = plan.num_rows, plan.max_q
+    if max_q == 1 and plan.q_positions is None:  # decode: a reshape (a view unless o is cascade's merge)
+        return o.reshape(rows, p.num_qo_heads, p.head_dim)
     o = o.view(rows, p.num_kv_heads, p.group_size, max_q, p.head_dim).permute(0, 3, 1, 2, 4)
     o = o.reshape(rows * max_q, p.num_qo_heads, p.head_dim)
     return o if plan.q_positions is None else o.index_select(0, plan.q_positions)
@@ -233,15 +262,31 @@ def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int
     return kv[0], kv[1]
 
 
+def gather_pages(pool: torch.Tensor, kv_pages: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[rows, H_kv, length, D]` (views of one gathered copy) of whole pages
+    `kv_pages` (`page_gather_index`): each row's first `length` tokens."""
+    page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
+    if pool.is_contiguous():
+        pages = pool.view(-1, page_size, num_kv_heads, head_dim).index_select(0, kv_pages)
+    else:  # a layer packed into a wider slice (layout.py): the same pages, plane by plane
+        pages = pool.index_select(1, kv_pages[: kv_pages.shape[0] // 2])  # (2, rows * pages, P, H, D), contiguous
+    row_tokens = kv_pages.shape[0] // (2 * rows) * page_size
+    size = (rows, num_kv_heads, length, head_dim)
+    strides = (row_tokens * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
+    return pages.as_strided(size, strides, 0), pages.as_strided(size, strides, rows * strides[0])
+
+
 def rows_view(pool: torch.Tensor, row_run: tuple[int, int], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy
     (a copy for a layer packed into a wider slice, whose consecutive pages are not adjacent)."""
     first, stride = row_run
     page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
-    if pool.is_contiguous():
-        tokens = pool.view(2, -1, num_kv_heads, head_dim)[:, first * page_size : (first + rows * stride) * page_size]
-    else:
-        tokens = pool[:, first : first + rows * stride].reshape(2, -1, num_kv_heads, head_dim)
+    if pool.is_contiguous():  # one as_strided per plane (per layer and step: two calls, not seven)
+        plane, page, slot, head, dim = pool.stride()
+        size, strides = (rows, num_kv_heads, length, head_dim), (stride * page, head, slot, dim)
+        offset = pool.storage_offset() + first * page
+        return pool.as_strided(size, strides, offset), pool.as_strided(size, strides, offset + plane)
+    tokens = pool[:, first : first + rows * stride].reshape(2, -1, num_kv_heads, head_dim)
     kv = tokens.view(2, rows, stride * page_size, num_kv_heads, head_dim)[:, :, :length].transpose(2, 3)
     return kv[0], kv[1]
 
@@ -288,6 +333,8 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
     if plan.row_run is not None:
         k, v = rows_view(pool, plan.row_run, plan.num_rows, plan.max_kv)
+    elif plan.kv_pages is not None:
+        k, v = gather_pages(pool, plan.kv_pages, plan.num_rows, plan.max_kv)
     else:
         k, v = gather_kv(pool, plan.kv_slots, plan.num_rows, plan.max_kv)
     if plan.causal:
