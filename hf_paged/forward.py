@@ -67,7 +67,7 @@ def new_tokens(
             f"got shape {tuple(attention_mask.shape)} for {q_len} new tokens"
         )
     if bool(attention_mask.all()):  # no pad at all (the common case): one call, not nine
-        return [q_len] * batch_size, None
+        return [q_len] * batch_size, None, None
     holes = padding_holes(attention_mask)
     new_mask = attention_mask[:, -q_len:].to(torch.bool)
     any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
