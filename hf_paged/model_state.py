@@ -27,9 +27,16 @@ SAMPLES_PER_TENSOR = 16  # strided samples per tensor; one gather and one host c
 
 def model_state_key(model: torch.nn.Module) -> tuple:
     """A hashable key of everything above; equal keys mean the same K/V for the same tokens."""
-    tensors = [t for t in itertools.chain(model.parameters(), model.buffers())]
+    tensors = [_local(t) for t in itertools.chain(model.parameters(), model.buffers())]
     storage = tuple((t.data_ptr(), t._version) for t in tensors)
     return storage, structure_key(model), values_fingerprint(tensors)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a model sharded by transformers' tensor parallelism), else the
+    tensor: each rank keys its own prefix cache on the weights it computes with."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def structure_key(model: torch.nn.Module) -> tuple:

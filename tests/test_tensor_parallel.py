@@ -43,10 +43,13 @@ def _single_process(family: str) -> dict:
         stats = hf_paged.memory_stats(model)
         expected["peak_kv_bytes"][name] = stats["peak_kv_bytes"]
     expected["pool_bytes"] = stats["pool_bytes"]
-    # What one rank's pool must hold, from the config: half the KV heads, in every layer's page size.
+    # What one rank's pool must hold, from the config: half the KV heads, a page of PAGE_SIZE tokens
+    # per full-attention layer (these families have at most one sliding layer per full one, and a
+    # page id's sliding pages are packed into its full layers' pages: hf_paged/layout.py).
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    slots = sum(group["page_size"] * group["num_layers"] for group in stats["groups"])
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    slots = PAGE_SIZE * layer_types.count("full_attention")
     expected["local_pool_bytes"] = NUM_PAGES * slots * 2 * (config.num_key_value_heads // 2) * head_dim * 4
     return expected
 
