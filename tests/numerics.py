@@ -162,3 +162,18 @@ def token_agreement(stock, paged, model, mask, prompt_len: int, beams: bool) -> 
         if abs(float(chosen[row].sum() - stock_chosen[row].sum())) >= BEAM_TIE_NATS:
             disagree += len(same) - same.index(False)
     return 1 - disagree / total
+
+
+# The generate tests' model and prompts (tests/test_gpu.py, and tests/tp_gpu_worker.py under TP).
+GPU_VOCAB = 64
+GPU_NEW_TOKENS = 32
+
+
+def gpu_prompts(device: torch.device, batch: int = 4, length: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts `[batch, length]` int64 on `device` and their mask (rows padded 0, 7, 0, 15)."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, GPU_VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(input_ids)
+    for row, pads in enumerate([0, 7, 0, 15][:batch]):
+        input_ids[row, :pads], mask[row, :pads] = 0, 0
+    return input_ids.to(device), mask.to(device)

@@ -24,7 +24,8 @@ from hf_paged.config import PagedConfig
 from hf_paged.pool import KVPool, LayerSpec
 
 from numerics import (
-    CASES, VARIANTS, assert_matches_reference, build_forward, layer_params, reference_output, token_agreement,
+    CASES, GPU_NEW_TOKENS, GPU_VOCAB, VARIANTS, assert_matches_reference, build_forward, gpu_prompts, layer_params,
+    reference_output, token_agreement,
 )
 
 pytestmark = pytest.mark.gpu
@@ -126,8 +127,8 @@ def test_auto_backend_picks_flashinfer_for_bf16_on_cuda():
 
 # -- generate() token agreement -------------------------------------------------------------------
 
-VOCAB = 64
-NEW_TOKENS = 32
+VOCAB = GPU_VOCAB
+NEW_TOKENS = GPU_NEW_TOKENS
 
 
 def small_llama(seed: int = 0) -> torch.nn.Module:
@@ -141,12 +142,7 @@ def small_llama(seed: int = 0) -> torch.nn.Module:
 
 
 def prompts(batch: int = 4, length: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
-    mask = torch.ones_like(input_ids)
-    for row, pads in enumerate([0, 7, 0, 15][:batch]):
-        input_ids[row, :pads], mask[row, :pads] = 0, 0
-    return input_ids.to(DEVICE), mask.to(DEVICE)
+    return gpu_prompts(DEVICE, batch, length)
 
 
 @pytest.mark.parametrize("cascade", [False, True])

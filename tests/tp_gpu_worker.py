@@ -19,9 +19,7 @@ from transformers.distributed import DistributedConfig
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hf_paged  # noqa: E402
-import test_gpu  # noqa: E402
-from numerics import token_agreement  # noqa: E402
-from test_gpu import NEW_TOKENS, prompts  # noqa: E402
+from numerics import GPU_NEW_TOKENS as NEW_TOKENS, gpu_prompts, token_agreement  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +28,7 @@ def main() -> None:
         model_dir, dtype=dtype, distributed_config=DistributedConfig(tp_size=2)
     ).eval()
     device = model.get_input_embeddings().weight.device
-    test_gpu.DEVICE = device  # its prompts() go to this rank's device
-    input_ids, mask = prompts()
+    input_ids, mask = gpu_prompts(device)  # tests/test_gpu.py's prompts, on this rank's device
     report = {"rank": dist.get_rank(), "modes": {}}
     for mode, num_beams in (("greedy", 1), ("beam", 4)):
         kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
