@@ -15,14 +15,19 @@ from hf_paged.stats import cache_kv_bytes
 from tiny import COMMON
 
 
-def gemma3_shape(window: int = 8, seed: int = 0) -> torch.nn.Module:
-    """6 layers, 5 sliding : 1 full, one KV head of 32 (the shape of issue 21's measurements)."""
+def one_kv_head_of_32(config_class, num_layers: int, window: int, seed: int) -> torch.nn.Module:
+    """A tiny model of issue 21's measured shapes: one KV head of 32, hidden 64, sliding window `window`."""
     torch.manual_seed(seed)
-    config = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, sliding_window=window, **COMMON,
+    config = config_class(
+        hidden_size=64, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=window, **COMMON,
     )
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def gemma3_shape(window: int = 8, seed: int = 0) -> torch.nn.Module:
+    """6 layers, 5 sliding : 1 full."""
+    return one_kv_head_of_32(transformers.Gemma3TextConfig, 6, window, seed)
 
 
 def test_sliding_layers_pack_into_the_full_layers_pages():
@@ -75,13 +80,8 @@ def test_a_pool_of_its_peak_pages_serves_the_call_and_one_fewer_does_not():
 
 
 def mistral_shape(window: int = 200, seed: int = 0) -> torch.nn.Module:
-    """4 layers, all sliding, one KV head of 32."""
-    torch.manual_seed(seed)
-    config = transformers.MistralConfig(
-        hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=32, sliding_window=window, **COMMON,
-    )
-    return AutoModelForCausalLM.from_config(config).eval()
+    """4 layers, all sliding."""
+    return one_kv_head_of_32(transformers.MistralConfig, 4, window, seed)
 
 
 def serve_in_a_fraction_of_stock(model, prompt: int, fraction: float, **kwargs) -> dict:
