@@ -105,6 +105,7 @@ class PagedCache(Cache):
             skips = inflight.forward_skips(
                 self.groups, self.group_tables, self.applies_window, qo_lens, self.recording, self.prompt_phase is not None
             )
+            pasts = inflight.pasts(self.group_tables, skips)  # what their queries read of the rows' past
             appended = self.pages.place(qo_lens, skips)  # every group's pages, or none (OutOfPagesError)
         metas = [
             build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade, group)
@@ -112,7 +113,7 @@ class PagedCache(Cache):
         ]
         self.seq_length += q_len
         self._forward = state = ForwardState(metas, prompt_last=self.prompt_phase == "last")
-        inflight.start(state, skips, [deferred for _, _, deferred in appended], new_mask, qo_lens, q_len, device)
+        inflight.start(state, skips, [deferred for _, _, deferred in appended], new_mask, qo_lens, q_len, device, pasts)
         for group, meta in enumerate(metas):
             self._forward.metas[(group, meta.slot_mapping.device)] = meta
             if meta.copy_src is not None:  # copy-on-write, every layer of the group, before any layer writes
@@ -226,7 +227,7 @@ class PagedCache(Cache):
         else:
             plan, meta = self._plan_for(state, layer_idx, pool, group, params)
             if meta is None:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
-                return inflight.attend(state, layer_idx, group, query, plan)
+                return inflight.attend(state, layer_idx, group, query, plan, pool)
         batch, num_heads, q_len, head_dim = query.shape
         q = _pack(query, meta.token_index, query.dtype)
         out = self.executor.run(q, pool, plan)  # (nnz, H_q, D)

@@ -27,10 +27,10 @@ class ForwardState:
     window_params: dict[tuple, LayerParams] = field(default_factory=dict)
     num_written: int = 0
     num_attended: int = 0
-    # Sliding groups whose layers attend from the forward's own K/V (inflight.py): group -> the
-    # `[batch, q_len]` bool mask of new tokens (None: all are); their K/V by layer until it attends;
-    # pages a skip took out of the tables, given back at the end of the forward (group -> pages).
-    inflight: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    # Sliding groups whose layers attend from the forward's own K/V and their rows' past
+    # (inflight.py): group -> inflight.Inflight; their K/V by layer until it attends; pages a skip
+    # took out of the tables, given back at the end of the forward (group -> pages).
+    inflight: dict[int, object] = field(default_factory=dict)
     stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     deferred: dict[int, list[int]] = field(default_factory=dict)
     # The layer setting, group and device PagedCache.attend planned for last, with its plan and

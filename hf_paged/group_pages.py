@@ -54,8 +54,19 @@ class GroupPages:
             if not self.blocks.can_allocate(num_needed):
                 raise OutOfPagesError(num_needed, self.blocks.num_available_pages, self.blocks.num_pages)
             appended = [tables.append_skipping(qo_lens, skip) for tables, skip in zip(self.group_tables, skips)]
-        self.peak_pool_pages = max(self.peak_pool_pages, self.num_pages_held)
+            held = self.num_pages_held if self.blocks.evictor is None else self._count_held(appended)
+        self.peak_pool_pages = max(self.peak_pool_pages, held)
         return appended
+
+    def _count_held(self, appended) -> int:
+        """Page ids the rows hold now, counted one by one: with the prefix cache, a page a window let
+        go of may stay in use by the cache, which the tables' own counts (pool used-page deltas)
+        cannot tell from one they still hold."""
+        held = {page for _, _, deferred in appended for page in deferred}
+        for tables in self.group_tables:
+            hole = tables.hole
+            held.update(page for table in tables.page_tables for page in table if page != hole)
+        return len(held)
 
     def release_deferred(self, deferred: dict[int, list[int]]) -> None:
         """Give back the pages a forward's skips took out of the tables (group -> pages), which it

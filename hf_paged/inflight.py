@@ -1,18 +1,19 @@
 """A prompt never holds pages past its window: sliding layers attend to the forward's own K/V.
 
-In a forward whose rows hold nothing yet in a sliding-window group (a prompt: generate()'s, or the
-prompt minus its last token that beams and samples fork from), the group's layers attend from
-the K/V they were handed, as stock's attention does, and the pages get only what later queries
-can still see: each row's last `window - 1` tokens, rounded out to the page that holds the first
-of them (`skipped_tokens`). Stock's `DynamicSlidingWindowLayer` keeps the same window. Without
-this, a prompt of n tokens would take n tokens of pages in every sliding layer until its forward
-ends, which is what sizes the pool for long prompts.
+In a forward that brings a row more tokens than a sliding-window group keeps (a prompt:
+generate()'s, the prompt minus its last token that beams and samples fork from, the remainder
+computed after prefix-cache hits, a user's own long chunk), the group's layers attend from the
+K/V they were handed, as stock's attention does, plus the window the row held before the forward
+(`Past`, gathered from its pages once per layer), and the pages get only what later queries can
+still see: each row's last `window - 1` tokens, rounded out to the page that holds the first of
+them (`skipped_tokens`). Stock's `DynamicSlidingWindowLayer` keeps the same window. Without this,
+a prompt of n tokens would take n tokens of pages in every sliding layer until its forward ends,
+which is what sizes the pool for long prompts.
 
-Not applied (the forward writes every token and the window lets go at its end, as before): rows
-that hold tokens already (a forward continuing from the prefix cache, assisted decoding, a user's
-own chunked prefill), `activate_past_recording()` (crops may need them), and, while a split
-prompt is open, groups whose layers may attend wider than the window their cache keeps (Moshi:
-`applies_window`), whose last prompt token sees the whole prompt.
+Not applied (the forward writes every token and the window lets go at its end, as before):
+forwards that skip nothing (decode steps, short chunks), `activate_past_recording()` (crops may
+need them), and, while a split prompt is open, groups whose layers may attend wider than the
+window their cache keeps (Moshi: `applies_window`), whose last prompt token sees the whole prompt.
 """
 
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from .attention import LayerParams
 from .attention.torch import dense
 
 
-def skipped_tokens(qo_lens: list[int], window: int, page_size: int) -> list[int]:
-    """Leading new tokens of each (empty) row that no query after this forward sees: the next query
-    of a row of n tokens sees positions n - window + 1 on; the skip ends on a page boundary."""
-    return [max(0, (n - window + 1) // page_size * page_size) for n in qo_lens]
+def skipped_tokens(qo_lens: list[int], window: int, page_size: int, past: list[int] | None = None) -> list[int]:
+    """Leading new tokens of each row (holding `past[row]` tokens, default none) that no query after
+    this forward sees: the next query of a row of n tokens sees positions n - window + 1 on; the
+    skip ends on a page boundary."""
+    past = past or [0] * len(qo_lens)
+    return [max(0, (p + n - window + 1) // page_size * page_size - p) for n, p in zip(qo_lens, past)]
 
 
 def forward_skips(groups, group_tables, applies: list[bool], qo_lens: list[int], recording: bool,
@@ -39,11 +42,8 @@ def forward_skips(groups, group_tables, applies: list[bool], qo_lens: list[int],
     skips: list[list[int] | None] = []
     for spec, tables, applied in zip(groups, group_tables, applies):
         skip = None
-        if (
-            spec.window is not None and not recording and not any(tables.num_tokens)
-            and not (prompt_open and (spec.cache_window or not applied))
-        ):
-            skip = skipped_tokens(qo_lens, spec.window, spec.page_size)
+        if spec.window is not None and not recording and not (prompt_open and (spec.cache_window or not applied)):
+            skip = skipped_tokens(qo_lens, spec.window, spec.page_size, tables.num_tokens)
             skip = skip if any(skip) else None
         skips.append(skip)
     return skips
@@ -90,21 +90,80 @@ def write_index(new_mask: torch.Tensor | None, qo_lens: list[int], skip: list[in
 
 
 @dataclass(slots=True)
+class Past:
+    """What a row held in a group before a forward that skips tokens there, which its queries read.
+
+    pages[row]: the page ids holding its tokens `first[row]:num_tokens[row]` (its leading holes left
+    out), taken before the forward's tokens were placed; for a row that skips nothing they are read
+    again from `tables` once placed (a copy-on-write may have replaced its last page by its own).
+    """
+
+    tables: object  # tables.PageTables of the group
+    pages: list[list[int]]
+    first: list[int]
+    num_tokens: list[int]
+
+
+def pasts(group_tables, skips: list[list[int] | None]) -> list[Past | None]:
+    """Per group, what its rows held before this forward when it skips tokens and some row holds
+    any (None otherwise). Call before the forward's tokens are placed."""
+    found: list[Past | None] = []
+    for tables, skip in zip(group_tables, skips):
+        past = None
+        if skip is not None and any(tables.num_tokens):
+            size = tables.page_size
+            leads = tables.num_leading_holes
+            past = Past(
+                tables,
+                [table[lead:] for table, lead in zip(tables.page_tables, leads)],
+                [lead * size for lead in leads],
+                list(tables.num_tokens),
+            )
+        found.append(past)
+    return found
+
+
+@dataclass(slots=True)
+class Inflight:
+    """A group attending from the forward's own K/V: `new_mask [rows, q_len]` bool of the new tokens
+    (None: all are), and what its rows held before (`Past`, None: nothing)."""
+
+    new_mask: torch.Tensor | None
+    past: Past | None
+
+
+@dataclass(slots=True)
 class InflightPlan:
-    """mask: [rows, 1 or H_kv, group * q_len, q_len], bool (True = attend) or ALiBi's float bias,
-    for queries packed as `dense.pack_gqa` packs them (group-major within each KV head)."""
+    """mask: [rows, 1 or H_kv, group * q_len, past + q_len], bool (True = attend) or ALiBi's float
+    bias, for queries packed as `dense.pack_gqa` packs them (group-major within each KV head) on
+    the keys of the rows' past (`past_pages`) then of the forward.
+    past_pages: [rows * pages] int64 page ids of each row's past, padded with the pool's zero page;
+    None when no row holds any."""
 
     mask: torch.Tensor
     params: LayerParams
     real: torch.Tensor | None  # [rows, q_len] bool, None when every input token is new
+    past_pages: torch.Tensor | None = None
+    past_len: int = 0
 
 
-def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerParams, device: torch.device) -> InflightPlan:
-    """The mask of a forward's queries on its own keys: causal over the real tokens of each row,
-    within `params.window_left`; a pad query sees only itself (its output is dropped)."""
+def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerParams, device: torch.device,
+         past: Past | None = None, zero_page: int = 0) -> InflightPlan:
+    """The mask of a forward's queries on its rows' past and its own keys: causal over the real
+    tokens of each row, within `params.window_left`; a pad query sees only itself (its output is
+    dropped). Positions are each row's token positions (its past counted)."""
     idx = torch.arange(q_len, device=device)
     real = None if new_mask is None else new_mask.to(device)
     pos = idx.expand(rows, q_len) if real is None else real.long().cumsum(dim=1) - 1  # (R, Q) token positions
+    past_pages, past_len = None, 0
+    if past is not None:
+        offsets = torch.tensor(past.num_tokens, device=device)
+        pos = pos + offsets[:, None]
+        num_pages = max(len(pages) for pages in past.pages)
+        past_len = num_pages * past.tables.page_size
+        padded = [pages + [zero_page] * (num_pages - len(pages)) for pages in past.pages]
+        past_pages = torch.tensor(padded, dtype=torch.long, device=device).view(-1)
+        k_past = torch.tensor(past.first, device=device)[:, None] + torch.arange(past_len, device=device)  # (R, M)
     q_pos, k_pos = pos[:, :, None], pos[:, None, :]
     allowed = (idx[None, None, :] <= idx[None, :, None]).expand(rows, q_len, q_len)  # causal in the input order
     if params.window_left >= 0:
@@ -112,44 +171,78 @@ def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerPara
     if real is not None:
         allowed = allowed & real[:, None, :]
         allowed = allowed | (~real[:, :, None] & (idx[None, :, None] == idx[None, None, :]))
+    if past is not None:
+        seen = (k_past < offsets[:, None])[:, None, :].expand(rows, q_len, past_len)  # a stored past token
+        if params.window_left >= 0:
+            seen = seen & (k_past[:, None, :] >= q_pos - params.window_left)
+        if real is not None:
+            seen = seen & real[:, :, None]
+        allowed = torch.cat([seen, allowed], dim=2)
+        k_pos = torch.cat([k_past[:, None, :], k_pos], dim=2)
     group = params.group_size
+    keys = past_len + q_len
     if params.alibi_slopes:
         slopes = torch.tensor(params.alibi_slopes, dtype=torch.float32, device=device)
         bias = slopes.view(1, params.num_kv_heads, group, 1, 1) * (k_pos - q_pos)[:, None, None].float()
         mask = bias.masked_fill(~allowed[:, None, None], float("-inf"))
-        mask = mask.view(rows, params.num_kv_heads, group * q_len, q_len)
+        mask = mask.view(rows, params.num_kv_heads, group * q_len, keys)
     else:
         mask = allowed[:, None]
         if group > 1:
             mask = mask.repeat(1, 1, group, 1)
-    return InflightPlan(mask, params, real)
+    return InflightPlan(mask, params, real, past_pages, past_len)
 
 
 def start(state, skips: list[list[int] | None], deferred: list[list[int]], new_mask: torch.Tensor | None,
-          qo_lens: list[int], q_len: int, device: torch.device) -> None:
+          qo_lens: list[int], q_len: int, device: torch.device, group_pasts: list[Past | None] | None = None) -> None:
     """Mark the groups that skip tokens in the forward of `state` (a forward.ForwardState): their
-    layers attend from the forward's own K/V, and their metadata says which tokens to store."""
-    for group, (skip, pages) in enumerate(zip(skips, deferred)):
+    layers attend from the forward's own K/V and their rows' past (`pasts`, taken before the tokens
+    were placed), and their metadata says which tokens to store."""
+    group_pasts = group_pasts or [None] * len(skips)
+    for group, (skip, pages, past) in enumerate(zip(skips, deferred, group_pasts)):
         if skip is not None:
-            state.inflight[group] = new_mask
+            if past is not None:  # a row that skipped nothing still holds its past: read it as placed now
+                size = past.tables.page_size
+                for row, (first, count) in enumerate(zip(past.first, past.num_tokens)):
+                    if not skip[row]:
+                        past.pages[row] = past.tables.page_tables[row][first // size : -(-count // size)]
+            state.inflight[group] = Inflight(new_mask, past)
             state.deferred[group] = pages
             state.group_metas[group].write_index = write_index(new_mask, qo_lens, skip, q_len, device)
 
 
-def attend(state, layer_idx: int, group: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
+def attend(state, layer_idx: int, group: int, query: torch.Tensor, params: LayerParams,
+           pool: torch.Tensor | None = None) -> torch.Tensor:
     """PagedCache.attend for a layer of a group in `state.inflight` (a forward.ForwardState): its
-    K/V were stashed by PagedCache.update; one plan per forward, group and layer setting."""
+    K/V were stashed by PagedCache.update, its rows' past is read from the layer's `pool`
+    `[2, pages + 1, page_size, H_kv, D]`; one plan per forward, group and layer setting."""
     key, value = state.stash.pop(layer_idx)
     plan_key = ("inflight", query.device, params, group)
     found = state.plans.get(plan_key)
     if found is None:
-        found = state.plans[plan_key] = plan(state.inflight[group], query.shape[0], query.shape[2], params, query.device)
+        flight = state.inflight[group]
+        zero_page = pool.shape[1] - 1 if pool is not None else 0
+        found = state.plans[plan_key] = plan(
+            flight.new_mask, query.shape[0], query.shape[2], params, query.device, flight.past, zero_page
+        )
+    if found.past_pages is not None:
+        past_key, past_value = _past_kv(pool, found.past_pages.to(pool.device), query.shape[0], found.past_len)
+        key = torch.cat([past_key.to(key.device, key.dtype), key], dim=2)
+        value = torch.cat([past_value.to(value.device, value.dtype), value], dim=2)
     return run(query, key, value, found)
 
 
+def _past_kv(pool: torch.Tensor, pages: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[rows, H_kv, length, D]` of whole pages `pages [rows * length / page_size]`."""
+    kv = pool.index_select(1, pages)  # (2, rows * pages, page_size, H, D); also for a packed layer's strided view
+    kv = kv.view(2, rows, length, pool.shape[3], pool.shape[4]).transpose(2, 3)
+    return kv[0], kv[1]
+
+
 def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: InflightPlan) -> torch.Tensor:
-    """Attention of `query [rows, H_q, Q, D]` on the forward's own `key, value [rows, H_kv, Q, D]`;
-    returns `[rows, Q, H_q, D]`, zero at pad queries (as the paged path returns them)."""
+    """Attention of `query [rows, H_q, Q, D]` on `key, value [rows, H_kv, past + Q, D]` (the rows'
+    past, then the forward's own K/V); returns `[rows, Q, H_q, D]`, zero at pad queries (as the
+    paged path returns them)."""
     p = plan.params
     rows, _, q_len, head_dim = query.shape
     q = query.reshape(rows, p.num_kv_heads, p.group_size * q_len, head_dim)  # head h = kv * group + g

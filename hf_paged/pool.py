@@ -7,6 +7,7 @@ consecutive pages one contiguous run of tokens: a row whose pages are consecutiv
 view of the pool, read with no gather (see PageTables.reserve and the torch executor).
 """
 
+import math
 import os
 import threading
 import weakref
@@ -37,7 +38,21 @@ def pool_layout(config: PagedConfig, specs: list[LayerSpec], groups: list[GroupS
     """How the pool for `specs` lays out its page ids (layout.py); `groups` None: one full group."""
     if groups is None:
         groups = [GroupSpec(None, tuple(range(len(specs))), config.page_size)]
-    return plan_layout(specs, groups, config.page_size, config.window_page_size, divisors_only=config.prefix_cache)
+    layout = plan_layout(specs, groups, config.page_size, config.window_page_size)
+    if config.prefix_cache and prefix_key_size(layout.groups) > MAX_KEY_PAGES * config.page_size:
+        layout = plan_layout(specs, groups, config.page_size, config.window_page_size, divisors_only=True)
+    return layout
+
+
+# The prefix cache keys prompts by whole pages of every group: by the least common multiple of their
+# page sizes (48 tokens for pages of 16 and sliding pages of 3), up to this many full pages; past
+# it, the sliding groups take pages that divide the full ones instead (smaller: more ids per window).
+MAX_KEY_PAGES = 4
+
+
+def prefix_key_size(groups: list[GroupSpec]) -> int:
+    """Tokens per prefix-cache key: a whole number of pages of every group."""
+    return math.lcm(*(group.page_size for group in groups))
 
 
 def choose_num_pages(config: PagedConfig, layout: Layout) -> int:
@@ -69,7 +84,7 @@ class KVPool:
     values, each NHD) in layer i's dtype on layer i's device: a view into one of `slices` (layout.py:
     one id space, an id holds `page_bytes` whichever group of layers uses it). `page_size` is the
     config's (the full-attention layers'; sliding-window groups take smaller pages: groups.py); the
-    prefix cache keys prompts by it. `groups` are the groups the pool was laid out for, with the
+    prefix cache keys prompts by whole pages of every group (`prefix_key_size`). `groups` are the groups the pool was laid out for, with the
     page size each got. The extra last page is kept zero and never handed out: padded reads of the
     torch executor point there.
 
@@ -106,7 +121,7 @@ class KVPool:
             self.pools = layer_views(self.slices, specs, self.layout)
             self.blocks = BlockManager(self.num_pages)
             # Full prompt pages kept across calls (PagedConfig.prefix_cache); it registers as the evictor.
-            self.prefix_cache = PrefixCache(self.blocks, self.page_size) if config.prefix_cache else None
+            self.prefix_cache = PrefixCache(self.blocks, prefix_key_size(self.groups)) if config.prefix_cache else None
         except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
             self.pools.clear()
             self.slices.clear()

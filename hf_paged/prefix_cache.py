@@ -11,6 +11,11 @@ least recently used first, before any OutOfPagesError (which is raised only when
 evictable page would still not be enough). A prompt touches its pages last page first, so the
 first page of a shared prefix is the most recently used and the last to go: a chain is evicted
 tail first and never loses a page its later pages need to be found.
+
+Sliding-window groups (groups.py) keep only each row's window, so an entry holds their pages only
+where a window was stored when the entry was kept (elsewhere the pool's hole id): a prompt reuses
+the entries up to a key whose last `window - 1` tokens are all held in every sliding group, the
+*window snapshot* a prefill leaves where it stops (prefill.py), and computes the rest.
 """
 
 import hashlib
@@ -49,8 +54,9 @@ def page_keys(tokens: list[int], page_size: int, num_pages: int) -> list[bytes]:
 Entry = tuple[tuple[int, ...], ...]
 
 
-def entry_pages(entry: Entry) -> list[int]:
-    return [page for pages in entry for page in pages]
+def entry_pages(entry: Entry, hole: int = -1) -> list[int]:
+    """The pages an entry holds (`hole`: the id of a page a window released, left out)."""
+    return [page for pages in entry for page in pages if page != hole]
 
 
 class PrefixCache:
@@ -73,12 +79,16 @@ class PrefixCache:
     def num_cached_pages(self) -> int:
         return len(self.key_of)
 
-    def match(self, tokens: list[int], first_page: int = 0) -> list[Entry]:
+    def match(
+        self, tokens: list[int], first_page: int = 0, groups: list[tuple[int | None, int]] | None = None
+    ) -> list[Entry]:
         """Cached entries (pages per group) holding the longest page-aligned prefix of `tokens` that
-        stops before its last token, from page `first_page` on (the caller holds the pages before).
+        stops before its last token, from page `first_page` on (the caller holds the pages before),
+        and after which every sliding group holds the window a query needs.
 
-        The caller takes its own references to them. The last token is never covered: generate()
-        feeds it, so the remainder to compute is never empty.
+        `groups`: (window, page size) of each group of layers (window None: the group keeps every
+        token); None: every group keeps every token. The caller takes its own references to them.
+        The last token is never covered: generate() feeds it, so the remainder to compute is never empty.
         """
         num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
         entries: list[Entry] = []
@@ -89,6 +99,10 @@ class PrefixCache:
                 break
             entries.append(pages)
             keys.append(key)
+        usable = len(entries)
+        while usable and not self._holds_windows(entries[:usable], first_page, groups):
+            usable -= 1
+        entries, keys = entries[:usable], keys[:usable]
         self._touch(keys)
         if first_page == 0:  # a second look for the same prompt looks up nothing new
             self.stats.lookups += 1
@@ -97,10 +111,38 @@ class PrefixCache:
         self.stats.hit_tokens += len(entries) * self.page_size
         return entries
 
-    def insert(self, tokens: list[int], group_tables: list[list[int]], group_page_sizes: list[int] | None = None) -> None:
+    def num_chained(self, tokens: list[int], first_page: int = 0) -> int:
+        """Keys of `tokens`' full pages before its last token that are cached, in a row from page
+        `first_page` on, whether or not a window is held after them (counts nothing, touches nothing)."""
+        num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
+        found = 0
+        for key in page_keys(tokens, self.page_size, num_pages)[first_page:]:
+            if key not in self.pages_of:
+                break
+            found += 1
+        return found
+
+    def _holds_windows(self, entries: list[Entry], first_page: int, groups: list[tuple[int | None, int]] | None) -> bool:
+        """Whether `entries` (keys `first_page` on) hold, in every group, the pages the query after
+        them sees: all of a full group's (never a hole), a sliding group's last `window - 1` tokens."""
+        hole, end = self.blocks.num_pages, (first_page + len(entries)) * self.page_size
+        for group, (window, size) in enumerate(groups or []):
+            needed = first_page * self.page_size
+            if window is not None:
+                needed = max(needed, end - window + 1)
+            pages = [page for entry in entries for page in entry[group]]
+            if hole in pages[needed // size - first_page * self.page_size // size :]:
+                return False
+        return True
+
+    def insert(
+        self, tokens: list[int], group_tables: list[list[int]], group_page_sizes: list[int] | None = None
+    ) -> None:
         """Keep the full pages that hold `tokens` (a row's real prompt tokens, in order); `group_tables`
         is the row's page table in each group, whose pages hold `group_page_sizes` tokens (default:
-        `page_size`, which they must divide). A page a window has released is not kept."""
+        `page_size`, which they must divide). Pages a window has released (holes) are not kept: the
+        entry holds a hole there, which a later row that holds the page fills in; an entry holding
+        no page at all is not kept."""
         sizes = group_page_sizes or [self.page_size] * len(group_tables)
         per_key = [self.page_size // size for size in sizes]  # a group's pages per key
         num_pages = min([len(tokens) // self.page_size] + [len(table) // n for table, n in zip(group_tables, per_key)])
@@ -108,35 +150,56 @@ class PrefixCache:
         keys = page_keys(tokens, self.page_size, num_pages)
         for index, key in enumerate(keys):
             entry = tuple(tuple(table[index * n : (index + 1) * n]) for table, n in zip(group_tables, per_key))
-            pages = entry_pages(entry)
-            if key in self.pages_of or hole in pages or any(page in self.key_of for page in pages):
-                continue  # already kept, released by a window, or kept under another key
-            self.blocks.fork(pages)
+            old = self.pages_of.get(key)
+            if old is not None:  # fill the holes of the kept entry with pages this row holds there
+                entry = tuple(
+                    tuple(mine if kept == hole and mine not in self.key_of else kept for kept, mine in zip(ours, theirs))
+                    for ours, theirs in zip(old, entry)
+                )
+                new = [page for page in entry_pages(entry, hole) if page not in self.key_of]
+            else:
+                new = entry_pages(entry, hole)
+                if not new or any(page in self.key_of for page in new):
+                    continue  # released by a window everywhere, or kept under another key
+            self.blocks.fork(new)
             self.pages_of[key] = entry
-            for page in pages:
+            for page in new:
                 self.key_of[page] = key
         self._touch([key for key in keys if key in self.pages_of])
 
-    def _evictable(self, entry: Entry) -> bool:
+    def _evictable(self, entry: Entry) -> list[int]:
+        """The pages of `entry` nothing but the cache references. A sliding group's window snapshot
+        can go while the row that kept it still reads the full group's pages (or part of the window)."""
         ref_counts = self.blocks.ref_counts
-        return all(ref_counts[page] == 1 for pages in entry for page in pages)
+        return [page for page in entry_pages(entry, self.blocks.num_pages) if ref_counts[page] == 1]
 
     def num_evictable(self) -> int:
         """Cached pages nothing but the cache references."""
-        return sum(len(entry_pages(entry)) for entry in self.pages_of.values() if self._evictable(entry))
+        ref_counts = self.blocks.ref_counts
+        return sum(ref_counts[page] == 1 for page in self.key_of)
 
     def evict(self, num: int) -> int:
-        """Give back at least `num` evictable pages (when there are), least recently used first."""
-        victims, freed = [], 0
-        for key in self.recency:
+        """Give back at least `num` evictable pages (when there are), least recently used entry first:
+        its pages nothing else references become holes (a hit stops before an entry that misses a
+        page it needs: `match`), an entry left with none goes."""
+        hole, freed = self.blocks.num_pages, 0
+        for key in list(self.recency):
             if freed >= num:
                 break
             entry = self.pages_of[key]
-            if self._evictable(entry):
-                victims.append(key)
-                freed += len(entry_pages(entry))
-        for key in victims:
-            self._drop(key)
+            pages = self._evictable(entry)
+            if not pages:
+                continue
+            gone = set(pages)
+            kept = tuple(tuple(hole if page in gone else page for page in group) for group in entry)
+            if entry_pages(kept, hole):
+                self.pages_of[key] = kept
+                for page in pages:
+                    del self.key_of[page]
+                self.blocks.free(pages)
+            else:
+                self._drop(key)
+            freed += len(pages)
         self.stats.evictions += freed
         return freed
 
@@ -154,7 +217,7 @@ class PrefixCache:
             self.weights_key = weights_key
 
     def _drop(self, key: bytes) -> None:
-        pages = entry_pages(self.pages_of.pop(key))
+        pages = entry_pages(self.pages_of.pop(key), self.blocks.num_pages)
         for page in pages:
             del self.key_of[page]
         del self.recency[key]

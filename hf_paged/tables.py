@@ -110,13 +110,23 @@ class PageTables:
 
     def adopt(self, row: int, page_ids: list[int], num_tokens: int, extend: bool = False) -> None:
         """Start the empty row `row` (or, `extend`, continue a row of full pages) with shared full
-        pages `page_ids` holding `num_tokens` tokens."""
+        pages `page_ids` holding `num_tokens` tokens. In a sliding group, `page_ids` may hold holes
+        (pages the prefix cache kept no window in): the row's pages before its last hole are then
+        out of its window and are given back, as `drop_out_of_window` would."""
         held = self.num_tokens[row]
+        hole = self.hole
         if (held and not extend) or held % self.page_size or num_tokens != len(page_ids) * self.page_size:
             raise ValueError(f"row {row} must hold only full pages, and the pages be full: {num_tokens} tokens in {len(page_ids)}")
+        if self.window is None and hole in page_ids:
+            raise ValueError(f"row {row} of a group without a window cannot adopt released pages")
+        table = self.page_tables[row] + list(page_ids)
+        lead = max((index + 1 for index, page in enumerate(table) if page == hole), default=0)
         with self._changing_pages():
-            self.blocks.fork(page_ids)
-        self.page_tables[row] = self.page_tables[row] + list(page_ids)
+            self.blocks.fork([page for page in page_ids if page != hole])
+            self.blocks.free([page for page in table[:lead] if page != hole])
+        table[:lead] = [hole] * lead
+        self.page_tables[row] = table
+        self.num_leading_holes[row] = lead
         self.num_tokens[row] = held + num_tokens
         self._end_reservation(row)
 
