@@ -138,13 +138,15 @@ class InflightPlan:
     bias, for queries packed as `dense.pack_gqa` packs them (group-major within each KV head) on
     the keys of the rows' past (`past_pages`) then of the forward.
     past_pages: [rows * pages] int64 page ids of each row's past, padded with the pool's zero page;
-    None when no row holds any."""
+    None when no row holds any. past_stored: [rows, 1, past_len, 1] bool, the slots of those pages
+    that hold a token of the row (the others may hold anything, NaN included: they are zeroed)."""
 
     mask: torch.Tensor
     params: LayerParams
     real: torch.Tensor | None  # [rows, q_len] bool, None when every input token is new
     past_pages: torch.Tensor | None = None
     past_len: int = 0
+    past_stored: torch.Tensor | None = None
 
 
 def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerParams, device: torch.device,
@@ -155,7 +157,7 @@ def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerPara
     idx = torch.arange(q_len, device=device)
     real = None if new_mask is None else new_mask.to(device)
     pos = idx.expand(rows, q_len) if real is None else real.long().cumsum(dim=1) - 1  # (R, Q) token positions
-    past_pages, past_len = None, 0
+    past_pages, past_len, stored = None, 0, None
     if past is not None:
         offsets = torch.tensor(past.num_tokens, device=device)
         pos = pos + offsets[:, None]
@@ -172,7 +174,8 @@ def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerPara
         allowed = allowed & real[:, None, :]
         allowed = allowed | (~real[:, :, None] & (idx[None, :, None] == idx[None, None, :]))
     if past is not None:
-        seen = (k_past < offsets[:, None])[:, None, :].expand(rows, q_len, past_len)  # a stored past token
+        stored = k_past < offsets[:, None]  # (R, M): a slot holding a token of the row
+        seen = stored[:, None, :].expand(rows, q_len, past_len)
         if params.window_left >= 0:
             seen = seen & (k_past[:, None, :] >= q_pos - params.window_left)
         if real is not None:
@@ -190,7 +193,7 @@ def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerPara
         mask = allowed[:, None]
         if group > 1:
             mask = mask.repeat(1, 1, group, 1)
-    return InflightPlan(mask, params, real, past_pages, past_len)
+    return InflightPlan(mask, params, real, past_pages, past_len, None if stored is None else stored[:, None, :, None])
 
 
 def start(state, skips: list[list[int] | None], deferred: list[list[int]], new_mask: torch.Tensor | None,
@@ -227,6 +230,8 @@ def attend(state, layer_idx: int, group: int, query: torch.Tensor, params: Layer
         )
     if found.past_pages is not None:
         past_key, past_value = _past_kv(pool, found.past_pages.to(pool.device), query.shape[0], found.past_len)
+        stored = found.past_stored.to(pool.device)  # a masked key is still multiplied: no stale NaN may pass
+        past_key, past_value = past_key.where(stored, 0.0), past_value.where(stored, 0.0)
         key = torch.cat([past_key.to(key.device, key.dtype), key], dim=2)
         value = torch.cat([past_value.to(value.device, value.dtype), value], dim=2)
     return run(query, key, value, found)

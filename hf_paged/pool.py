@@ -39,7 +39,7 @@ def pool_layout(config: PagedConfig, specs: list[LayerSpec], groups: list[GroupS
     if groups is None:
         groups = [GroupSpec(None, tuple(range(len(specs))), config.page_size)]
     layout = plan_layout(specs, groups, config.page_size, config.window_page_size)
-    if config.prefix_cache and prefix_key_size(layout.groups) > MAX_KEY_PAGES * config.page_size:
+    if config.prefix_cache and prefix_key_size(config.page_size, layout.groups) > MAX_KEY_PAGES * config.page_size:
         layout = plan_layout(specs, groups, config.page_size, config.window_page_size, divisors_only=True)
     return layout
 
@@ -50,9 +50,9 @@ def pool_layout(config: PagedConfig, specs: list[LayerSpec], groups: list[GroupS
 MAX_KEY_PAGES = 4
 
 
-def prefix_key_size(groups: list[GroupSpec]) -> int:
-    """Tokens per prefix-cache key: a whole number of pages of every group."""
-    return math.lcm(*(group.page_size for group in groups))
+def prefix_key_size(page_size: int, groups: list[GroupSpec]) -> int:
+    """Tokens per prefix-cache key: a whole number of `page_size` (the config's) and of the pages of every group."""
+    return math.lcm(page_size, *(group.page_size for group in groups))
 
 
 def choose_num_pages(config: PagedConfig, layout: Layout) -> int:
@@ -84,8 +84,8 @@ class KVPool:
     values, each NHD) in layer i's dtype on layer i's device: a view into one of `slices` (layout.py:
     one id space, an id holds `page_bytes` whichever group of layers uses it). `page_size` is the
     config's (the full-attention layers'; sliding-window groups take smaller pages: groups.py); the
-    prefix cache keys prompts by whole pages of every group (`prefix_key_size`). `groups` are the groups the pool was laid out for, with the
-    page size each got. The extra last page is kept zero and never handed out: padded reads of the
+    prefix cache keys prompts by whole pages of every group (`prefix_key_size`). `groups` are the
+    groups the pool was laid out for, with the page size each got. The extra last page is kept zero and never handed out: padded reads of the
     torch executor point there.
 
     Many caches, one pool: every open PagedCache draws pages from `blocks`, whose lock makes each
@@ -121,7 +121,7 @@ class KVPool:
             self.pools = layer_views(self.slices, specs, self.layout)
             self.blocks = BlockManager(self.num_pages)
             # Full prompt pages kept across calls (PagedConfig.prefix_cache); it registers as the evictor.
-            self.prefix_cache = PrefixCache(self.blocks, prefix_key_size(self.groups)) if config.prefix_cache else None
+            self.prefix_cache = PrefixCache(self.blocks, prefix_key_size(config.page_size, self.groups)) if config.prefix_cache else None
         except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
             self.pools.clear()
             self.slices.clear()

@@ -84,26 +84,29 @@ class PrefixCache:
     ) -> list[Entry]:
         """Cached entries (pages per group) holding the longest page-aligned prefix of `tokens` that
         stops before its last token, from page `first_page` on (the caller holds the pages before),
-        and after which every sliding group holds the window a query needs.
+        and after which every group holds what the next query sees: a full group every page, a
+        sliding group the pages of its last `window - 1` tokens (where it holds none, its entry is
+        all holes: a model of sliding groups only keeps no entry there).
 
         `groups`: (window, page size) of each group of layers (window None: the group keeps every
         token); None: every group keeps every token. The caller takes its own references to them.
         The last token is never covered: generate() feeds it, so the remainder to compute is never empty.
         """
         num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
-        entries: list[Entry] = []
-        keys: list[bytes] = []
-        for key in page_keys(tokens, self.page_size, num_pages)[first_page:]:
-            pages = self.pages_of.get(key)
-            if pages is None:
-                break
-            entries.append(pages)
-            keys.append(key)
-        usable = len(entries)
-        while usable and not self._holds_windows(entries[:usable], first_page, groups):
-            usable -= 1
-        entries, keys = entries[:usable], keys[:usable]
-        self._touch(keys)
+        keys = page_keys(tokens, self.page_size, num_pages)
+        found = [self.pages_of.get(key) for key in keys]
+        if groups is None or any(window is None for window, _ in groups):  # every entry up to the end
+            end = first_page
+            while end < num_pages and found[end] is not None:
+                end += 1
+            ends = range(end, first_page, -1)
+        else:  # only the window's entries: any key found may end a hit
+            ends = [end for end in range(num_pages, first_page, -1) if found[end - 1] is not None]
+        usable = next((end for end in ends if self._holds_windows(found, first_page, end, groups)), first_page)
+        hole = self.blocks.num_pages
+        empty = tuple((hole,) * (self.page_size // size) for _, size in groups or [])
+        entries = [found[index] or empty for index in range(first_page, usable)]
+        self._touch([keys[index] for index in range(first_page, usable) if found[index] is not None])
         if first_page == 0:  # a second look for the same prompt looks up nothing new
             self.stats.lookups += 1
             self.stats.lookup_tokens += num_pages * self.page_size
@@ -111,28 +114,30 @@ class PrefixCache:
         self.stats.hit_tokens += len(entries) * self.page_size
         return entries
 
-    def num_chained(self, tokens: list[int], first_page: int = 0) -> int:
-        """Keys of `tokens`' full pages before its last token that are cached, in a row from page
-        `first_page` on, whether or not a window is held after them (counts nothing, touches nothing)."""
+    def num_chained(self, tokens: list[int]) -> int:
+        """Full pages of `tokens` before its last token up to the last key cached (another prompt
+        went on from there, or ended), whether or not a window is held there (counts nothing)."""
         num_pages = (len(tokens) - 1) // self.page_size if tokens else 0
-        found = 0
-        for key in page_keys(tokens, self.page_size, num_pages)[first_page:]:
-            if key not in self.pages_of:
-                break
-            found += 1
-        return found
+        keys = page_keys(tokens, self.page_size, num_pages)
+        return next((index + 1 for index in range(num_pages - 1, -1, -1) if keys[index] in self.pages_of), 0)
 
-    def _holds_windows(self, entries: list[Entry], first_page: int, groups: list[tuple[int | None, int]] | None) -> bool:
-        """Whether `entries` (keys `first_page` on) hold, in every group, the pages the query after
-        them sees: all of a full group's (never a hole), a sliding group's last `window - 1` tokens."""
-        hole, end = self.blocks.num_pages, (first_page + len(entries)) * self.page_size
+    def _holds_windows(
+        self, found: list[Entry | None], first_page: int, end: int, groups: list[tuple[int | None, int]] | None
+    ) -> bool:
+        """Whether the entries `found[first_page:end]` hold, in every group, the pages the query
+        after them sees: all of a full group's, a sliding group's last `window - 1` tokens."""
+        hole, stop = self.blocks.num_pages, end * self.page_size
         for group, (window, size) in enumerate(groups or []):
-            needed = first_page * self.page_size
+            start = first_page * self.page_size
             if window is not None:
-                needed = max(needed, end - window + 1)
-            pages = [page for entry in entries for page in entry[group]]
-            if hole in pages[needed // size - first_page * self.page_size // size :]:
-                return False
+                start = max(start, stop - window + 1)
+            for index in range(start // self.page_size, end):
+                entry = found[index]
+                if entry is None:
+                    return False
+                offset = max(0, start - index * self.page_size) // size  # the entry's first page needed
+                if hole in entry[group][offset:]:
+                    return False
         return True
 
     def insert(

@@ -46,9 +46,10 @@ def test_sliding_layers_pack_into_the_full_layers_pages():
     starts = sorted(pool.pools[layer].data_ptr() - base for layer in range(5))
     assert starts == [i * 3 * token_bytes // 2 for i in range(5)]
     assert pool.pools[5].is_contiguous() and pool.pools[5].data_ptr() == base
-    # The prefix cache keys entries by whole pages of 16: its sliding pages must divide them.
+    # The prefix cache keys entries by whole pages of every group: 48 tokens, 3 full pages and 16 sliding ones.
     cached = hf_paged.wrap(gemma3_shape(window=96), num_pages=32, prefix_cache=True)
-    assert [g.page_size for g in cached.hf_paged_runtime.groups] == [16, 2]
+    assert [g.page_size for g in cached.hf_paged_runtime.groups] == [16, 3]
+    assert cached.hf_paged_runtime.pool.prefix_cache.page_size == 48
 
 
 def test_models_without_windows_keep_one_contiguous_pool_per_layer():
@@ -84,18 +85,18 @@ def mistral_shape(window: int = 200, seed: int = 0) -> torch.nn.Module:
     return one_kv_head_of_32(transformers.MistralConfig, 4, window, seed)
 
 
-def serve_in_a_fraction_of_stock(model, prompt: int, fraction: float, **kwargs) -> dict:
+def serve_in_a_fraction_of_stock(model, prompt: int, fraction: float, prefix_cache: bool = False, **kwargs) -> dict:
     """Stock's tokens from a pool of `fraction` x the KV bytes stock's cache ends with (the budget
     given as bytes); returns memory_stats."""
     ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=24, min_new_tokens=24, pad_token_id=0, **kwargs)
     stock = model.generate(ids, return_dict_in_generate=True, **kwargs)
     stock_bytes = cache_kv_bytes(stock.past_key_values)
-    paged = hf_paged.wrap(copy.deepcopy(model), max_memory=int(fraction * stock_bytes))
+    paged = hf_paged.wrap(copy.deepcopy(model), max_memory=int(fraction * stock_bytes), prefix_cache=prefix_cache)
     assert torch.equal(paged.generate(ids, **kwargs), stock.sequences)  # and no OutOfPagesError
     stats = hf_paged.memory_stats(paged)
     assert stats["peak_pool_bytes"] <= stats["pool_bytes"] <= fraction * stock_bytes
-    assert stats["pages_in_use"] == 0
+    assert stats["pages_in_use"] == stats.get("cached_pages", 0)
     return stats
 
 
@@ -105,9 +106,12 @@ def serve_in_a_fraction_of_stock(model, prompt: int, fraction: float, **kwargs) 
         (gemma3_shape, 900, 1.1, {}),
         (gemma3_shape, 900, 0.40, dict(num_beams=4)),
         (mistral_shape, 900, 0.45, dict(num_beams=4)),
+        (gemma3_shape, 900, 1.1, dict(prefix_cache=True)),
+        (mistral_shape, 900, 0.45, dict(num_beams=4, prefix_cache=True)),
         pytest.param(gemma3_shape, 3000, 1.1, {}, marks=pytest.mark.slow),
     ],
-    ids=["gemma3-greedy-1.1x", "gemma3-beam4-0.40x", "mistral-beam4-0.45x", "gemma3-3000-1.1x"],
+    ids=["gemma3-greedy-1.1x", "gemma3-beam4-0.40x", "mistral-beam4-0.45x", "gemma3-prefix-cache-1.1x",
+         "mistral-beam4-prefix-cache-0.45x", "gemma3-3000-1.1x"],
 )
 def test_windowed_models_fit_in_a_fraction_of_stocks_kv_bytes(make, prompt, fraction, kwargs):
     """Windows of 96 (Gemma-3 shape) and 200 (Mistral shape) and a prompt of 900 or 3,000 tokens:
