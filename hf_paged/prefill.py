@@ -35,14 +35,23 @@ def forward_parameters(model: torch.nn.Module) -> dict:
 
 
 def can_use_prefix_cache(model: torch.nn.Module, attention_mask: torch.Tensor | None) -> bool:
-    """Positions can be given explicitly and the mask is left padding only (no holes)."""
-    if "position_ids" not in forward_parameters(model):
+    """Positions can be given explicitly (or the model has none but its attention's, which the
+    paged attention takes from the stored tokens) and the mask is left padding only (no holes)."""
+    if "position_ids" not in forward_parameters(model) and not positions_from_stored_tokens(model):
         return False
     if attention_mask is None:
         return True
     mask = attention_mask.bool()
     # Left padding: once a row has a token, every later column is a token too.
     return bool((mask.cummax(dim=1).values == mask).all())
+
+
+def positions_from_stored_tokens(model: torch.nn.Module) -> bool:
+    """Whether the model's only positions are its attention's, counted over each row's stored tokens
+    (ALiBi: Bloom), declared by its patch (hf_paged.patches): its forward takes no `position_ids`
+    and needs none to continue a row from cached pages."""
+    runtime = getattr(model, "hf_paged_runtime", None)
+    return bool(getattr(getattr(runtime, "patch", None), "POSITIONS_FROM_STORED_TOKENS", False))
 
 
 @torch.no_grad()
@@ -221,11 +230,13 @@ def _compute(
     inputs = {
         "input_ids": ids,
         "attention_mask": torch.cat([past, new], dim=1),
-        "position_ids": positions,
         _compat.model_cache_arg(model): cache,
         "use_cache": True,
     }
-    if "logits_to_keep" in forward_parameters(model):
+    parameters = forward_parameters(model)
+    if "position_ids" in parameters:
+        inputs["position_ids"] = positions
+    if "logits_to_keep" in parameters:
         inputs["logits_to_keep"] = 1
     cache.ragged_prefill = True
     try:

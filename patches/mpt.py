@@ -12,6 +12,10 @@ from hf_paged.attention.params import LayerParams
 
 from . import cached_slopes, modules_by_layer
 
+# No position but ALiBi's, which the paged attention counts over each row's stored tokens: a row
+# continued from the prefix cache's pages needs no `position_ids` (MPT's forward takes none).
+POSITIONS_FROM_STORED_TOKENS = True
+
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return modules_by_layer(model, ("MptAttention",), "layer_idx", model.config.n_layers)

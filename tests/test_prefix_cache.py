@@ -73,18 +73,19 @@ def generate(model, input_ids, mask, seed=7, max_new_tokens=6, **kwargs):
     return tiny.generate(model, input_ids, mask, seed=seed, max_new_tokens=max_new_tokens, **kwargs)
 
 
-# GPT-Neo (local layers: a window group) is served by hf_paged.patches. (Bloom gives stock's tokens
-# with prefix_cache=True but reads no cached page.)
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neo"])
+# GPT-Neo (local layers: a window group), Bloom and MPT (ALiBi, a forward without position_ids:
+# their patches declare POSITIONS_FROM_STORED_TOKENS) are served by hf_paged.patches.
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neo", "bloom", "mpt"])
 def test_second_calls_hit_every_full_page_and_match_stock(family):
     model = tiny_model(family)
     input_ids, mask = padded_prompts(batch=3, length=23, pads=(0, 5, 10))
-    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in MODES.items()}
+    modes = {mode: dict(kw, use_cache=True) for mode, kw in MODES.items()}  # MPT's config says False
+    expected = {mode: generate(model, input_ids, mask, **kw) for mode, kw in modes.items()}
     hf_paged.wrap(model, num_pages=256, page_size=4, prefix_cache=True)
     real = mask.sum(dim=1).tolist()
     full_pages = sum((n - 1) // 4 for n in real)
     for call in range(2):
-        for mode, kw in MODES.items():
+        for mode, kw in modes.items():
             before = hf_paged.memory_stats(model)["prefix_hits"]
             assert torch.equal(generate(model, input_ids, mask, **kw), expected[mode]), (family, mode, call)
             hits = hf_paged.memory_stats(model)["prefix_hits"] - before
