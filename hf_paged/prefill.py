@@ -1,9 +1,13 @@
 """Prefill a prompt batch on top of the pages the prefix cache already holds.
 
 Each row's real tokens (pads are never stored nor part of a key) are looked up in the pool's
-PrefixCache; the row's page table starts with the pages found (references, no copy), and one
+PrefixCache; the row's page table starts with the pages found (references, no copy), and a
 forward computes every row's remainder, the last prompt token excluded (generate() feeds it, as
 after `generate.prefill_prompt`). The rows' full prompt pages are then kept for later calls.
+
+A model with sliding-window layers keeps only their window (inflight.py), so a row's prefill
+stops, one forward more each, where a later prompt may reuse what came before (`_stops`): the
+window before that point is then in the pages when they are kept (a window snapshot).
 """
 
 import inspect

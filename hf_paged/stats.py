@@ -27,8 +27,8 @@ def memory_stats(model: torch.nn.Module) -> dict:
     each forward (a window lets go of what it cannot see at the end of a forward, the measure of
     stock's window-only cache), each group's pages at the bytes its layers use; otherwise it
     equals `peak_pool_bytes`. With the prefix cache on, `pages_in_use` includes the
-    `cached_pages` it keeps between calls (pages a call shares with it are not in that call's
-    peaks), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
+    `cached_pages` it keeps between calls (a call's peaks count the pages its rows hold, cached
+    ones they read included, not those only the cache holds), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
     Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
     which holds this rank's KV heads; every rank's pool has the same pages.
