@@ -40,9 +40,13 @@ def forward_skips(groups, group_tables, applies: list[bool], qo_lens: list[int],
     split prompt is being fed (PagedCache.prompt_phase), whose last token may see all of it.
     """
     skips: list[list[int] | None] = []
+    longest = max(qo_lens, default=0)  # a row skips a token only when it brings a window of them
     for spec, tables, applied in zip(groups, group_tables, applies):
         skip = None
-        if spec.window is not None and not recording and not (prompt_open and (spec.cache_window or not applied)):
+        if (
+            spec.window is not None and longest >= spec.window and not recording
+            and not (prompt_open and (spec.cache_window or not applied))
+        ):
             skip = skipped_tokens(qo_lens, spec.window, spec.page_size, tables.num_tokens)
             skip = skip if any(skip) else None
         skips.append(skip)
