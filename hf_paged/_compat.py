@@ -176,3 +176,16 @@ def routes_through_interface(module: Any) -> bool:
     transformers' `ALL_ATTENTION_FUNCTIONS` (which hf_paged's registered function then serves)."""
     source = inspect.getsource(sys.modules[type(module).__module__])
     return "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
+
+
+def attn_implementation(config: Any) -> str | None:
+    """`config._attn_implementation`, read per forward: PreTrainedConfig's attribute lookup costs
+    microseconds (its `__getattribute__` maps attribute names), so the attribute behind its property
+    (5.23 to 5.25) is read from the instance's dict directly where it exists."""
+    if config is None:
+        return None
+    found = object.__getattribute__(config, "__dict__").get("_attn_implementation_internal", _MISSING)
+    return getattr(config, "_attn_implementation", None) if found is _MISSING else found
+
+
+_MISSING = object()

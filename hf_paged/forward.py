@@ -21,6 +21,7 @@ class ForwardState:
 
     group_metas: list[ForwardMetadata]
     prompt_last: bool = False  # the forward of the prompt's last token after a split prefill (`prompt_phase`)
+    direct: bool = False  # every layer is on the device the metadata was built on: `metas` stays empty
     metas: dict[tuple[int, torch.device], ForwardMetadata] = field(default_factory=dict)
     plans: dict[tuple, object] = field(default_factory=dict)
     # (group, layer params) -> the params a layer attending wider than its group's window uses (once per forward)

@@ -29,6 +29,9 @@ class GroupPages:
         self.peak_group_pages = [0] * len(groups)
         self.peak_kv_bytes = 0
         self.peak_pool_pages = 0
+        # Whether rows may hold more pages than when note_peaks last counted: only taking pages
+        # (place, adopt) adds any, so a forward whose tokens went into pages its rows held changes no peak.
+        self._uncounted = True
 
     @property
     def tables(self) -> PageTables:
@@ -48,7 +51,14 @@ class GroupPages:
         stored tokens, the copy-on-write copies and the pages a skip took out of the tables
         (PageTables.append_skipping). Raises OutOfPagesError before any group takes a page when
         the pool cannot hold them all."""
+        if skips is None or not any(skips):
+            in_place = [tables.in_place_slots(qo_lens) for tables in self.group_tables]
+            if None not in in_place:  # every group's new tokens fit in pages its rows hold alone (no peak moves)
+                for tables in self.group_tables:
+                    tables.advance(qo_lens)
+                return [(slots, [], []) for slots in in_place]
         skips = skips or [None] * len(self.group_tables)
+        self._uncounted = True
         with self.blocks.lock:
             num_needed = sum(tables.num_pages_to_append(qo_lens, skip) for tables, skip in zip(self.group_tables, skips))
             if not self.blocks.can_allocate(num_needed):
@@ -85,6 +95,9 @@ class GroupPages:
 
     def note_peaks(self) -> None:
         """Pages each group's rows hold now, and the K/V bytes that makes, at their highest."""
+        if not self._uncounted:
+            return
+        self._uncounted = False
         total = 0
         for group, tables in enumerate(self.group_tables):
             held = {page for table, lead in zip(tables.page_tables, tables.num_leading_holes) for page in table[lead:]}
@@ -106,6 +119,7 @@ class GroupPages:
     def adopt(self, row: int, group_pages: list[list[int]], num_tokens: int, extend: bool = False) -> None:
         """Start the empty row `row` (`extend`: continue a row of full pages) with shared full pages,
         `group_pages[g]` in group g."""
+        self._uncounted = True
         for tables, pages in zip(self.group_tables, group_pages):
             tables.adopt(row, pages, num_tokens, extend=extend)
 

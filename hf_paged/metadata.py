@@ -25,6 +25,9 @@ class ForwardMetadata:
                       the layer inputs; None when every input token is new (no padding).
     copy_src, copy_dst: [num_copies] int64 pages to copy (copy-on-write) before K/V are written;
                       None when there is nothing to copy.
+    The four index tensors are made from the host lists the first time they are read (the torch
+    executor's decode step reads none of them: one host-to-device copy per forward, not five);
+    metadata without host lists (cascade's suffix) is given them.
     Host-side: qo_lens, kv_lens (per row, new tokens and the tokens its pages hold after this
     forward: a sliding-window group's rows start at their first held page), q_len (the
     padded number of input tokens per row), page_size, and kv_indptr_host / kv_indices_host, the
@@ -39,10 +42,6 @@ class ForwardMetadata:
     its layers then attend from the forward's own K/V); None: every new token (`token_index`).
     """
 
-    qo_indptr: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    kv_last_page_len: torch.Tensor
     slot_mapping: torch.Tensor
     token_index: torch.Tensor | None
     copy_src: torch.Tensor | None
@@ -51,11 +50,41 @@ class ForwardMetadata:
     kv_lens: list[int]
     q_len: int
     page_size: int
+    device: torch.device
     cascade: bool = False
     kv_indptr_host: list[int] | None = None
     kv_indices_host: list[int] | None = None
     group: int = 0
     write_index: torch.Tensor | None = None
+    # The index tensors once made (or given): see the properties below.
+    made_qo_indptr: torch.Tensor | None = None
+    made_kv_indptr: torch.Tensor | None = None
+    made_kv_indices: torch.Tensor | None = None
+    made_kv_last_page_len: torch.Tensor | None = None
+
+    @property
+    def qo_indptr(self) -> torch.Tensor:
+        if self.made_qo_indptr is None:
+            self.made_qo_indptr = to_device(cumsum(self.qo_lens), torch.int32, self.device)
+        return self.made_qo_indptr
+
+    @property
+    def kv_indptr(self) -> torch.Tensor:
+        if self.made_kv_indptr is None:
+            self.made_kv_indptr = to_device(self.kv_indptr_host, torch.int32, self.device)
+        return self.made_kv_indptr
+
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        if self.made_kv_indices is None:
+            self.made_kv_indices = to_device(self.kv_indices_host, torch.int32, self.device)
+        return self.made_kv_indices
+
+    @property
+    def kv_last_page_len(self) -> torch.Tensor:
+        if self.made_kv_last_page_len is None:
+            self.made_kv_last_page_len = to_device(last_page_lens(self.kv_lens, self.page_size), torch.int32, self.device)
+        return self.made_kv_last_page_len
 
     @property
     def num_rows(self) -> int:
@@ -77,11 +106,12 @@ class ForwardMetadata:
     def to(self, device: torch.device) -> "ForwardMetadata":
         """The same metadata with its tensors on `device` (layers placed on another device)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        has_lists = self.kv_indptr_host is not None  # then the index tensors are made there from them
         return ForwardMetadata(
-            move(self.qo_indptr), move(self.kv_indptr), move(self.kv_indices), move(self.kv_last_page_len),
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
-            self.qo_lens, self.kv_lens, self.q_len, self.page_size,
+            self.qo_lens, self.kv_lens, self.q_len, self.page_size, device,
             self.cascade, self.kv_indptr_host, self.kv_indices_host, self.group, move(self.write_index),
+            *(None if has_lists else move(t) for t in (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len)),
         )
 
 
@@ -147,10 +177,6 @@ def build_metadata(
     copy_dst = to_device([c[1] for c in copies], torch.int64, device) if copies else None
     kv_indptr = cumsum([len(t) - lead for t, lead in zip(tables.page_tables, holes)])
     return ForwardMetadata(
-        qo_indptr=to_device(cumsum(qo_lens), torch.int32, device),
-        kv_indptr=to_device(kv_indptr, torch.int32, device),
-        kv_indices=to_device(kv_indices, torch.int32, device),
-        kv_last_page_len=to_device(last_page_lens(kv_lens, page_size), torch.int32, device),
         slot_mapping=to_device(slots, torch.int64, device),
         token_index=token_index,
         copy_src=copy_src,
@@ -159,8 +185,32 @@ def build_metadata(
         kv_lens=kv_lens,
         q_len=q_len,
         page_size=page_size,
+        device=device,
         cascade=cascade,
         kv_indptr_host=kv_indptr,
         kv_indices_host=kv_indices,
         group=group,
+    )
+
+
+def advance_metadata(previous: ForwardMetadata, qo_lens: list[int], q_len: int, slots: list[int]) -> ForwardMetadata:
+    """The metadata of a forward whose rows hold the pages they held in `previous`'s forward, its
+    new tokens (no pads) stored in them (PageTables.in_place_slots): the page lists, and their
+    tensors once made, carry over; the lengths grow by the new tokens."""
+    return ForwardMetadata(
+        slot_mapping=to_device(slots, torch.int64, previous.device),
+        token_index=None,
+        copy_src=None,
+        copy_dst=None,
+        qo_lens=qo_lens,
+        kv_lens=[n + new for n, new in zip(previous.kv_lens, qo_lens)],
+        q_len=q_len,
+        page_size=previous.page_size,
+        device=previous.device,
+        cascade=previous.cascade,
+        kv_indptr_host=previous.kv_indptr_host,
+        kv_indices_host=previous.kv_indices_host,
+        group=previous.group,
+        made_kv_indptr=previous.made_kv_indptr,
+        made_kv_indices=previous.made_kv_indices,
     )

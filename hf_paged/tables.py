@@ -54,11 +54,15 @@ class PageTables:
         self.num_shared_held = 0
         self.peak_pages_held = 0
         self.peak_shared_held = 0
+        # Counts the changes that may have changed page lists (`_changing_pages`, `add_rows`): metadata
+        # built at one version holds for the next forward whose tokens go `in_place_slots`.
+        self.version = 0
 
     @contextlib.contextmanager
     def _changing_pages(self) -> Iterator[None]:
         """Hold the pool's lock and count what this table's change did to the pool."""
         blocks = self.blocks
+        self.version += 1
         with blocks.lock:
             used, shared, evicted = blocks.num_used_pages, blocks.num_shared_pages, blocks.num_evicted_pages
             try:
@@ -76,6 +80,7 @@ class PageTables:
 
     def add_rows(self, num_rows: int) -> None:
         """Append `num_rows` empty rows."""
+        self.version += 1
         self.page_tables.extend([] for _ in range(num_rows))
         self.num_tokens.extend([0] * num_rows)
         self.num_leading_holes.extend([0] * num_rows)
@@ -156,6 +161,29 @@ class PageTables:
         self.stride = stride
         self.blocks.reserve(range(first, first + self.num_rows * stride))
         return True
+
+    def in_place_slots(self, num_new_tokens: list[int]) -> list[int] | None:
+        """The slots of `num_new_tokens[i]` more tokens in row i when every row's fit in its last
+        page, which it alone holds (most decode steps): then `advance` stores them and no page
+        changes hands. None otherwise (`append` places them). Changes nothing."""
+        page_size, ref_counts = self.page_size, self.blocks.ref_counts
+        slots: list[int] = []
+        for table, num_tokens, num_new in zip(self.page_tables, self.num_tokens, num_new_tokens):
+            offset = num_tokens % page_size
+            if not offset or offset + num_new > page_size or ref_counts[table[-1]] != 1:
+                if num_new:
+                    return None
+                continue
+            first = table[-1] * page_size + offset
+            if num_new == 1:
+                slots.append(first)
+            else:
+                slots.extend(range(first, first + num_new))
+        return slots
+
+    def advance(self, num_new_tokens: list[int]) -> None:
+        """Count the tokens `in_place_slots` placed."""
+        self.num_tokens = [n + new for n, new in zip(self.num_tokens, num_new_tokens)]
 
     def num_pages_to_append(self, num_new_tokens: list[int], skip: list[int] | None = None) -> int:
         """Pages `append(num_new_tokens, skip)` takes from the pool, copies for copy-on-write included."""

@@ -356,7 +356,7 @@ class _BeginForward:
             return None
         if cache.runtime is not runtime and cache.pool is not runtime.pool:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
-        implementation = getattr(getattr(module, "config", None), "_attn_implementation", ATTN_NAME)
+        implementation = _compat.attn_implementation(getattr(module, "config", None)) or ATTN_NAME
         if runtime.patch is None and implementation != ATTN_NAME:
             # Its layers would call that implementation, which never reads the pages.
             raise RuntimeError(
@@ -370,12 +370,11 @@ class _BeginForward:
             inputs = arguments.get("inputs_embeds")
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
-        begin = functools.partial(
-            cache.begin_forward, inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device
-        )
+        batch_size, q_len = inputs.shape[:2]
         if runtime.tp is None:
-            begin()
+            cache.begin_forward(batch_size, q_len, arguments.get("attention_mask"), inputs.device)
         else:  # a rank that cannot place its tokens must not leave the others waiting in the forward's collectives
+            begin = functools.partial(cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device)
             runtime.tp.run(begin, "placing a forward's tokens")
         runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
         return args, {**kwargs, CACHE_KWARG: cache}

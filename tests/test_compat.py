@@ -125,6 +125,17 @@ def test_families_that_moved_to_the_interface_are_served_by_the_interface_or_a_p
         assert torch.equal(generate(**mode), tokens), (family, mode)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_the_attention_implementation_is_read_as_the_config_answers_it(implementation):
+    """The hook reads it per forward from the attribute behind the config's property (for speed)."""
+    model = tiny_model("llama")
+    model.set_attn_implementation(implementation)
+    assert _compat.attn_implementation(model.model.config) == model.model.config._attn_implementation == implementation
+    hf_paged.wrap(model)
+    assert _compat.attn_implementation(model.model.config) == model.model.config._attn_implementation == "hf_paged"
+    assert _compat.attn_implementation(None) is None
+
+
 def test_paged_cache_answers_the_cache_api_as_dynamic_cache_does():
     """Every Cache method generate() or a user calls, side by side with DynamicCache."""
     model = tiny_model("llama")
@@ -173,11 +184,15 @@ def test_paged_cache_defines_every_cache_member_of_the_installed_release():
     to activate_past_recording) fails here until PagedCache answers it or it is listed above."""
     from transformers.cache_utils import Cache
 
+    # PagedCache's own members, or its mixins' (steps.ForwardSteps), which come before Cache in its MRO.
+    ours = PagedCache.__mro__[: PagedCache.__mro__.index(Cache)]
+    definitions = {name: next(cls.__dict__[name] for cls in ours if name in cls.__dict__)
+                   for name in dir(Cache) if not name.startswith("_") and any(name in cls.__dict__ for cls in ours)}
     members = {name for name in dir(Cache) if not name.startswith("_")}
-    own = {name for name in members if name in PagedCache.__dict__}
+    own = set(definitions)
     assert members - own - INHERITED_ON_PURPOSE == set()
     for name in own:  # PagedCache takes every argument stock's method takes
-        stock, paged = getattr(Cache, name), PagedCache.__dict__[name]
+        stock, paged = getattr(Cache, name), definitions[name]
         if inspect.isfunction(stock):
             taken = inspect.signature(paged).parameters
             takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in taken.values())

@@ -40,6 +40,19 @@ def test_changing_the_attention_implementation_after_wrap_says_what_happened_and
     assert torch.equal(generate(model, input_ids, mask, num_beams=2), expected)
 
 
+def test_changing_the_attention_implementation_while_a_cache_is_open_raises_naming_it():
+    """Every forward reads the implementation (a user's own cache spans several forwards)."""
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4)
+    input_ids, _ = padded_prompts(batch=1, length=9, pads=(0,))
+    with PagedCache(model) as cache, torch.no_grad():
+        model(input_ids=input_ids, past_key_values=cache)
+        model.set_attn_implementation("eager")
+        with pytest.raises(RuntimeError, match=r"changed to 'eager' after hf_paged.wrap\(\)"):
+            model(input_ids=input_ids[:, -1:], past_key_values=cache)
+    stats = hf_paged.memory_stats(model)
+    assert stats["pages_in_use"] == 0
+
+
 def test_wrap_takes_a_mapping_of_settings():
     model = hf_paged.wrap(tiny_model("llama"), {"page_size": 8, "num_pages": 16})
     stats = hf_paged.memory_stats(model)

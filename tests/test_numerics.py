@@ -45,7 +45,7 @@ def without_last_key(meta, row: int):
     last[row] -= 1
     kv_lens = list(meta.kv_lens)
     kv_lens[row] -= 1
-    return dataclasses.replace(meta, kv_last_page_len=last, kv_lens=kv_lens)
+    return dataclasses.replace(meta, made_kv_last_page_len=last, kv_lens=kv_lens)
 
 
 def with_a_duplicated_key(pool, meta, row: int, key: int):
@@ -60,7 +60,7 @@ def with_a_duplicated_key(pool, meta, row: int, key: int):
     last[row] += 1
     kv_lens = list(meta.kv_lens)
     kv_lens[row] += 1
-    return dataclasses.replace(meta, kv_last_page_len=last, kv_lens=kv_lens)
+    return dataclasses.replace(meta, made_kv_last_page_len=last, kv_lens=kv_lens)
 
 
 @pytest.mark.parametrize("variant", sorted(numerics.VARIANTS))

@@ -66,7 +66,7 @@ def test_rows_read_in_place_match_dense_attention(page_size, steps, num_qo_heads
         expected = dense_layer(q[start : start + n], *dense[row], params)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
-    gathered = torch_dense.plan(dataclasses.replace(meta, kv_indices_host=None), params, zero_page)
+    gathered = torch_dense.plan(dataclasses.replace(meta, kv_indices_host=None, made_kv_indices=meta.kv_indices), params, zero_page)
     assert gathered.kv_slots is not None
     torch.testing.assert_close(out, torch_dense.run(q, pool, gathered), atol=1e-6, rtol=1e-6)
 

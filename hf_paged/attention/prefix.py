@@ -97,13 +97,8 @@ def suffix_metadata(meta: ForwardMetadata, prefix_pages: list[int]) -> ForwardMe
     for row, skip in enumerate(prefix_pages):
         suffix_indices.extend(indices[indptr[row] + skip:indptr[row + 1]])
     suffix_indptr = cumsum(indptr[row + 1] - indptr[row] - skip for row, skip in enumerate(prefix_pages))
-    device = meta.kv_indptr.device
     page_size = meta.page_size
     return ForwardMetadata(
-        qo_indptr=meta.qo_indptr,
-        kv_indptr=to_device(suffix_indptr, torch.int32, device),
-        kv_indices=to_device(suffix_indices, torch.int32, device),
-        kv_last_page_len=meta.kv_last_page_len,
         slot_mapping=meta.slot_mapping,
         token_index=meta.token_index,
         copy_src=None,
@@ -112,5 +107,10 @@ def suffix_metadata(meta: ForwardMetadata, prefix_pages: list[int]) -> ForwardMe
         kv_lens=[n - skip * page_size for n, skip in zip(meta.kv_lens, prefix_pages)],
         q_len=meta.q_len,
         page_size=page_size,
+        device=meta.device,
         group=meta.group,
+        made_qo_indptr=meta.qo_indptr,
+        made_kv_indptr=to_device(suffix_indptr, torch.int32, meta.device),
+        made_kv_indices=to_device(suffix_indices, torch.int32, meta.device),
+        made_kv_last_page_len=meta.kv_last_page_len,
     )

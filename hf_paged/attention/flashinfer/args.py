@@ -102,7 +102,7 @@ def prefill_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.d
 def plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype) -> Args:
     """`plan` arguments of the `wrapper_kind(meta)` wrapper, host arrays pinned on CUDA."""
     build = decode_plan_args if wrapper_kind(meta) == "decode" else prefill_plan_args
-    return build(meta, params, dtype, host_indices(meta, pin_memory=meta.kv_indptr.device.type == "cuda"))
+    return build(meta, params, dtype, host_indices(meta, pin_memory=meta.device.type == "cuda"))
 
 
 def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:

@@ -59,11 +59,11 @@ def prefix_plan_args(
         qo_per_group.append(sum(meta.qo_lens[row] for row in members))
         start = indptr[members[0]]
         pages.extend(indices[start:start + num_pages])
-    pin = meta.kv_indptr.device.type == "cuda"
+    pin = meta.device.type == "cuda"
     args = (
         host_tensor(cumsum(qo_per_group), pin_memory=pin),
         host_tensor(cumsum(num_pages for _, num_pages in groups), pin_memory=pin),
-        to_device(pages, torch.int32, meta.kv_indptr.device),
+        to_device(pages, torch.int32, meta.device),
         host_tensor([page_size] * len(groups), pin_memory=pin),
         params.num_qo_heads, params.num_kv_heads, params.head_dim, page_size,
     )
@@ -82,7 +82,7 @@ def plan(
     if not token_order:
         return None
     suffix_meta = prefix.suffix_metadata(meta, prefix.prefix_pages(meta.num_rows, groups))
-    device = meta.kv_indptr.device
+    device = meta.device
     suffix = plan_wrapper(device, (wrapper_kind(meta), params, meta.group), *plan_args(suffix_meta, params, dtype), dtype)
     prefix_wrapper = plan_wrapper(device, ("prefix", params, meta.group), prefix_args, prefix_kwargs, dtype)
     order = to_device(token_order, torch.int64, device)

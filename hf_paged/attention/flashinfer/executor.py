@@ -103,7 +103,7 @@ class FlashInferExecutor:
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Any:
         """Plan the wrapper(s) for `params` on `meta`'s device: a FlashInferPlan, or a cascade plan
         when `meta.cascade` and rows share a prefix worth it. Never reads device memory."""
-        device = meta.kv_indptr.device
+        device = meta.device
         dtype = next((spec.dtype for spec in pool.specs if spec.device == device), pool.specs[0].dtype)
         kind = wrapper_kind(meta)
         state = self._state(device)

@@ -41,7 +41,9 @@ class TorchExecutor:
         return plan(meta, params, pool.zero_page_id)
 
     def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan) -> torch.Tensor:
-        return run(q, layer_pool, plan)
+        if plan.__class__ is dense.TorchPlan:  # (per layer and token: one call less than `run`)
+            return dense.run(q, layer_pool, plan)
+        return cascade.run(q, layer_pool, plan)
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Nothing to prepare: the torch runner derives everything from the step's buffers."""

@@ -61,7 +61,7 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Casca
     suffix_meta = prefix.suffix_metadata(meta, prefix.prefix_pages(rows, groups))
     suffix = dense.plan(suffix_meta, params, zero_page_id, allow_causal=False)
 
-    device = meta.kv_indptr.device
+    device = meta.device
     indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
     max_pages = max(pages for _, pages in groups)
     prefix_slots = None

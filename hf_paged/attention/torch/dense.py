@@ -51,6 +51,11 @@ class TorchPlan:
     causal: bool = False
     row_run: tuple[int, int] | None = None
     kv_pages: torch.Tensor | None = None
+    # One query per row read by `row_run` or `kv_pages`, no mask, soft cap or bias (greedy and
+    # sampled decode steps): the K/V `as_strided` size, strides, and offsets of the keys and of the
+    # values (in a contiguous layer pool, or in the gathered pages), and the shapes of the packed
+    # query and of the output; else None. `run`'s fewest-calls path.
+    decode_view: tuple | None = None
 
 
 def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
@@ -176,7 +181,22 @@ def plan(
         mask = alibi_mask(meta, max_q, max_kv, params)
     else:
         mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
-    return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run, kv_pages)
+    decode_view = None
+    if (row_run is not None or kv_pages is not None) and max_q == 1 and q_positions is None and mask is None \
+            and not params.logits_soft_cap:
+        heads, dim = params.num_kv_heads, params.head_dim
+        page = meta.page_size * heads * dim  # elements per page of `[.., pages, page_size, H, D]`
+        if row_run is not None:  # in the pool: values one plane (zero_page_id + 1 pages) after the keys
+            first, stride = row_run
+            row_stride, key_offset, value_offset = stride * page, first * page, (first + zero_page_id + 1) * page
+        else:  # in the gathered pages: every row's key pages, then its value pages
+            row_stride = kv_pages.shape[0] // (2 * rows) * page
+            key_offset, value_offset = 0, rows * row_stride
+        decode_view = (
+            (rows, heads, max_kv, dim), (row_stride, dim, heads * dim, 1), key_offset, value_offset,
+            (rows, heads, params.group_size, dim), (rows, params.num_qo_heads, dim),
+        )
+    return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run, kv_pages, decode_view)
 
 
 def page_gather_index(meta: ForwardMetadata, max_kv: int, zero_page_id: int) -> torch.Tensor | None:
@@ -194,7 +214,7 @@ def page_gather_index(meta: ForwardMetadata, max_kv: int, zero_page_id: int) -> 
     ):
         return None
     plane = zero_page_id + 1
-    return to_device(indices + [page + plane for page in indices], torch.int64, meta.kv_indptr.device)
+    return to_device(indices + [page + plane for page in indices], torch.int64, meta.device)
 
 
 def pack_gqa(q: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
@@ -331,6 +351,13 @@ def attend(
 
 def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+    if plan.decode_view is not None and pool.is_contiguous() and not pool.storage_offset():
+        # A decode step: `rows_view` or `gather_pages`, `pack_gqa`, `attend` and `unpack_gqa` in
+        # their fewest calls (per layer and token): two views of the pool, or of one gather, and SDPA.
+        size, strides, key_offset, value_offset, packed, flat = plan.decode_view
+        source = pool if plan.kv_pages is None else pool.view(-1, *pool.shape[2:]).index_select(0, plan.kv_pages)
+        k, v = source.as_strided(size, strides, key_offset), source.as_strided(size, strides, value_offset)
+        return F.scaled_dot_product_attention(q.view(packed), k, v, scale=plan.params.sm_scale).view(flat)
     if plan.row_run is not None:
         k, v = rows_view(pool, plan.row_run, plan.num_rows, plan.max_kv)
     elif plan.kv_pages is not None:

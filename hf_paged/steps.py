@@ -1,0 +1,247 @@
+"""ForwardSteps: what a PagedCache does in each forward, once per forward and once per layer.
+
+`begin_forward` (the decoder's pre-hook) places the forward's new tokens in every group's pages and
+builds their metadata; each layer's `update` writes its K/V and `attend` runs the executor on its
+pages; `end_forward` (the decoder's forward hook) lets windows go and notes the peaks. The per-layer
+calls run on every layer of every token: what does not change within a forward (the metadata, the
+plan of a layer setting) or within a cache (each layer's pool, group and planes) is worked out
+once, so a decode step's layer does two `index_copy_`, two views and the attention kernel, with as
+few Python steps around them as the checks allow (`scripts/bench.py --workload overhead`).
+
+PagedCache (cache.py) mixes this in; the page bookkeeping is GroupPages' (group_pages.py).
+"""
+
+import torch
+
+from . import inflight
+from .attention import LayerParams, ops
+from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
+from .metadata import ForwardMetadata, advance_metadata, build_metadata
+from .pool import copy_pages
+
+
+class ForwardSteps:
+    """The forward lifecycle and per-layer calls of PagedCache (see the module docstring)."""
+
+    def _init_steps(self) -> None:
+        """Per cache, what every layer call reads: each layer's (pool, group, device), its key and
+        value planes as `[slots, H_kv, D]` views (None for a layer packed into a wider slice), and
+        its window; whether every layer is on one device."""
+        pools = self.pool.pools
+        self._layers = [(layer_pool, self.layer_group[layer], layer_pool.device) for layer, layer_pool in enumerate(pools)]
+        self._layer_planes = [token_planes(layer_pool) for layer_pool in pools]
+        self._layer_windows = [self.runtime.layer_window(layer) for layer in range(len(pools))]
+        self._one_device = len({layer_pool.device for layer_pool in pools}) <= 1
+        self._has_windows = any(group.window is not None for group in self.groups)
+        self._forward: ForwardState | None = None
+        # Per group, the PageTables.version the last metadata was built at, and that metadata.
+        self._built: list[tuple[int, ForwardMetadata | None]] = [(-1, None)] * len(self.groups)
+
+    def begin_forward(self, batch_size: int, q_len: int, attention_mask: torch.Tensor | None, device: torch.device) -> None:
+        """Place this forward's new tokens and build its metadata. Called once per forward, before any layer.
+
+        attention_mask: the 2-D padding mask `[batch, past + q_len]` generate() passes (1 = token,
+        0 = pad), or None. Pad tokens among the new ones are not stored.
+        """
+        self._check_usable()
+        if not self.runtime.pool_still_matches(self.pool):
+            change = self.runtime.pool_mismatch(self.pool)
+            if change is not None:
+                raise ValueError(
+                    f"the model's dtype or device changed after this PagedCache was created ({change}); "
+                    "release() it and create a new PagedCache(model), which gets a pool that matches"
+                )
+        qo_lens, token_index, new_mask = new_tokens(attention_mask, batch_size, q_len, device, self.ragged_prefill)
+        tables = self.group_tables[0]
+        if tables.num_rows == 0 and self.seq_length == 0:
+            self.add_rows(batch_size)
+            self.reserve_rows()
+        if batch_size != tables.num_rows:
+            raise ValueError(
+                f"this PagedCache holds {tables.num_rows} rows but the forward has batch size {batch_size}; "
+                "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
+            )
+        skips = pasts = None
+        with self.pool.blocks.lock:  # other caches share the pool: drop and take at once
+            if self._has_windows:
+                self._drop_out_of_window()
+                # A prompt's sliding layers store only what later queries see (inflight.py).
+                skips = inflight.forward_skips(
+                    self.groups, self.group_tables, self.applies_window, qo_lens, self.recording,
+                    self.prompt_phase is not None,
+                )
+                pasts = inflight.pasts(self.group_tables, skips)  # what their queries read of the rows' past
+            appended = self.pages.place(qo_lens, skips)  # every group's pages, or none (OutOfPagesError)
+        metas = []
+        for group, (tables, (slots, copies, _)) in enumerate(zip(self.group_tables, appended)):
+            version, previous = self._built[group]
+            if version == tables.version and token_index is None and previous.device == device:
+                meta = advance_metadata(previous, qo_lens, q_len, slots)  # the same pages as the forward before
+            else:
+                meta = build_metadata(tables, qo_lens, q_len, slots, copies, token_index, device, self.cascade, group)
+            self._built[group] = (tables.version, meta)
+            metas.append(meta)
+        self.seq_length += q_len
+        # Metadata built where every layer is (the common case) is read as is; else per device (_meta_on).
+        direct = self._one_device and device == self._layers[0][2]
+        self._forward = state = ForwardState(metas, prompt_last=self.prompt_phase == "last", direct=direct)
+        if skips is not None:
+            inflight.start(state, skips, [deferred for _, _, deferred in appended], new_mask, qo_lens, q_len, device, pasts)
+        for group, meta in enumerate(metas):
+            if not direct:
+                state.metas[(group, device)] = meta
+            if meta.copy_src is not None:  # copy-on-write, every layer of the group, before any layer writes
+                with self.pool.write_lock:
+                    for layer in self.groups[group].layers:
+                        pool, _, layer_device = self._layers[layer]
+                        layer_meta = meta if direct else self._meta_on(layer_device, group)
+                        copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
+
+    def _drop_out_of_window(self) -> None:
+        """Windows let go of what the next queries cannot see (not while recording, nor a cache-only
+        window while a split prompt is still open)."""
+        if not self.recording:
+            self.pages.drop_out_of_window(keep_cache_windows=self.prompt_phase is not None)
+
+    def end_forward(self, completed: bool = True) -> None:
+        """Close the forward; `completed=False` when it raised (then nothing is checked).
+
+        Windows let go of what the next queries cannot see, and the peaks are noted (as the memory
+        stock's window-only cache holds after a forward, which the benchmark compares).
+        """
+        state, self._forward = self._forward, None
+        if state is not None:
+            if state.deferred:
+                self.pages.release_deferred(state.deferred)
+            if state.prompt_last:
+                self.prompt_phase = None
+            if self._has_windows:
+                self._drop_out_of_window()
+            self.pages.note_peaks()
+        if completed and state is not None and state.num_written != state.num_attended:
+            raise RuntimeError(
+                f"{state.num_written} layers wrote K/V to this PagedCache but {state.num_attended} attended "
+                "through it: this model does not pass keyword arguments down to its attention function, "
+                "which hf_paged needs; please report the model class to hf_paged"
+            )
+
+    def _state(self) -> ForwardState:
+        if self._forward is None:
+            raise RuntimeError(
+                "PagedCache.update was called outside a forward of a wrapped model; "
+                f"call hf_paged.wrap(model) first and pass the cache as {self._cache_kwarg()}="
+            )
+        return self._forward
+
+    def _meta_on(self, device: torch.device, group: int = 0) -> ForwardMetadata:
+        state = self._state()
+        if state.direct:
+            return state.group_metas[group]
+        meta = state.metas.get((group, device))
+        if meta is None:
+            meta = state.metas[(group, device)] = state.group_metas[group].to(device)
+        return meta
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write this forward's new K/V `[batch, H_kv, q_len, D]` into layer `layer_idx`'s pages.
+
+        Returns the inputs unchanged: the paged attention function reads the pool itself.
+        """
+        state = self._forward
+        if state is None:
+            state = self._state()  # raises
+        pool, group, device = self._layers[layer_idx]
+        meta = state.group_metas[group] if state.direct else self._meta_on(device, group)
+        batch, num_heads, q_len, head_dim = key_states.shape
+        if num_heads != pool.shape[3] or head_dim != pool.shape[4]:
+            raise ValueError(
+                f"layer {layer_idx} produced K/V with {num_heads} heads of size {head_dim}, but its pool "
+                f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
+            )
+        index = meta.token_index if meta.write_index is None else meta.write_index
+        if q_len == 1 and index is None:  # decode: dropping the length-1 dim is a view
+            key, value = key_states.view(batch, num_heads, head_dim), value_states.view(batch, num_heads, head_dim)
+            if key.dtype != pool.dtype:
+                key, value = key.to(pool.dtype), value.to(pool.dtype)
+        else:
+            key, value = pack(key_states, index, pool.dtype), pack(value_states, index, pool.dtype)
+        planes = self._layer_planes[layer_idx]
+        if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
+            ops.write_kv_auto(pool, key, value, meta.slot_mapping)
+        else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
+            planes[0].index_copy_(0, meta.slot_mapping, key)
+            planes[1].index_copy_(0, meta.slot_mapping, value)
+        state.num_written += 1
+        if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
+            state.stash[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    def attend(self, layer_idx: int, query: torch.Tensor, params: LayerParams) -> torch.Tensor:
+        """Paged attention of `query [batch, H_q, q_len, D]` for one layer; returns `[batch, q_len, H_q, D]`."""
+        state = self._forward
+        if state is None:
+            state = self._state()  # raises
+        state.num_attended += 1
+        pool, group, device = self._layers[layer_idx]
+        if params is state.last_params and group == state.last_group and device == state.last_device:
+            plan, meta = state.last_plan, state.last_meta  # the common case: every layer like the one before
+        else:
+            plan, meta = self._plan_for(state, layer_idx, pool, group, device, params)
+            if meta is None:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
+                return inflight.attend(state, layer_idx, group, query, plan, pool)
+        batch, num_heads, q_len, head_dim = query.shape
+        if meta.token_index is None:  # every input token is new: `[nnz, H_q, D]` is a view or a reshape
+            q = query.view(batch, num_heads, head_dim) if q_len == 1 else query.transpose(1, 2).reshape(-1, num_heads, head_dim)
+            return self.executor.run(q, pool, plan).view(batch, q_len, num_heads, head_dim)
+        out = self.executor.run(pack(query, meta.token_index, query.dtype), pool, plan)  # (nnz, H_q, D)
+        full = out.new_zeros(batch * q_len, num_heads, head_dim)
+        return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def _plan_for(self, state: ForwardState, layer_idx: int, pool: torch.Tensor, group: int, device: torch.device,
+                  params: LayerParams):
+        """The plan and metadata of a layer whose setting, group or device differs from the layer
+        before it (planned once per forward, setting, group and device); for a group attending
+        from the forward's own K/V (inflight.py), the settings it attends with and None."""
+        window = self.groups[group].window
+        meta = self._meta_on(device, group)
+        layer_params = params
+        if window is not None and not 0 <= params.window_left < window:
+            effective = state.window_params.get((group, params))
+            if effective is None:
+                effective = cache_window_params(self, group, layer_idx, params, meta)
+                state.window_params[(group, params)] = effective
+            params = effective
+        elif window is None and self.runtime.config.compile:
+            check_compiled_window(self.runtime, layer_idx, params)
+        if group in state.inflight:  # attends from the forward's own K/V: the caller runs inflight.attend
+            return params, None
+        key = (device, params, group)
+        plan = state.plans.get(key)
+        if plan is None:
+            plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
+        if not (window is None and self.runtime.config.compile):  # (that check reads the layer's own window)
+            state.last_params, state.last_group, state.last_device = layer_params, group, device
+            state.last_plan, state.last_meta = plan, meta
+        return plan, meta
+
+
+def pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """`[batch, H, q_len, D]` -> `[nnz, H, D]`: the new tokens only, in row order."""
+    batch, heads, q_len, head_dim = states.shape
+    if q_len == 1 and token_index is None:  # decode: dropping the length-1 dim is a view (one call, not three)
+        flat = states.view(batch, heads, head_dim)
+    else:
+        flat = states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        if token_index is not None:
+            flat = flat.index_select(0, token_index)
+    return flat if flat.dtype == dtype else flat.to(dtype)
+
+
+def token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The key and value planes of a contiguous layer pool `[2, pages, page_size, H_kv, D]` as
+    `[slots, H_kv, D]` views (slot = page * page_size + offset, as `slot_mapping` counts); None for
+    a layer packed into a wider slice (layout.py), which ops.write_kv_eager writes by page."""
+    if not layer_pool.is_contiguous():
+        return None
+    flat = layer_pool.view(2, -1, layer_pool.shape[3], layer_pool.shape[4])
+    return flat[0], flat[1]
