@@ -243,9 +243,11 @@ def attend(state, layer_idx: int, group: int, query: torch.Tensor, params: Layer
 
 def _past_kv(pool: torch.Tensor, pages: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[rows, H_kv, length, D]` of whole pages `pages [rows * length / page_size]`."""
-    kv = pool.index_select(1, pages)  # (2, rows * pages, page_size, H, D); also for a packed layer's strided view
-    kv = kv.view(2, rows, length, pool.shape[3], pool.shape[4]).transpose(2, 3)
-    return kv[0], kv[1]
+    # Plane by plane: index_select across the planes of a packed layer's strided view (layout.py)
+    # would copy the whole pool first.
+    size = (rows, length, pool.shape[3], pool.shape[4])
+    key, value = (plane.index_select(0, pages).view(size).transpose(1, 2) for plane in (pool[0], pool[1]))
+    return key, value
 
 
 def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: InflightPlan) -> torch.Tensor:
