@@ -315,3 +315,29 @@ def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_
     assert few["tokens_match"] is True
     assert few["warm_hit_tokens"] == few["warm_reusable_tokens"] > 0
     assert few["shape"] == dict(prefix_len=64, num_questions=8, batch_size=4, new_tokens=16)
+
+
+def test_sliding_groups_keep_window_snapshots_and_a_hit_ends_where_one_is_whole():
+    """Two groups, keys of 4 tokens: a full group (pages of 4) and a window of 5 (pages of 2). The
+    row kept only its window in the sliding group (holes before it): a hit ends at a key whose last
+    4 tokens are held there, and eviction takes single pages nothing else holds."""
+    blocks = BlockManager(16)
+    hole = blocks.num_pages
+    prefix = PrefixCache(blocks, 4)
+    tokens = list(range(10, 23))  # 13 tokens: 3 keys before the last one
+    full = blocks.allocate(3)  # [0, 1, 2]: tokens 0..11
+    sliding = blocks.allocate(2)  # [3, 4]: tokens 8..11, its window after 12 tokens
+    prefix.insert(tokens[:12], [full, [hole] * 4 + sliding], [4, 2])
+    groups = [(None, 4), (5, 2)]
+    assert prefix.pages_of[page_keys(tokens, 4, 3)[2]] == ((2,), (3, 4))
+    assert prefix.pages_of[page_keys(tokens, 4, 2)[1]] == ((1,), (hole, hole))
+    assert prefix.match(tokens, groups=groups) == [((0,), (hole, hole)), ((1,), (hole, hole)), ((2,), (3, 4))]
+    assert prefix.match(tokens[:9] + [99, 99, 99, 99], groups=groups) == []  # key 2 differs: key 1 holds no window
+    assert prefix.num_chained(tokens[:9] + [99, 99, 99, 99]) == 2  # but the chain went on from there
+    blocks.free(full + sliding)  # the row ends: the cache alone holds them
+    blocks.fork([2, 4])  # another row reads pages 2 and 4
+    assert prefix.num_evictable() == 3 and prefix.evict(1) == 1  # the chain's tail entry first: its page 3
+    assert prefix.pages_of[page_keys(tokens, 4, 3)[2]] == ((2,), (hole, 4)) and blocks.ref_counts[3] == 0
+    assert prefix.match(tokens, groups=groups) == []  # no whole window left at any key
+    assert prefix.evict(3) == 2 and sorted(prefix.key_of) == [2, 4]  # pages 0 and 1: their entries go
+    assert list(prefix.pages_of.values()) == [((2,), (hole, 4))]
