@@ -33,6 +33,8 @@ class ForwardState:
     # took out of the tables, given back at the end of the forward (group -> pages).
     inflight: dict[int, object] = field(default_factory=dict)
     stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # (group, rows per page) -> `slot_mapping` as rows of a layer packed into a wider slice (steps.token_planes)
+    packed_slots: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     deferred: dict[int, list[int]] = field(default_factory=dict)
     # The layer setting, group and device PagedCache.attend planned for last, with its plan and
     # metadata: the next layer with the same (the same LayerParams object: wrap.layer_params

@@ -15,6 +15,7 @@ import torch
 
 from . import inflight
 from .attention import LayerParams, ops
+from .attention.torch import dense
 from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
 from .metadata import ForwardMetadata, advance_metadata, build_metadata
 from .pool import copy_pages
@@ -30,6 +31,7 @@ class ForwardSteps:
         pools = self.pool.pools
         self._layers = [(layer_pool, self.layer_group[layer], layer_pool.device) for layer, layer_pool in enumerate(pools)]
         self._layer_planes = [token_planes(layer_pool) for layer_pool in pools]
+        self._page_sizes = [layer_pool.shape[2] for layer_pool in pools]
         self._layer_windows = [self.runtime.layer_window(layer) for layer in range(len(pools))]
         self._one_device = len({layer_pool.device for layer_pool in pools}) <= 1
         self._has_windows = any(group.window is not None for group in self.groups)
@@ -169,8 +171,15 @@ class ForwardSteps:
         if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
             ops.write_kv_auto(pool, key, value, meta.slot_mapping)
         else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
-            planes[0].index_copy_(0, meta.slot_mapping, key)
-            planes[1].index_copy_(0, meta.slot_mapping, value)
+            key_plane, value_plane, per_page = planes
+            slots = meta.slot_mapping
+            if per_page != self._page_sizes[layer_idx]:  # a layer packed into a wider slice (layout.py)
+                slots = state.packed_slots.get((group, per_page))
+                if slots is None:
+                    slots = state.packed_slots[(group, per_page)] = dense.packed_slots(
+                        meta.slot_mapping, self._page_sizes[layer_idx], per_page)
+            key_plane.index_copy_(0, slots, key)
+            value_plane.index_copy_(0, slots, value)
         state.num_written += 1
         if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
             state.stash[layer_idx] = (key_states, value_states)
@@ -237,11 +246,13 @@ def pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dt
     return flat if flat.dtype == dtype else flat.to(dtype)
 
 
-def token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The key and value planes of a contiguous layer pool `[2, pages, page_size, H_kv, D]` as
-    `[slots, H_kv, D]` views (slot = page * page_size + offset, as `slot_mapping` counts); None for
-    a layer packed into a wider slice (layout.py), which ops.write_kv_eager writes by page."""
-    if not layer_pool.is_contiguous():
+def token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """The key and value planes of a layer pool `[2, pages, page_size, H_kv, D]` as `[rows, H_kv, D]`
+    views, and the rows from one page to the next (`dense.token_rows`: page_size for a contiguous
+    pool, where a row is a `slot_mapping` slot; the slice's page stride for a layer packed into a
+    wider slice, layout.py); None for a layout they cannot view, which ops.write_kv_eager writes by page."""
+    found = dense.token_rows(layer_pool)
+    if found is None:
         return None
-    flat = layer_pool.view(2, -1, layer_pool.shape[3], layer_pool.shape[4])
-    return flat[0], flat[1]
+    rows, per_page = found
+    return rows[0], rows[1], per_page

@@ -100,6 +100,8 @@ class PageTables:
         if self.window is None:
             return 0
         page_size, hole, dropped = self.page_size, self.hole, 0
+        if all(max(0, n - self.window + 1) // page_size <= lead for n, lead in zip(self.num_tokens, self.num_leading_holes)):
+            return 0  # (most steps: nothing has left the window; the page lists stay as they are)
         with self._changing_pages():
             for row, table in enumerate(self.page_tables):
                 num_dead = max(0, self.num_tokens[row] - self.window + 1) // page_size

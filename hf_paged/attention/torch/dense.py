@@ -56,6 +56,10 @@ class TorchPlan:
     # values (in a contiguous layer pool, or in the gathered pages), and the shapes of the packed
     # query and of the output; else None. `run`'s fewest-calls path.
     decode_view: tuple | None = None
+    # Leading keys of every row that no query sees (a window's decode step on rows of equal length):
+    # read past instead of masked.
+    trim: int = 0
+    key_pages: torch.Tensor | None = None  # kv_pages' key half (a packed layer's pool gathers plane by plane)
 
 
 def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
@@ -174,14 +178,22 @@ def plan(
         allow_causal and max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
         and not params.alibi_slopes and all(n == max_q for n in meta.kv_lens)
     )
+    # A window's decode step on rows of equal length: each row's query sees exactly its last
+    # `window_left + 1` keys, so the keys before them are left out of the read (`trim`) instead of masked.
+    # (row_run and kv_pages are found only when every row holds max_kv tokens.)
+    trimmed = (
+        params.window_left >= 0 and max_q == 1 and uniform_q and not params.alibi_slopes
+        and (row_run is not None or kv_pages is not None)
+    )
+    trim = max(0, max_kv - params.window_left - 1) if trimmed else 0
     needs_mask = not causal and (
-        params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
+        (params.window_left >= 0 and not trimmed) or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
     )
     if params.alibi_slopes:
         mask = alibi_mask(meta, max_q, max_kv, params)
     else:
         mask = packed_mask(meta, max_q, max_kv, params) if needs_mask else None
-    decode_view = None
+    decode_view = key_pages = None
     if (row_run is not None or kv_pages is not None) and max_q == 1 and q_positions is None and mask is None \
             and not params.logits_soft_cap:
         heads, dim = params.num_kv_heads, params.head_dim
@@ -192,11 +204,15 @@ def plan(
         else:  # in the gathered pages: every row's key pages, then its value pages
             row_stride = kv_pages.shape[0] // (2 * rows) * page
             key_offset, value_offset = 0, rows * row_stride
+            key_pages = kv_pages[: kv_pages.shape[0] // 2]  # (a layer packed into a wider slice gathers by plane)
+        skipped = trim * heads * dim  # a row's tokens are `heads * dim` apart
         decode_view = (
-            (rows, heads, max_kv, dim), (row_stride, dim, heads * dim, 1), key_offset, value_offset,
-            (rows, heads, params.group_size, dim), (rows, params.num_qo_heads, dim),
+            (rows, heads, max_kv - trim, dim), (row_stride, dim, heads * dim, 1), key_offset + skipped,
+            value_offset + skipped, (rows, heads, params.group_size, dim), (rows, params.num_qo_heads, dim),
         )
-    return TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run, kv_pages, decode_view)
+    return TorchPlan(
+        kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run, kv_pages, decode_view, trim, key_pages
+    )
 
 
 def page_gather_index(meta: ForwardMetadata, max_kv: int, zero_page_id: int) -> torch.Tensor | None:
@@ -289,7 +305,8 @@ def gather_pages(pool: torch.Tensor, kv_pages: torch.Tensor, rows: int, length: 
     if pool.is_contiguous():
         pages = pool.view(-1, page_size, num_kv_heads, head_dim).index_select(0, kv_pages)
     else:  # a layer packed into a wider slice (layout.py): the same pages, plane by plane
-        pages = pool.index_select(1, kv_pages[: kv_pages.shape[0] // 2])  # (2, rows * pages, P, H, D), contiguous
+        key_pages = kv_pages[: kv_pages.shape[0] // 2]  # plane by plane (see pool.copy_pages)
+        pages = torch.stack([pool[0].index_select(0, key_pages), pool[1].index_select(0, key_pages)])  # (2, rows * pages, P, H, D)
     row_tokens = kv_pages.shape[0] // (2 * rows) * page_size
     size = (rows, num_kv_heads, length, head_dim)
     strides = (row_tokens * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
@@ -351,19 +368,30 @@ def attend(
 
 def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
-    if plan.decode_view is not None and pool.is_contiguous() and not pool.storage_offset():
+    if plan.decode_view is not None:
         # A decode step: `rows_view` or `gather_pages`, `pack_gqa`, `attend` and `unpack_gqa` in
         # their fewest calls (per layer and token): two views of the pool, or of one gather, and SDPA.
         size, strides, key_offset, value_offset, packed, flat = plan.decode_view
-        source = pool if plan.kv_pages is None else pool.view(-1, *pool.shape[2:]).index_select(0, plan.kv_pages)
-        k, v = source.as_strided(size, strides, key_offset), source.as_strided(size, strides, value_offset)
-        return F.scaled_dot_product_attention(q.view(packed), k, v, scale=plan.params.sm_scale).view(flat)
+        k = None
+        if plan.kv_pages is not None:
+            if pool.is_contiguous():  # one gather: (2 * rows * pages, page_size, H, D), keys then values
+                source = pool.view(-1, *pool.shape[2:]).index_select(0, plan.kv_pages)
+                k, v = source.as_strided(size, strides, key_offset), source.as_strided(size, strides, value_offset)
+            else:  # a layer packed into a wider slice: plane by plane (see pool.copy_pages)
+                k = pool[0].index_select(0, plan.key_pages).as_strided(size, strides, key_offset)
+                v = pool[1].index_select(0, plan.key_pages).as_strided(size, strides, key_offset)
+        elif pool.is_contiguous() and not pool.storage_offset():
+            k, v = pool.as_strided(size, strides, key_offset), pool.as_strided(size, strides, value_offset)
+        if k is not None:
+            return F.scaled_dot_product_attention(q.view(packed), k, v, scale=plan.params.sm_scale).view(flat)
     if plan.row_run is not None:
         k, v = rows_view(pool, plan.row_run, plan.num_rows, plan.max_kv)
     elif plan.kv_pages is not None:
         k, v = gather_pages(pool, plan.kv_pages, plan.num_rows, plan.max_kv)
     else:
         k, v = gather_kv(pool, plan.kv_slots, plan.num_rows, plan.max_kv)
+    if plan.trim:
+        k, v = k[:, :, plan.trim:], v[:, :, plan.trim:]
     if plan.causal:
         p = plan.params
         q = q.view(plan.num_rows, plan.max_q, p.num_qo_heads, p.head_dim).transpose(1, 2)  # (R, H_q, Q, D)
