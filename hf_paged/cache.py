@@ -144,6 +144,7 @@ class PagedCache(ForwardSteps, Cache):
     def reset(self) -> None:
         self.pages.release()
         self.seq_length = 0
+        self._forget_built()
 
     def release(self) -> None:
         """Give every page back to the pool. The cache cannot be used afterwards."""
@@ -152,6 +153,7 @@ class PagedCache(ForwardSteps, Cache):
         self.pages.release()
         self.seq_length = 0
         self._forward = None
+        self._forget_built()
         self.is_released = True
         self._finalizer.detach()
         self.pool.close_cache(self)

@@ -125,15 +125,18 @@ def last_page_lens(kv_lens: list[int], page_size: int) -> list[int]:
     return [(n - 1) % page_size + 1 if n else 0 for n in kv_lens]
 
 
-# array typecodes of the index dtypes: `torch.frombuffer` over an array.array builds a tensor from a
-# list of ints several times faster than `torch.tensor(list)` (this runs a few times per forward).
-_TYPECODES = {torch.int32: "i", torch.int64: "q"}
+# array typecodes of the index dtypes (where this platform's array items have their size):
+# `torch.frombuffer` over an array.array builds a tensor from a list of ints several times faster
+# than `torch.tensor(list)` (this runs a few times per forward).
+_TYPECODES = {
+    dtype: code for dtype, code in ((torch.int32, "i"), (torch.int64, "q")) if array(code).itemsize == dtype.itemsize
+}
 
 
 def host_tensor(values: list[int], dtype: torch.dtype = torch.int32, pin_memory: bool = False) -> torch.Tensor:
     """A CPU tensor of `values`, pinned when asked (a source for asynchronous copies to a GPU)."""
     code = _TYPECODES.get(dtype)
-    if code is not None and values and type(values[0]) is int and array(code).itemsize == dtype.itemsize:  # flat lists
+    if code is not None and values and type(values[0]) is int:  # flat lists
         host = torch.frombuffer(array(code, values), dtype=dtype)  # keeps the array alive; a fresh one per call
     else:
         host = torch.tensor(values, dtype=dtype)
@@ -197,20 +200,10 @@ def advance_metadata(previous: ForwardMetadata, qo_lens: list[int], q_len: int, 
     """The metadata of a forward whose rows hold the pages they held in `previous`'s forward, its
     new tokens (no pads) stored in them (PageTables.in_place_slots): the page lists, and their
     tensors once made, carry over; the lengths grow by the new tokens."""
-    return ForwardMetadata(
-        slot_mapping=to_device(slots, torch.int64, previous.device),
-        token_index=None,
-        copy_src=None,
-        copy_dst=None,
-        qo_lens=qo_lens,
-        kv_lens=[n + new for n, new in zip(previous.kv_lens, qo_lens)],
-        q_len=q_len,
-        page_size=previous.page_size,
-        device=previous.device,
-        cascade=previous.cascade,
-        kv_indptr_host=previous.kv_indptr_host,
-        kv_indices_host=previous.kv_indices_host,
-        group=previous.group,
-        made_kv_indptr=previous.made_kv_indptr,
-        made_kv_indices=previous.made_kv_indices,
+    device = previous.device
+    return ForwardMetadata(  # (positionally: per decode step, keywords cost as much as the rest)
+        to_device(slots, torch.int64, device), None, None, None, qo_lens,
+        [n + new for n, new in zip(previous.kv_lens, qo_lens)], q_len, previous.page_size, device,
+        previous.cascade, previous.kv_indptr_host, previous.kv_indices_host, previous.group, None,
+        None, previous.made_kv_indptr, previous.made_kv_indices,
     )

@@ -38,6 +38,13 @@ class ForwardSteps:
         self._forward: ForwardState | None = None
         # Per group, the PageTables.version the last metadata was built at, and that metadata.
         self._built: list[tuple[int, ForwardMetadata | None]] = [(-1, None)] * len(self.groups)
+        # (device, layer params, group) -> the page list object and the plan of the last forward that planned it.
+        self._last_plans: dict[tuple, tuple[list[int] | None, object]] = {}
+
+    def _forget_built(self) -> None:
+        """Drop the metadata and plans kept for the next forward (the rows are gone)."""
+        self._built = [(-1, None)] * len(self.groups)
+        self._last_plans.clear()
 
     def begin_forward(self, batch_size: int, q_len: int, attention_mask: torch.Tensor | None, device: torch.device) -> None:
         """Place this forward's new tokens and build its metadata. Called once per forward, before any layer.
@@ -227,7 +234,15 @@ class ForwardSteps:
         key = (device, params, group)
         plan = state.plans.get(key)
         if plan is None:
-            plan = state.plans[key] = self.executor.plan(meta, params, self.pool)
+            # A decode step on the pages of the forward before (advance_metadata kept its page lists):
+            # that forward's plan, moved on by a token, where the executor can.
+            last = self._last_plans.get(key)
+            if last is not None and last[0] is meta.kv_indices_host and meta.kv_indices_host is not None:
+                plan = self.executor.advance_plan(last[1], meta)
+            if plan is None:
+                plan = self.executor.plan(meta, params, self.pool)
+            state.plans[key] = plan
+            self._last_plans[key] = (meta.kv_indices_host, plan)
         if not (window is None and self.runtime.config.compile):  # (that check reads the layer's own window)
             state.last_params, state.last_group, state.last_device = layer_params, group, device
             state.last_plan, state.last_meta = plan, meta

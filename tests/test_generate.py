@@ -148,8 +148,15 @@ class PlanRecorder(TorchExecutor):
         self.in_place = self.gathered = self.windowed = 0
 
     def plan(self, meta, params, pool):
-        plan = super().plan(meta, params, pool)
-        if params.window_left >= 0 or self.groups[meta.group].window is not None:
+        return self._count(super().plan(meta, params, pool), meta)
+
+    def advance_plan(self, plan, meta):
+        """Decode steps on the pages of the forward before carry its plan over: counted the same."""
+        advanced = super().advance_plan(plan, meta)
+        return advanced if advanced is None else self._count(advanced, meta)
+
+    def _count(self, plan, meta):
+        if plan.params.window_left >= 0 or self.groups[meta.group].window is not None:
             self.windowed += 1
         elif plan.row_run is not None:
             self.in_place += 1

@@ -110,3 +110,51 @@ def test_rows_of_equal_length_in_scattered_pages_are_gathered_by_whole_pages(
         rows_q = q[row * new_len : (row + 1) * new_len]
         expected = dense_layer(rows_q, *dense[row], params)
         torch.testing.assert_close(out[row * new_len : (row + 1) * new_len], expected, atol=1e-5, rtol=1e-5)
+
+
+# -- a decode step on the pages of the step before: the plan is carried over ----------------------
+
+
+@pytest.mark.parametrize("reserve", [True, False])  # rows in consecutive pages (views), or scattered (page gather)
+@pytest.mark.parametrize("window_left", [-1, 3])
+@pytest.mark.parametrize("num_qo_heads", [2, 8])
+def test_a_decode_plan_carried_over_to_the_next_step_reads_what_a_new_plan_reads(reserve, window_left, num_qo_heads):
+    from hf_paged.blocks import BlockManager
+    from hf_paged.metadata import advance_metadata, build_metadata
+    from hf_paged.attention import ops
+    from hf_paged.tables import PageTables
+
+    page_size, num_pages, rows, num_kv_heads = 8, 32, 2, 2
+    generator = torch.Generator().manual_seed(3)
+    pool = torch.full((2, num_pages + 1, page_size, num_kv_heads, HEAD_DIM), float("nan"))
+    pool[:, num_pages].zero_()
+    tables = PageTables(BlockManager(num_pages), page_size)
+    tables.add_rows(rows)
+    if reserve:
+        assert tables.reserve(32)
+
+    def write(slots):
+        k, v = (torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator) for _ in range(2))
+        ops.write_kv_auto(pool, k, v, torch.tensor(slots))
+
+    for step in ([5, 5], [4, 4], [1, 1]):  # the prompt, then a step that takes a new page in each row
+        slots, _ = tables.append(step)
+        write(slots)
+    params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.4, window_left)
+    meta = build_metadata(tables, [1, 1], 1, slots, [], None, torch.device("cpu"))
+    plan = torch_dense.plan(meta, params, num_pages)
+    assert (plan.row_run is not None) == reserve and plan.decode_view is not None
+    for _ in range(6):  # tokens 11..16 of each row fit in its last page: no page changes
+        slots = tables.in_place_slots([1, 1])
+        assert slots is not None
+        tables.advance([1, 1])
+        write(slots)
+        meta = advance_metadata(meta, [1, 1], 1, slots)
+        plan = torch_dense.advance_plan(plan, meta)
+        fresh = torch_dense.plan(build_metadata(tables, [1, 1], 1, slots, [], None, torch.device("cpu")), params, num_pages)
+        assert plan.trim == fresh.trim and plan.decode_view == fresh.decode_view and plan.max_kv == fresh.max_kv
+        q = torch.randn(rows, num_qo_heads, HEAD_DIM, generator=generator)
+        out = torch_dense.run(q, pool, plan)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, torch_dense.run(q, pool, fresh), atol=0, rtol=0)
+    assert tables.in_place_slots([1, 1]) is None  # the last pages are full: the next token takes a page

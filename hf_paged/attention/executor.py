@@ -32,6 +32,12 @@ class Executor(Protocol):
 
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> object: ...
 
+    def advance_plan(self, plan: object, meta: ForwardMetadata) -> object | None:
+        """A decode step's plan from the previous forward's `plan`, when `meta` (advance_metadata)
+        holds the same pages with one more token per row; None: `plan` it anew. Per step, so an
+        executor whose plan reads the lengths on the host anyway (FlashInfer's) answers None."""
+        ...
+
     def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: object) -> torch.Tensor: ...
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:

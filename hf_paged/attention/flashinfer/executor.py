@@ -118,6 +118,10 @@ class FlashInferExecutor:
         wrapper = self.plan_wrapper(device, (kind, params, meta.group), args, kwargs, dtype)
         return FlashInferPlan(wrapper, dtype, kind, params, device.index if device.type == "cuda" else None)
 
+    def advance_plan(self, plan: Any, meta: ForwardMetadata) -> None:
+        """Every step plans its wrappers (they take the new lengths on the host): never carried over."""
+        return None
+
     def plan_wrapper(self, device: torch.device, key: tuple, args: tuple, kwargs: dict, dtype: torch.dtype) -> Any:
         """Plan (creating it once) the wrapper `key` = (kind, params, group), kind "decode", "prefill"
         or "prefix" (cascade), on `device`; returns the FlashInfer wrapper."""

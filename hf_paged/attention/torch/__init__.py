@@ -40,6 +40,10 @@ class TorchExecutor:
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Plan:
         return plan(meta, params, pool.zero_page_id)
 
+    def advance_plan(self, plan: Plan, meta: ForwardMetadata) -> Plan | None:
+        """`plan` moved on by one token per row, for a decode step on the same pages (None: plan anew)."""
+        return dense.advance_plan(plan, meta) if plan.__class__ is dense.TorchPlan else None
+
     def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan) -> torch.Tensor:
         if plan.__class__ is dense.TorchPlan:  # (per layer and token: one call less than `run`)
             return dense.run(q, layer_pool, plan)

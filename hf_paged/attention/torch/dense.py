@@ -215,6 +215,22 @@ def plan(
     )
 
 
+def advance_plan(plan: TorchPlan, meta: ForwardMetadata) -> TorchPlan | None:
+    """The plan of a decode step whose rows hold the pages of the forward `plan` was made for, one
+    token more each (metadata.advance_metadata): only the lengths move. None when `plan` is not a
+    decode step's fewest-calls plan (then `plan()` makes a new one)."""
+    if plan.decode_view is None or not meta.is_decode:
+        return None
+    params, max_kv = plan.params, meta.max_kv_len
+    trim = max(0, max_kv - params.window_left - 1) if params.window_left >= 0 else 0
+    shift = (trim - plan.trim) * params.num_kv_heads * params.head_dim
+    (rows, heads, _, dim), strides, key_offset, value_offset, packed, flat = plan.decode_view
+    view = ((rows, heads, max_kv - trim, dim), strides, key_offset + shift, value_offset + shift, packed, flat)
+    return TorchPlan(
+        None, None, None, rows, 1, max_kv, params, False, plan.row_run, plan.kv_pages, view, trim, plan.key_pages
+    )
+
+
 def page_gather_index(meta: ForwardMetadata, max_kv: int, zero_page_id: int) -> torch.Tensor | None:
     """[2 * rows * pages] int64 page ids (every row's key pages, then its value pages, offset by
     `zero_page_id + 1`) when every row holds `max_kv > 0` tokens in exactly `ceil(max_kv /
