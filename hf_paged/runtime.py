@@ -173,15 +173,15 @@ class Runtime:
                 return f"layer {layer_idx}: pool {spec.dtype} on {spec.device}, model {weight.dtype} on {weight.device}"
         return None
 
-    def pool_still_matches(self, pool: KVPool) -> bool:
-        """True when every layer's first weight still has `pool`'s dtype and device (a cheap check for
-        every forward: `pool_mismatch` walks each module's parameters, this reads one dict entry per
-        layer). A layer whose first weight cannot be found where it was answers False (then ask
-        `pool_mismatch`)."""
+    def pool_still_matches(self, pool: KVPool, first_layer_only: bool = False) -> bool:
+        """True when every layer's first weight (or only the first layer's) still has `pool`'s dtype
+        and device (a cheap check for every forward: `pool_mismatch` walks each module's parameters,
+        this reads one dict entry per layer). A layer whose first weight cannot be found where it was
+        answers False (then ask `pool_mismatch`)."""
         slots = self.__dict__.get("_weight_slots")
         if slots is None:
             slots = self._weight_slots = [_first_weight_slot(module) for module in self.attention_modules]
-        for spec, (owner, name) in zip(pool.specs, slots):
+        for spec, (owner, name) in zip(pool.specs[:1] if first_layer_only else pool.specs, slots):
             weight = owner._parameters.get(name)
             if weight is None or weight.dtype != spec.dtype or weight.device != spec.device:
                 return False

@@ -40,11 +40,13 @@ class ForwardSteps:
         self._built: list[tuple[int, ForwardMetadata | None]] = [(-1, None)] * len(self.groups)
         # (device, layer params, group) -> the page list object and the plan of the last forward that planned it.
         self._last_plans: dict[tuple, tuple[list[int] | None, object]] = {}
+        self._layers_checked = False  # every layer's dtype and device checked against the pool (begin_forward)
 
     def _forget_built(self) -> None:
         """Drop the metadata and plans kept for the next forward (the rows are gone)."""
         self._built = [(-1, None)] * len(self.groups)
         self._last_plans.clear()
+        self._layers_checked = False
 
     def begin_forward(self, batch_size: int, q_len: int, attention_mask: torch.Tensor | None, device: torch.device) -> None:
         """Place this forward's new tokens and build its metadata. Called once per forward, before any layer.
@@ -53,13 +55,16 @@ class ForwardSteps:
         0 = pad), or None. Pad tokens among the new ones are not stored.
         """
         self._check_usable()
-        if not self.runtime.pool_still_matches(self.pool):
+        # Every layer at a cache's first forward; then the first layer's, per forward (`model.to()`
+        # moves them all; a layer moved alone while a cache is open fails in its own tensor ops).
+        if not self.runtime.pool_still_matches(self.pool, first_layer_only=self._layers_checked):
             change = self.runtime.pool_mismatch(self.pool)
             if change is not None:
                 raise ValueError(
                     f"the model's dtype or device changed after this PagedCache was created ({change}); "
                     "release() it and create a new PagedCache(model), which gets a pool that matches"
                 )
+        self._layers_checked = True
         qo_lens, token_index, new_mask = new_tokens(attention_mask, batch_size, q_len, device, self.ragged_prefill)
         tables = self.group_tables[0]
         if tables.num_rows == 0 and self.seq_length == 0:

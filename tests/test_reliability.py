@@ -52,6 +52,20 @@ def test_an_open_cache_keeps_its_pool_and_says_what_to_do_after_a_dtype_change()
     assert torch.equal(_generate(model, input_ids, mask), _generate(stock, input_ids, mask))
 
 
+def test_a_dtype_change_between_forwards_of_an_open_cache_is_refused_before_the_next_writes():
+    """After a cache's first forward only the first layer is checked per forward: `model.to()` moves them all."""
+    input_ids, mask = padded_prompts()
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4)
+    with PagedCache(model) as cache, torch.no_grad():
+        model(input_ids, attention_mask=mask, past_key_values=cache)
+        held = cache.tables.num_tokens
+        model.to(torch.float64)
+        step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        with pytest.raises(ValueError, match=r"changed after this PagedCache was created.*release\(\)"):
+            model(input_ids[:, -1:], attention_mask=step_mask, past_key_values=cache)
+        assert cache.tables.num_tokens == held  # refused before it placed a token
+
+
 # -- padding -----------------------------------------------------------------------------------
 
 
