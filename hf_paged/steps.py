@@ -30,8 +30,11 @@ class ForwardSteps:
         its window; whether every layer is on one device."""
         pools = self.pool.pools
         self._layers = [(layer_pool, self.layer_group[layer], layer_pool.device) for layer, layer_pool in enumerate(pools)]
-        self._layer_planes = [token_planes(layer_pool) for layer_pool in pools]
-        self._page_sizes = [layer_pool.shape[2] for layer_pool in pools]
+        # (heads, head dim, dtype, page size, planes) per layer: what update() checks and writes to.
+        self._writes = [
+            (layer_pool.shape[3], layer_pool.shape[4], layer_pool.dtype, layer_pool.shape[2], token_planes(layer_pool))
+            for layer_pool in pools
+        ]
         self._layer_windows = [self.runtime.layer_window(layer) for layer in range(len(pools))]
         self._one_device = len({layer_pool.device for layer_pool in pools}) <= 1
         self._has_windows = any(group.window is not None for group in self.groups)
@@ -166,30 +169,29 @@ class ForwardSteps:
             state = self._state()  # raises
         pool, group, device = self._layers[layer_idx]
         meta = state.group_metas[group] if state.direct else self._meta_on(device, group)
+        pool_heads, pool_head_dim, dtype, page_size, planes = self._writes[layer_idx]
         batch, num_heads, q_len, head_dim = key_states.shape
-        if num_heads != pool.shape[3] or head_dim != pool.shape[4]:
+        if num_heads != pool_heads or head_dim != pool_head_dim:
             raise ValueError(
                 f"layer {layer_idx} produced K/V with {num_heads} heads of size {head_dim}, but its pool "
-                f"holds {tuple(pool.shape[-2:])}; this model's attention is not supported by hf_paged"
+                f"holds {(pool_heads, pool_head_dim)}; this model's attention is not supported by hf_paged"
             )
         index = meta.token_index if meta.write_index is None else meta.write_index
         if q_len == 1 and index is None:  # decode: dropping the length-1 dim is a view
             key, value = key_states.view(batch, num_heads, head_dim), value_states.view(batch, num_heads, head_dim)
-            if key.dtype != pool.dtype:
-                key, value = key.to(pool.dtype), value.to(pool.dtype)
+            if key.dtype != dtype:
+                key, value = key.to(dtype), value.to(dtype)
         else:
-            key, value = pack(key_states, index, pool.dtype), pack(value_states, index, pool.dtype)
-        planes = self._layer_planes[layer_idx]
+            key, value = pack(key_states, index, dtype), pack(value_states, index, dtype)
         if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
             ops.write_kv_auto(pool, key, value, meta.slot_mapping)
         else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
             key_plane, value_plane, per_page = planes
             slots = meta.slot_mapping
-            if per_page != self._page_sizes[layer_idx]:  # a layer packed into a wider slice (layout.py)
+            if per_page != page_size:  # a layer packed into a wider slice (layout.py)
                 slots = state.packed_slots.get((group, per_page))
                 if slots is None:
-                    slots = state.packed_slots[(group, per_page)] = dense.packed_slots(
-                        meta.slot_mapping, self._page_sizes[layer_idx], per_page)
+                    slots = state.packed_slots[(group, per_page)] = dense.packed_slots(meta.slot_mapping, page_size, per_page)
             key_plane.index_copy_(0, slots, key)
             value_plane.index_copy_(0, slots, value)
         state.num_written += 1
