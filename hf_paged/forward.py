@@ -37,7 +37,7 @@ class ForwardState:
     packed_slots: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     deferred: dict[int, list[int]] = field(default_factory=dict)
     # The layer setting, group and device PagedCache.attend planned for last, with its plan and
-    # metadata: the next layer with the same (the same LayerParams object: wrap.layer_params
+    # metadata: the next layer with the same (the same LayerParams object: interface.layer_params
     # hands out one per setting) reuses them without hashing anything.
     last_params: LayerParams | None = None
     last_group: int = -1
