@@ -53,9 +53,8 @@ class TorchPlan:
     kv_pages: torch.Tensor | None = None
     # One query per row read by `row_run` or `kv_pages`, no mask, soft cap or bias (greedy and
     # sampled decode steps): the K/V `as_strided` size, strides, and offsets of the keys and of the
-    # values (in a contiguous layer pool, or in the gathered pages), the shapes of the query and of
-    # the output, and whether SDPA groups the query heads (`enable_gqa`); else None. `run`'s
-    # fewest-calls path.
+    # values (in a contiguous layer pool, or in the gathered pages), and the shapes of the packed
+    # query and of the output; else None. `run`'s fewest-calls path.
     decode_view: tuple | None = None
     # Leading keys of every row that no query sees (a window's decode step on rows of equal length):
     # read past instead of masked.
@@ -207,13 +206,9 @@ def plan(
             key_offset, value_offset = 0, rows * row_stride
             key_pages = kv_pages[: kv_pages.shape[0] // 2]  # (a layer packed into a wider slice gathers by plane)
         skipped = trim * heads * dim  # a row's tokens are `heads * dim` apart
-        # The query as stock's sdpa_attention_forward hands it to SDPA (`[rows, H_q, 1, D]`, grouped
-        # heads by `enable_gqa` where its use_gqa_in_sdpa would), else packed (`pack_gqa`).
-        gqa = params.group_size > 1 and dim <= 256
-        query = (rows, params.num_qo_heads, 1, dim) if gqa else (rows, heads, params.group_size, dim)
         decode_view = (
             (rows, heads, max_kv - trim, dim), (row_stride, dim, heads * dim, 1), key_offset + skipped,
-            value_offset + skipped, query, (rows, params.num_qo_heads, dim), gqa,
+            value_offset + skipped, (rows, heads, params.group_size, dim), (rows, params.num_qo_heads, dim),
         )
     return TorchPlan(
         kv_slots, mask, q_positions, rows, max_q, max_kv, params, causal, row_run, kv_pages, decode_view, trim, key_pages
@@ -229,8 +224,8 @@ def advance_plan(plan: TorchPlan, meta: ForwardMetadata) -> TorchPlan | None:
     params, max_kv = plan.params, meta.max_kv_len
     trim = max(0, max_kv - params.window_left - 1) if params.window_left >= 0 else 0
     shift = (trim - plan.trim) * params.num_kv_heads * params.head_dim
-    (rows, heads, _, dim), strides, key_offset, value_offset, query, flat, gqa = plan.decode_view
-    view = ((rows, heads, max_kv - trim, dim), strides, key_offset + shift, value_offset + shift, query, flat, gqa)
+    (rows, heads, _, dim), strides, key_offset, value_offset, packed, flat = plan.decode_view
+    view = ((rows, heads, max_kv - trim, dim), strides, key_offset + shift, value_offset + shift, packed, flat)
     return TorchPlan(
         None, None, None, rows, 1, max_kv, params, False, plan.row_run, plan.kv_pages, view, trim, plan.key_pages
     )
@@ -392,7 +387,7 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     if plan.decode_view is not None:
         # A decode step: `rows_view` or `gather_pages`, `pack_gqa`, `attend` and `unpack_gqa` in
         # their fewest calls (per layer and token): two views of the pool, or of one gather, and SDPA.
-        size, strides, key_offset, value_offset, query, flat, gqa = plan.decode_view
+        size, strides, key_offset, value_offset, packed, flat = plan.decode_view
         k = None
         if plan.kv_pages is not None:
             if pool.is_contiguous():  # one gather: (2 * rows * pages, page_size, H, D), keys then values
@@ -404,7 +399,7 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
         elif pool.is_contiguous() and not pool.storage_offset():
             k, v = pool.as_strided(size, strides, key_offset), pool.as_strided(size, strides, value_offset)
         if k is not None:
-            return F.scaled_dot_product_attention(q.view(query), k, v, scale=plan.params.sm_scale, enable_gqa=gqa).view(flat)
+            return F.scaled_dot_product_attention(q.view(packed), k, v, scale=plan.params.sm_scale).view(flat)
     if plan.row_run is not None:
         k, v = rows_view(pool, plan.row_run, plan.num_rows, plan.max_kv)
     elif plan.kv_pages is not None:
