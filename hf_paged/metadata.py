@@ -106,12 +106,14 @@ class ForwardMetadata:
     def to(self, device: torch.device) -> "ForwardMetadata":
         """The same metadata with its tensors on `device` (layers placed on another device)."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        has_lists = self.kv_indptr_host is not None  # then the index tensors are made there from them
+        if self.kv_indptr_host is not None:  # the index tensors are made there from the lists, when read
+            made = (None,) * 4
+        else:
+            made = tuple(move(t) for t in (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len))
         return ForwardMetadata(
             move(self.slot_mapping), move(self.token_index), move(self.copy_src), move(self.copy_dst),
             self.qo_lens, self.kv_lens, self.q_len, self.page_size, device,
-            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.group, move(self.write_index),
-            *(None if has_lists else move(t) for t in (self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_last_page_len)),
+            self.cascade, self.kv_indptr_host, self.kv_indices_host, self.group, move(self.write_index), *made,
         )
 
 
