@@ -16,7 +16,7 @@ from hf_paged.tables import PageTables
 import tiny
 from tiny import BASIC_MODES as MODES
 from threads import run_threads
-from tiny import padded_prompts, tiny_model
+from tiny import left_padded, padded_prompts, tiny_model
 
 
 def test_keys_chain_every_token_before_them():
@@ -108,16 +108,7 @@ def test_pads_are_never_part_of_a_key_and_a_shared_prefix_is_reused_across_promp
     shared = torch.randint(3, 128, (16,), generator=generator)
     questions = [torch.randint(3, 128, (n,), generator=generator) for n in (5, 9)]
     prompts = [torch.cat([shared, q]) for q in questions]
-
-    def batch(prompts, width):
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
-        return ids, mask
-
-    first, second = batch(prompts[:1], 21), batch(prompts[1:], 30)  # other padding, other widths
+    first, second = left_padded(prompts[:1], 21), left_padded(prompts[1:], 30)  # other padding, other widths
     expected = [generate(model, *first), generate(model, *second)]
     hf_paged.wrap(model, num_pages=128, page_size=4, prefix_cache=True)
     assert torch.equal(generate(model, *first), expected[0])

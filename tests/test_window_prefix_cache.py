@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import hf_paged
 
 from tiny import BASIC_MODES as MODES
-from tiny import COMMON
+from tiny import COMMON, left_padded
 from tiny import generate as seeded_generate
 
 
@@ -26,16 +26,6 @@ def windowed_model(family: str, window: int, seed: int = 0) -> torch.nn.Module:
         num_key_value_heads=1, head_dim=32, sliding_window=window, **COMMON,
     )
     return AutoModelForCausalLM.from_config(config).eval()
-
-
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(prompt) for prompt in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
 
 
 def generate(model, ids, mask, **kwargs):

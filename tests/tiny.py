@@ -128,6 +128,18 @@ def padded_prompts(batch: int = 2, length: int = 13, pads: tuple[int, ...] = (0,
     return input_ids, mask
 
 
+def left_padded(prompts: list[torch.Tensor], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of their own lengths as one left-padded batch `[len(prompts), width]` (default: the
+    longest) int64, pad id 0, and its mask."""
+    width = width or max(len(prompt) for prompt in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def generate(model, input_ids, mask, seed: int | None = 0, **kwargs):
     """`model.generate` on left-padded prompts `[batch, length]`, torch seeded with `seed` first (None:
     not seeded, for threads that must not reseed the shared generator); pad token 0."""
