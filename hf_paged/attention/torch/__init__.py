@@ -24,9 +24,9 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Plan:
 
 def run(q: torch.Tensor, pool: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
-    if isinstance(plan, cascade.CascadePlan):
-        return cascade.run(q, pool, plan)
-    return dense.run(q, pool, plan)
+    if plan.__class__ is dense.TorchPlan:
+        return dense.run(q, pool, plan)
+    return cascade.run(q, pool, plan)
 
 
 class TorchExecutor:
@@ -44,10 +44,8 @@ class TorchExecutor:
         """`plan` moved on by one token per row, for a decode step on the same pages (None: plan anew)."""
         return dense.advance_plan(plan, meta) if plan.__class__ is dense.TorchPlan else None
 
-    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan) -> torch.Tensor:
-        if plan.__class__ is dense.TorchPlan:  # (per layer and token: one call less than `run`)
-            return dense.run(q, layer_pool, plan)
-        return cascade.run(q, layer_pool, plan)
+    # `run(q, layer_pool, plan)`, the module's function itself (per layer and token: no extra call).
+    run = staticmethod(run)
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Nothing to prepare: the torch runner derives everything from the step's buffers."""
