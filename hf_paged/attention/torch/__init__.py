@@ -44,8 +44,8 @@ class TorchExecutor:
         """`plan` moved on by one token per row, for a decode step on the same pages (None: plan anew)."""
         return dense.advance_plan(plan, meta) if plan.__class__ is dense.TorchPlan else None
 
-    # `run(q, layer_pool, plan)`, the module's function itself (per layer and token: no extra call).
-    run = staticmethod(run)
+    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan) -> torch.Tensor:
+        return run(q, layer_pool, plan)
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Nothing to prepare: the torch runner derives everything from the step's buffers."""
