@@ -22,11 +22,11 @@ def _load_source_patches() -> None:
 
 _load_source_patches()
 
-from .cache import PagedCache
+from .cache.paged_cache import PagedCache
 from .config import PagedConfig
 from .errors import OutOfPagesError, UnsupportedModelError
-from .stats import clear_prefix_cache, memory_stats
-from .wrap import unwrap, wrap
+from .integration.stats import clear_prefix_cache, memory_stats
+from .integration.wrap import unwrap, wrap
 
 __all__ = [
     "OutOfPagesError",

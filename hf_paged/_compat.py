@@ -20,7 +20,7 @@ Known differences:
   prompt-lookup decoding) and added `Cache.get_recurrent_states_to_keep`; PagedCache takes and
   answers both (tests/test_compat.py fails when a release adds a `Cache` member PagedCache does not
   define). 5.25 also moved Falcon onto the attention interface (`routes_through_interface`), with
-  ALiBi added to the attention mask; ALiBi Falcon stays refused (hf_paged.refusals).
+  ALiBi added to the attention mask; ALiBi Falcon stays refused (hf_paged.integration.refusals).
 
 Which releases are tested is said once, in pyproject.toml's transformers requirement (capped at the
 newest minor the suite passed on); `tested_transformers()` reads it from the installed package's

@@ -28,7 +28,7 @@ from types import MethodType, ModuleType
 import torch
 
 from hf_paged import _compat
-from hf_paged.runtime import CACHE_KWARG
+from hf_paged.cache.runtime import CACHE_KWARG
 
 # model_type -> module of this package. A family is patched only where the installed release's
 # modeling code does not route it through the attention interface (GPT-J and CodeGen do from 5.24).
@@ -85,7 +85,7 @@ def _dispatch(self: torch.nn.Module, *args, **kwargs):
 
 def layer_specs(patch: ModuleType, modules: dict[int, torch.nn.Module]) -> list:
     """The pool layout of each layer: the patch's K/V shape, the layer's device and dtype."""
-    from hf_paged.pool import LayerSpec
+    from hf_paged.memory.pool import LayerSpec
 
     specs = []
     for layer_idx in range(len(modules)):

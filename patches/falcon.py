@@ -4,7 +4,7 @@ Stock broadcasts the grouped keys and values to every query head before caching 
 hold each KV head once, in the order of stock's fused layout (query head = kv head * group + g,
 the executor's grouped-query order). Only releases before 5.25 need this patch (from 5.25 Falcon
 routes through the attention interface). ALiBi Falcon is refused on every release
-(hf_paged.refusals): stock rounds its ALiBi bias to bfloat16 at absolute positions, which an exact
+(hf_paged.integration.refusals): stock rounds its ALiBi bias to bfloat16 at absolute positions, which an exact
 bias does not reproduce token for token.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from hf_paged.attention.params import LayerParams
 
-from . import modules_by_layer
+from hf_paged.patches import modules_by_layer
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

@@ -29,7 +29,7 @@ import torch
 
 import hf_paged
 from hf_paged import _compat
-from hf_paged.stats import cache_kv_bytes
+from hf_paged.integration.stats import cache_kv_bytes
 
 from _bench_workloads import Workload, build_model_pair, generate_kwargs, make_inputs, pages_needed
 

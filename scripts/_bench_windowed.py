@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 import hf_paged
 from _bench_measure import stock_kv_bytes, timed_generate
 from _bench_workloads import PAD_TOKEN_ID
-from hf_paged.groups import GroupSpec
-from hf_paged.pool import KVPool
+from hf_paged.memory.groups import GroupSpec
+from hf_paged.memory.pool import KVPool
 
 # paged/stock KV ratio targets (issue 11)
 TARGETS = {("gemma3", "greedy"): 1.05, ("gemma3", "beam4"): 0.35, ("mistral", "beam4"): 0.35}

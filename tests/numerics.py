@@ -14,9 +14,9 @@ dropped key in any row longer than a few hundred tokens: the outputs there are f
 import torch
 
 from hf_paged.attention import LayerParams, TorchExecutor
-from hf_paged.metadata import ForwardMetadata, build_metadata
-from hf_paged.pool import KVPool, copy_pages
-from hf_paged.tables import PageTables
+from hf_paged.attention.metadata import ForwardMetadata, build_metadata
+from hf_paged.memory.pool import KVPool, copy_pages
+from hf_paged.memory.tables import PageTables
 
 CASES = {
     # name: (history per row, new tokens per row, rows re-selected from the history rows or None)

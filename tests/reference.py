@@ -4,9 +4,9 @@ of pools and metadata those tests run the executors on."""
 import torch
 
 from hf_paged.attention import LayerParams, ops
-from hf_paged.blocks import BlockManager
-from hf_paged.metadata import build_metadata
-from hf_paged.tables import PageTables
+from hf_paged.memory.blocks import BlockManager
+from hf_paged.attention.metadata import build_metadata
+from hf_paged.memory.tables import PageTables
 
 HEAD_DIM = 8
 

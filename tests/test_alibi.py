@@ -91,7 +91,7 @@ def test_flashinfer_refuses_slopes_it_does_not_compute():
 def test_compiled_decode_of_an_alibi_family_carries_the_slopes():
     """compile=True on Bloom: each decode step runs the patched attention through the custom op."""
     import hf_paged
-    from hf_paged.compile import compile_decode
+    from hf_paged.integration.compile import compile_decode
     model = tiny_model("bloom")
     input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
     kwargs = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, pad_token_id=0)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_paged
 from hf_paged import OutOfPagesError, PagedCache, PagedConfig, UnsupportedModelError, _compat
-from hf_paged.tables import num_pages_for
+from hf_paged.memory.tables import num_pages_for
 
 from tiny import padded_prompts, tiny_model
 
@@ -269,7 +269,7 @@ def test_generate_without_attention_mask_matches_stock():
 
 
 def test_cache_kv_bytes_counts_a_dynamic_caches_keys_and_values():
-    from hf_paged.stats import cache_kv_bytes
+    from hf_paged.integration.stats import cache_kv_bytes
 
     cache = DynamicCache()
     assert cache_kv_bytes(cache) == 0

@@ -15,7 +15,7 @@ import hf_paged
 from hf_paged.attention import TorchExecutor, select_executor
 from hf_paged.attention.flashinfer import support as flashinfer_support
 from hf_paged.attention.flashinfer.executor import FlashInferExecutor
-from hf_paged.pool import LayerSpec
+from hf_paged.memory.pool import LayerSpec
 
 from tiny import tiny_model
 

@@ -12,9 +12,9 @@ import hf_paged
 import hf_paged.attention.torch as torch_executor
 from hf_paged.attention import LayerParams, prefix
 from hf_paged.attention.torch import cascade, dense
-from hf_paged.blocks import BlockManager
-from hf_paged.metadata import build_metadata
-from hf_paged.tables import PageTables
+from hf_paged.memory.blocks import BlockManager
+from hf_paged.attention.metadata import build_metadata
+from hf_paged.memory.tables import PageTables
 
 from reference import HEAD_DIM, dense_from_pool, grouped_case
 from tiny import padded_prompts, tiny_model

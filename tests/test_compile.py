@@ -9,8 +9,8 @@ import torch
 
 import hf_paged
 from hf_paged.attention import ops
-from hf_paged.compile import DecodeBuffers, StaticDecodeCache, compile_decode, compiled_decode
-from hf_paged.runtime import CACHE_KWARG
+from hf_paged.integration.compile import DecodeBuffers, StaticDecodeCache, compile_decode, compiled_decode
+from hf_paged.cache.runtime import CACHE_KWARG
 
 from reference import dense_rows, paged_inputs
 import tiny

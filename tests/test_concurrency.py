@@ -117,7 +117,7 @@ def test_concurrent_compiled_decode_calls_match_stock():
     modes = ["greedy", "beams", "greedy", "beams"]
     expected = [_generate(stock, call, mode) for call, mode in enumerate(modes)]
     model = hf_paged.wrap(tiny_model("llama"), num_pages=256, page_size=4, compile=True)
-    hf_paged.compile.compile_decode(model, backend="aot_eager")
+    hf_paged.integration.compile.compile_decode(model, backend="aot_eager")
     results = run_threads(lambda call: _generate(model, call, modes[call]), len(modes))
     assert all(torch.equal(got, want) for got, want in zip(results, expected))
     compiled = model.hf_paged_runtime.compiled

@@ -2,7 +2,7 @@
 
 import torch
 
-import hf_paged.compile
+import hf_paged.integration.compile
 
 from script_runs import SAMPLE_FIELDS, eval_script, run_eval
 
@@ -33,8 +33,8 @@ def test_paging_records_the_executor_that_ran(tmp_path):
 
 def test_compile_warm_up_covers_every_shape_of_the_timed_run(tmp_path, monkeypatch):
     """Compilation in the timed run counted compile time as generation time (tokens/s ratio 0.1)."""
-    defaults = hf_paged.compile.default_compile_options
-    monkeypatch.setattr(hf_paged.compile, "default_compile_options", lambda model: {**defaults(model), "backend": "eager"})
+    defaults = hf_paged.integration.compile.default_compile_options
+    monkeypatch.setattr(hf_paged.integration.compile, "default_compile_options", lambda model: {**defaults(model), "backend": "eager"})
     graphs, run_batches = {}, eval_script.run_batches
 
     def counting_run_batches(model, *args, **kwargs):

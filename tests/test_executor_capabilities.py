@@ -8,7 +8,7 @@ import hf_paged
 from hf_paged import PagedCache
 from hf_paged.attention import TorchExecutor
 from hf_paged.attention.flashinfer.executor import FlashInferExecutor
-from hf_paged.compile import compile_decode
+from hf_paged.integration.compile import compile_decode
 
 from tiny import tiny_model
 

@@ -15,7 +15,7 @@ import yaml
 
 from hf_paged.attention import TorchExecutor, select_executor
 from hf_paged.attention import _WARNED
-from hf_paged.pool import LayerSpec
+from hf_paged.memory.pool import LayerSpec
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -175,7 +175,7 @@ def test_two_groups_with_the_same_layer_setting_get_their_own_wrappers(monkeypat
 def test_compiled_decode_steps_run_graph_wrappers_planned_outside_the_graph(monkeypatch):
     """compile=True: each decode step plans CUDA-graph decode wrappers on the fixed buffers (eagerly)
     and the compiled graph runs them through torch.ops.hf_paged.paged_attention(backend="flashinfer")."""
-    from hf_paged.compile import compile_decode
+    from hf_paged.integration.compile import compile_decode
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
     model = tiny_model("llama")

@@ -210,7 +210,7 @@ def test_rows_outgrowing_their_reservation_match_stock(monkeypatch):
     input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
     expected = generate(model, input_ids, None, max_new_tokens=30, min_new_tokens=30)
     hf_paged.wrap(model, num_pages=64, page_size=4)
-    import hf_paged.generate as paged_generate
+    import hf_paged.integration.generate as paged_generate
 
     monkeypatch.setattr(paged_generate, "generate_max_tokens", lambda *args: 13)  # a hint that is too small
     plans = record_plans(model)
@@ -222,7 +222,7 @@ def test_rows_outgrowing_their_reservation_match_stock(monkeypatch):
 def test_reservation_hint_is_an_upper_bound_of_prompt_plus_new_tokens():
     from transformers import GenerationConfig
 
-    from hf_paged.compile import generate_max_tokens
+    from hf_paged.integration.compile import generate_max_tokens
 
     model = tiny_model("llama")
     ids = torch.ones(2, 7, dtype=torch.long)

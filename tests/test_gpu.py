@@ -21,7 +21,7 @@ import hf_paged
 from hf_paged.attention import LayerParams
 from hf_paged.attention.flashinfer.executor import FlashInferExecutor
 from hf_paged.config import PagedConfig
-from hf_paged.pool import KVPool, LayerSpec
+from hf_paged.memory.pool import KVPool, LayerSpec
 
 from numerics import (
     CASES, GPU_NEW_TOKENS, GPU_VOCAB, VARIANTS, assert_matches_reference, build_forward, gpu_prompts, layer_params,
@@ -166,7 +166,7 @@ def test_generate_with_flashinfer_agrees_with_stock(mode, page_size, cascade):
 def test_compiled_cuda_graph_decode_with_flashinfer_agrees_with_stock():
     """compile=True on CUDA: mode="reduce-overhead" (CUDA graphs), FlashInfer's CUDA-graph decode
     wrapper planned before each replay outside the graph, run inside it through the custom op."""
-    from hf_paged.compile import compile_decode
+    from hf_paged.integration.compile import compile_decode
 
     model = small_llama()
     input_ids, mask = prompts()

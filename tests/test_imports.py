@@ -79,9 +79,39 @@ def test_hf_paged_has_no_import_cycle():
 
 def test_prefix_is_a_leaf_of_the_attention_package():
     """attention/prefix.py, shared by both executors' cascades, imports no executor."""
-    assert not {t for t in import_graph()["hf_paged.attention.prefix"] if t.startswith("hf_paged.attention.")} - {
-        "hf_paged.attention.params"
-    }
+    imported = {t for t in import_graph()["hf_paged.attention.prefix"] if t.startswith("hf_paged.attention.")}
+    assert imported <= {"hf_paged.attention.params", "hf_paged.attention.metadata"}
+
+
+# The layers, highest first: a module imports only from its own layer or the ones below it. The
+# root modules (_compat, config, errors, padding, model_state) are the bottom; hf_paged/__init__.py,
+# the public API, imports from any layer.
+LAYERS = ["evaluation", "integration", "cache", "attention", "distributed", "memory"]
+
+
+def layer_rank(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in LAYERS:
+        return len(LAYERS) - LAYERS.index(parts[1])
+    return 0  # a root module
+
+
+def test_no_layer_imports_a_higher_one():
+    graph = import_graph()
+    upward = sorted(
+        f"{source} -> {target}"
+        for source, targets in graph.items()
+        if source != "hf_paged"
+        for target in targets
+        if layer_rank(target) > layer_rank(source)
+    )
+    assert upward == []
+
+
+def test_every_layer_folder_says_what_it_may_import():
+    for layer in LAYERS[1:]:
+        doc = ast.get_docstring(ast.parse((PACKAGE / layer / "__init__.py").read_text())) or ""
+        assert "May import" in doc, layer
 
 
 @pytest.mark.parametrize(

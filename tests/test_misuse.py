@@ -10,7 +10,7 @@ import torch
 
 import hf_paged
 from hf_paged import PagedCache
-from hf_paged.runtime import find_runtime
+from hf_paged.cache.runtime import find_runtime
 
 from tiny import padded_prompts, tiny_model
 

@@ -12,7 +12,7 @@ import torch
 
 from hf_paged.attention import TorchExecutor
 from hf_paged.config import PagedConfig
-from hf_paged.pool import KVPool, LayerSpec
+from hf_paged.memory.pool import KVPool, LayerSpec
 
 import numerics
 from numerics import CASES, assert_matches_reference, build_forward, layer_params, reference_output, token_agreement

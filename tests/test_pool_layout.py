@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_paged
 from hf_paged.errors import OutOfPagesError
-from hf_paged.stats import cache_kv_bytes
+from hf_paged.integration.stats import cache_kv_bytes
 
 from tiny import COMMON
 

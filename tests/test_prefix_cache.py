@@ -9,9 +9,9 @@ import torch
 
 import hf_paged
 from hf_paged import OutOfPagesError
-from hf_paged.blocks import BlockManager
-from hf_paged.prefix_cache import PrefixCache, page_keys
-from hf_paged.tables import PageTables
+from hf_paged.memory.blocks import BlockManager
+from hf_paged.memory.prefix_cache import PrefixCache, page_keys
+from hf_paged.memory.tables import PageTables
 
 import tiny
 from tiny import BASIC_MODES as MODES

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import hf_paged
-from hf_paged import pool as pool_module
-from hf_paged.compile import compile_decode
+from hf_paged.memory import pool as pool_module
+from hf_paged.integration.compile import compile_decode
 
 from tiny import CountingBackend, fixed_length, generate, padded_prompts, tiny_model
 

@@ -9,7 +9,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_paged
 from hf_paged import PagedCache, UnsupportedModelError
-from hf_paged.wrap import ATTN_NAME
+from hf_paged.integration.wrap import ATTN_NAME
 
 from tiny import COMMON, Interrupt, generate, padded_prompts, tiny_model
 

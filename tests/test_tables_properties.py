@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_paged import OutOfPagesError
-from hf_paged.blocks import BlockManager
-from hf_paged.tables import PageTables, num_pages_for
+from hf_paged.memory.blocks import BlockManager
+from hf_paged.memory.tables import PageTables, num_pages_for
 
 operation = st.one_of(
     st.tuples(st.just("append"), st.lists(st.integers(0, 7), min_size=1, max_size=8)),

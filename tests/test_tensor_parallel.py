@@ -17,7 +17,7 @@ import torch
 import transformers
 
 import hf_paged
-from hf_paged.tensor_parallel import local_specs, make_pool, tp_group
+from hf_paged.distributed.tensor_parallel import local_specs, make_pool, tp_group
 from tiny import COMMON, SMALL, tiny_model
 from tp_cases import CASES, FAMILIES, NUM_PAGES, PAGE_SIZE, run_case
 
@@ -45,7 +45,7 @@ def _single_process(family: str) -> dict:
     expected["pool_bytes"] = stats["pool_bytes"]
     # What one rank's pool must hold, from the config: half the KV heads, a page of PAGE_SIZE tokens
     # per full-attention layer (these families have at most one sliding layer per full one, and a
-    # page id's sliding pages are packed into its full layers' pages: hf_paged/layout.py).
+    # page id's sliding pages are packed into its full layers' pages: hf_paged/memory/layout.py).
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers

@@ -119,10 +119,10 @@ def test_rows_of_equal_length_in_scattered_pages_are_gathered_by_whole_pages(
 @pytest.mark.parametrize("window_left", [-1, 3])
 @pytest.mark.parametrize("num_qo_heads", [2, 8])
 def test_a_decode_plan_carried_over_to_the_next_step_reads_what_a_new_plan_reads(reserve, window_left, num_qo_heads):
-    from hf_paged.blocks import BlockManager
-    from hf_paged.metadata import advance_metadata, build_metadata
+    from hf_paged.memory.blocks import BlockManager
+    from hf_paged.attention.metadata import advance_metadata, build_metadata
     from hf_paged.attention import ops
-    from hf_paged.tables import PageTables
+    from hf_paged.memory.tables import PageTables
 
     page_size, num_pages, rows, num_kv_heads = 8, 32, 2, 2
     generator = torch.Generator().manual_seed(3)

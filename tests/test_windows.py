@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_paged
 from hf_paged import PagedCache, _compat
-from hf_paged.groups import window_page_size
-from hf_paged.tables import num_pages_for
+from hf_paged.memory.groups import window_page_size
+from hf_paged.memory.tables import num_pages_for
 
 import tiny
 from tiny import BASIC_MODES as MODES
@@ -267,9 +267,9 @@ def test_running_out_of_pages_or_an_interrupt_returns_every_groups_pages():
 def test_the_metadata_of_a_sliding_group_starts_each_row_at_its_first_held_page():
     """Released pages are left out of the metadata: each row's keys start at its first held page
     (positions are relative to the query's), so no executor reads a released entry."""
-    from hf_paged.blocks import BlockManager
-    from hf_paged.metadata import build_metadata
-    from hf_paged.tables import PageTables
+    from hf_paged.memory.blocks import BlockManager
+    from hf_paged.attention.metadata import build_metadata
+    from hf_paged.memory.tables import PageTables
 
     tables = PageTables(BlockManager(64), page_size=2, window=5)
     tables.add_rows(2)

@@ -19,9 +19,9 @@ from transformers.distributed import DistributedConfig
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hf_paged  # noqa: E402
-from hf_paged import pool as pool_module  # noqa: E402
-from hf_paged import tensor_parallel  # noqa: E402
-from hf_paged.cache import PagedCache  # noqa: E402
+from hf_paged.memory import pool as pool_module  # noqa: E402
+from hf_paged.distributed import tensor_parallel  # noqa: E402
+from hf_paged.cache.paged_cache import PagedCache  # noqa: E402
 from tp_cases import CASES, FAMILIES, NUM_PAGES, PAGE_SIZE, run_case  # noqa: E402
 
 

@@ -1,7 +1,10 @@
-"""Attention executors and the one dispatch point that picks which runs.
+"""Attention: one contract (FlashInfer's paged format), two executors, one dispatch point.
+
+May import: `memory` and the root modules; never `cache` or `integration`.
 
 Layout (imports point down this list only; tests/test_imports.py checks there is no cycle):
 
+- metadata.py: ForwardMetadata, the per-forward page lists and index tensors both executors read.
 - params.py: LayerParams, the per-layer settings a plan is made for.
 - executor.py: the Executor protocol and the capabilities executors declare.
 - prefix.py: shared prefixes (group finding, when cascade pays, suffix metadata); a leaf.
@@ -14,7 +17,7 @@ Layout (imports point down this list only; tests/test_imports.py checks there is
 
 import warnings
 
-from ..pool import LayerSpec
+from ..memory.pool import LayerSpec
 from .executor import Executor
 from .params import LayerParams
 from .torch import TorchExecutor

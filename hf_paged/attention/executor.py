@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ..metadata import ForwardMetadata
-from ..pool import KVPool
+from .metadata import ForwardMetadata
+from ..memory.pool import KVPool
 from .params import LayerParams
 
 

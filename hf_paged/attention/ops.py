@@ -10,7 +10,7 @@ Two ops, both opaque to torch.compile (dynamo records a call, never traces insid
 They take tensors in FlashInfer's paged format and plain scalars; nothing else. `max_q` and `max_kv`
 are upper bounds (any value >= the real maxima gives the same result), so a caller may pass fixed
 capacities and fixed-shape index buffers: that is how a compiled decode step keeps one graph while
-sequences grow (see hf_paged/compile.py). `kv_indices` may be longer than `kv_indptr[-1]`; the tail
+sequences grow (see hf_paged/integration/compile.py). `kv_indices` may be longer than `kv_indptr[-1]`; the tail
 is never used.
 
 `backend` picks the runner from `RUNNERS`. "torch" is built in: it derives the gather indices and

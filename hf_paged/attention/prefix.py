@@ -9,7 +9,7 @@ prefix (no mask) and its own suffix is never empty. Sliding-window layers keep t
 
 import torch
 
-from ..metadata import ForwardMetadata, cumsum, to_device
+from .metadata import ForwardMetadata, cumsum, to_device
 from .params import LayerParams
 
 # Cascade pays once the rows skip gathering a fair share of their keys; below that, the

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, set_seed
 
 from .. import _compat
-from ..stats import cache_kv_bytes, clear_prefix_cache
+from ..integration.stats import cache_kv_bytes, clear_prefix_cache
 from . import EvalError
 from .data import Sample
 
@@ -185,7 +185,7 @@ def warm_up(model, tokenizer, batches: list[Batch], generate_kwargs: dict, devic
     """Untimed generate() calls so one-time costs (allocator, lazy init, compilation) stay out of the timings.
 
     One short call on the first batch; with compiled decode steps (`PagedConfig(compile=True)`), one
-    per decode shape the timed run will meet (rows x capacity, see hf_paged.compile), each with the
+    per decode shape the timed run will meet (rows x capacity, see hf_paged.integration.compile), each with the
     run's own `max_new_tokens` (the capacity depends on it) and stopped after a few tokens.
     With the prefix cache on, it is emptied afterwards: the warm-up's pages are no hits of the run.
     """
@@ -203,7 +203,7 @@ def _warm_up(model, runtime, tokenizer, batches: list[Batch], generate_kwargs: d
         input_ids, attention_mask = _pad_left(batches[0].prompt_ids, tokenizer.pad_token_id, device)
         model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**generate_kwargs, "max_new_tokens": 2})
         return
-    from ..compile import capacity_pages
+    from ..integration.compile import capacity_pages
 
     max_new = generate_kwargs["max_new_tokens"]
     seen = set()

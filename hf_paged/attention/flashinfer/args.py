@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ...metadata import ForwardMetadata, cumsum, host_tensor, last_page_lens
+from ..metadata import ForwardMetadata, cumsum, host_tensor, last_page_lens
 from ..params import LayerParams
 
 KERNEL_BACKEND = "fa2"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ...metadata import ForwardMetadata, cumsum, host_tensor, to_device
+from ..metadata import ForwardMetadata, cumsum, host_tensor, to_device
 from .. import prefix
 from ..params import LayerParams
 from .args import Args, kv_planes, layer_kwargs, plan_args, wrapper_kind

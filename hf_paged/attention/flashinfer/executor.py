@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from ...metadata import ForwardMetadata
-from ...pool import KVPool
+from ..metadata import ForwardMetadata
+from ...memory.pool import KVPool
 from ..params import LayerParams
 from . import cascade, graph
 from .args import WRAPPER_CLASS_OF, WRAPPER_CLASSES, Args, decode_plan_args, host_indices, kv_planes, plan_args, run_args

@@ -8,7 +8,7 @@ import importlib
 
 import torch
 
-from ...pool import LayerSpec
+from ...memory.pool import LayerSpec
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)

@@ -5,8 +5,8 @@ from typing import Any
 
 import torch
 
-from ...metadata import ForwardMetadata
-from ...pool import KVPool
+from ..metadata import ForwardMetadata
+from ...memory.pool import KVPool
 from ..params import LayerParams
 from . import cascade, dense
 

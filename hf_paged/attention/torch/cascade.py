@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...metadata import ForwardMetadata, to_device
-from ...tables import consecutive_run
+from ..metadata import ForwardMetadata, to_device
+from ...memory.tables import consecutive_run
 from .. import prefix
 from ..params import LayerParams
 from . import dense

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...metadata import ForwardMetadata, to_device
-from ...tables import consecutive_run
+from ..metadata import ForwardMetadata, to_device
+from ...memory.tables import consecutive_run
 from ..params import LayerParams
 
 

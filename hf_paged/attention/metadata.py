@@ -7,7 +7,7 @@ from itertools import accumulate
 
 import torch
 
-from .tables import PageTables
+from ..memory.tables import PageTables
 
 
 @dataclass(slots=True)

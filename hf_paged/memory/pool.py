@@ -15,7 +15,7 @@ import weakref
 import torch
 
 from .blocks import BlockManager
-from .config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
+from ..config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
 from .groups import GroupSpec
 from .layout import Layout, LayerSpec, layer_views, plan_layout
 from .prefix_cache import PrefixCache

@@ -8,7 +8,7 @@ what each refuses.
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 
 def _attention_reason(module: torch.nn.Module, patched: bool) -> str | None:

@@ -14,9 +14,10 @@ import inspect
 
 import torch
 
-from . import _compat, inflight
-from .cache import PagedCache
-from .prefix_cache import Entry, PrefixCache, page_keys
+from .. import _compat
+from ..cache import inflight
+from ..cache.paged_cache import PagedCache
+from ..memory.prefix_cache import Entry, PrefixCache, page_keys
 
 
 def forward_parameters(model: torch.nn.Module) -> dict:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import LayerParams
-from .attention.torch import dense
+from ..attention import LayerParams
+from ..attention.torch import dense
 
 
 def skipped_tokens(qo_lens: list[int], window: int, page_size: int, past: list[int] | None = None) -> list[int]:

@@ -10,7 +10,7 @@ may also ask for one particular free page (`take`), and for the first page of a 
 import threading
 from typing import Protocol
 
-from .errors import OutOfPagesError
+from ..errors import OutOfPagesError
 
 
 class Evictor(Protocol):

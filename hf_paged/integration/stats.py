@@ -2,7 +2,7 @@
 
 import torch
 
-from .runtime import runtime_of
+from ..cache.runtime import runtime_of
 
 
 def memory_stats(model: torch.nn.Module) -> dict:

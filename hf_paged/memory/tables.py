@@ -23,7 +23,7 @@ import contextlib
 from collections.abc import Iterator
 
 from .blocks import BlockManager
-from .errors import OutOfPagesError
+from ..errors import OutOfPagesError
 
 
 def num_pages_for(num_tokens: int, page_size: int) -> int:

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from .config import PagedConfig
-from .errors import UnsupportedModelError
-from .groups import GroupSpec
-from .pool import KVPool, LayerSpec, choose_num_pages, pool_layout
+from ..config import PagedConfig
+from ..errors import UnsupportedModelError
+from ..memory.groups import GroupSpec
+from ..memory.pool import KVPool, LayerSpec, choose_num_pages, pool_layout
 
 T = TypeVar("T")
 

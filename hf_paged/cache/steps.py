@@ -14,11 +14,11 @@ PagedCache (cache.py) mixes this in; the page bookkeeping is GroupPages' (group_
 import torch
 
 from . import inflight
-from .attention import LayerParams, ops
-from .attention.torch import dense
+from ..attention import LayerParams, ops
+from ..attention.torch import dense
 from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
-from .metadata import ForwardMetadata, advance_metadata, build_metadata
-from .pool import copy_pages
+from ..attention.metadata import ForwardMetadata, advance_metadata, build_metadata
+from ..memory.pool import copy_pages
 
 
 class ForwardSteps:

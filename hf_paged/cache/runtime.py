@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from .attention import Executor, select_executor
-from .config import PagedConfig
-from .pool import KVPool, LayerSpec
-from .tensor_parallel import TPGroup, make_pool
+from ..attention import Executor, select_executor
+from ..config import PagedConfig
+from ..memory.pool import KVPool, LayerSpec
+from ..distributed.tensor_parallel import TPGroup, make_pool
 
 RUNTIME_ATTR = "hf_paged_runtime"
 # How a forward's PagedCache reaches the attention function: the decoder's pre-hook adds it to the
@@ -92,14 +92,14 @@ class Runtime:
     decoder: torch.nn.Module  # the hooked module; compile.py compiles its forward
     attention_modules: list[torch.nn.Module]  # by layer index
     handles: list = field(default_factory=list)
-    # hf_paged.compile.CompiledDecode, made on the first compiled generate() (not imported: compile
+    # hf_paged.integration.compile.CompiledDecode, made on the first compiled generate() (not imported: compile
     # sits above the runtime).
     compiled: Any = None
     instance_generate: Any = None  # a `generate` the user had set on the instance; unwrap() restores it
     last_peak_pages: int = 0  # of the generate() call that finished last (each call counts its own)
     last_peak_shared_pages: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
-    groups: list = field(default_factory=list)  # hf_paged.groups.GroupSpec per group of layers
+    groups: list = field(default_factory=list)  # hf_paged.memory.groups.GroupSpec per group of layers
     patch: Any = None  # the hf_paged.patches module serving this family's attention, if any
     # Where CACHE_KWARG cannot reach the attention (patched families, hf_paged.patches, and some
     # routed ones such as StableLM pass no keyword arguments down): the decoder's hooks also put

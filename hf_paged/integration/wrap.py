@@ -7,15 +7,16 @@ from collections.abc import Mapping
 
 import torch
 
-from . import _compat, patches, refusals
-from .attention import select_executor
-from .cache import PagedCache
-from .config import PagedConfig
-from .errors import UnsupportedModelError
-from .groups import layer_groups
+from .. import _compat, patches
+from . import refusals
+from ..attention import select_executor
+from ..cache.paged_cache import PagedCache
+from ..config import PagedConfig
+from ..errors import UnsupportedModelError
+from ..memory.groups import layer_groups
 from .interface import ATTN_NAME, _register_functions
-from .tensor_parallel import local_specs, make_pool, tp_group
-from .runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs
+from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
+from ..cache.runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 

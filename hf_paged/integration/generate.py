@@ -5,14 +5,14 @@ import warnings
 
 import torch
 
-from . import _compat
-from .cache import PagedCache
-from .model_state import model_state_key
+from .. import _compat
+from ..cache.paged_cache import PagedCache
+from ..model_state import model_state_key
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
-from .prefix_cache import PrefixCache
+from ..memory.prefix_cache import PrefixCache
 from .compile import generate_max_tokens, maybe_compiled_decode
-from .padding import check_left_padding
-from .runtime import stock_masks
+from ..padding import check_left_padding
+from ..cache.runtime import stock_masks
 
 
 

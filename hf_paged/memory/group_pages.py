@@ -13,7 +13,7 @@ query sees (the measure of stock's window-only cache, each group's pages at the 
 """
 
 from .blocks import BlockManager
-from .errors import OutOfPagesError
+from ..errors import OutOfPagesError
 from .groups import GroupSpec
 from .tables import PageTables
 

@@ -5,13 +5,14 @@ import weakref
 import torch
 from transformers.cache_utils import Cache
 
-from . import _compat, inflight
-from .attention import Executor
-from .group_pages import GroupPages
-from .groups import GroupSpec, group_of_layer
+from .. import _compat
+from . import inflight
+from ..attention import Executor
+from ..memory.group_pages import GroupPages
+from ..memory.groups import GroupSpec, group_of_layer
 from .runtime import Runtime, runtime_of
 from .steps import ForwardSteps
-from .tables import PageTables
+from ..memory.tables import PageTables
 
 
 class PagedCache(ForwardSteps, Cache):

@@ -38,12 +38,12 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers.cache_utils import Cache
 
-from . import _compat
-from .attention import ops  # registers torch.ops.hf_paged.*
-from .attention.params import LayerParams
-from .metadata import ForwardMetadata
-from .runtime import CACHE_KWARG, runtime_of
-from .tables import num_pages_for
+from .. import _compat
+from ..attention import ops  # registers torch.ops.hf_paged.*
+from ..attention.params import LayerParams
+from ..attention.metadata import ForwardMetadata
+from ..cache.runtime import CACHE_KWARG, runtime_of
+from ..memory.tables import num_pages_for
 
 
 class DecodeBuffers:

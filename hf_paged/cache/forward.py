@@ -5,9 +5,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .attention import LayerParams
-from .metadata import ForwardMetadata
-from .padding import padding_holes, raise_padding_error
+from ..attention import LayerParams
+from ..attention.metadata import ForwardMetadata
+from ..padding import padding_holes, raise_padding_error
 
 
 @dataclass(slots=True)
