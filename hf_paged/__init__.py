@@ -18,6 +18,7 @@ def _load_source_patches() -> None:
         raise ImportError(f"hf_paged.patches is neither installed nor in the source checkout ({folder})")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    globals()["patches"] = module  # as an installed subpackage would be: hf_paged.patches
 
 
 _load_source_patches()
