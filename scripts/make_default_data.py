@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     fitting = [sample for sample in candidates if len(tokenizer(sample["prompt"])["input_ids"]) <= args.max_prompt_tokens]
     step = len(fitting) / args.num_samples
     chosen = [fitting[int(i * step)] for i in range(min(args.num_samples, len(fitting)))]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in chosen), encoding="utf-8")
     modules = sorted({sample["id"].split(":")[0] for sample in chosen})
     print(f"{len(chosen)} of {len(fitting)} functions ({len(candidates)} with a docstring) from {len(modules)} modules "

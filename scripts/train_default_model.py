@@ -5,7 +5,9 @@ The shipped checkpoint (hf_paged/data/default_model/) was made by
     PYTHONPATH=. python scripts/train_default_model.py --output-dir hf_paged/data/default_model
 
 on CPython 3.11.7's standard library, torch 2.13.0 (CPU), tokenizers 0.23.3, transformers 5.25.0,
-2 shared CPU cores (about 40 minutes). The same command with the same versions gives the same weights.
+2 CPU cores shared with other jobs (98 minutes under a load of 4 to 21; about 30 alone). The same
+command with the same versions, thread count and CPU gives the same weights; other thread counts or
+CPUs change the floating-point reduction order, so the last bits can differ.
 `--dry-run` trains 3 steps on 40 files (a minute) to check the script end to end.
 
 Settings (the defaults of the flags below):
@@ -19,7 +21,7 @@ Settings (the defaults of the flags below):
   <pad> (0), <s> (1, BOS, prepended to every encoded text), </s> (2, EOS).
 - Model: LlamaForCausalLM, hidden 256, 4 layers, 4 query heads and 2 KV heads (GQA) of head dim 64
   (served by FlashInfer's kernels on a GPU; the KV heads divide by 2 for `--tp 2`), MLP 640, RoPE
-  (theta 10000), tied embeddings, 512 positions: 3.4M parameters, saved in bfloat16.
+  (theta 10000), tied embeddings, 512 positions: 3.8M parameters, saved in bfloat16.
 - Training: AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1), 30 warm-up steps then cosine decay
   to 10%, gradient clipping at 1.0, batches of 4 windows x 512 tokens, 400 steps (0.82M tokens), fp32,
   seed 0. The loss is logged every 25 steps; the held-out perplexity is measured at the end and
