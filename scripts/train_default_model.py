@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to train, e.g. cuda (the shipped model: cpu)")
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--dry-run", action="store_true", help="3 steps on 40 files: checks the script end to end")
     return parser
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokenizer: {len(tokenizer)} ids; {data.numel() / 1e6:.2f}M training tokens in {len(data)} windows "
           f"({time.time() - started:.0f} s)", flush=True)
 
-    model = LlamaForCausalLM(model_config(args, tokenizer))
+    model = LlamaForCausalLM(model_config(args, tokenizer)).to(args.device)
     num_parameters = sum(parameter.numel() for parameter in model.parameters())
     decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for name, p in model.named_parameters() if p.dim() < 2]
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in progress:
         if cursor + args.batch_size > len(order):  # next epoch: a new order
             order, cursor = torch.randperm(len(data), generator=generator), 0
-        batch = data[order[cursor : cursor + args.batch_size]]  # [batch, context]
+        batch = data[order[cursor : cursor + args.batch_size]].to(args.device)  # [batch, context]
         cursor += args.batch_size
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(torch.bfloat16).save_pretrained(output)
+    model.to("cpu", torch.bfloat16).save_pretrained(output)
     tokenizer.save_pretrained(output)
     record = {
         "command": "python scripts/train_default_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -47,8 +47,9 @@ def expected_kv_bytes(
     stored. Paged: each row's own tokens in whole pages; stock: every row padded to the batch's
     longest prompt."""
     peak = 0
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
+    for number in sorted({record["batch"] for record in records}):
+        batch = [record for record in records if record["batch"] == number]
+        assert len(batch) <= batch_size
         steps = max(len(ids) for record in batch for ids in record["output_ids"])
         if paged:
             pages = sum(-(-(r["prompt_tokens"] + steps - 1) // page_size) for r in batch) * rows_per_sample
@@ -155,8 +156,8 @@ def _long_file(tmp_path: Path) -> Path:
 
 
 BAD_INPUT = {
-    "missing column": (["--text-column", "article"], ["'article' is not a column", "'document'", "'summary'"]),
-    "missing reference": (["--reference-column", "highlights"], ["'highlights' is not a column", "'document'"]),
+    "missing column": (["--text-column", "article"], ["'article' is not a column", "'prompt'", "'reference'"]),
+    "missing reference": (["--reference-column", "highlights"], ["'highlights' is not a column", "'prompt'"]),
     "empty slice": (["--split", "test[:0]"], ["selection is empty", "test[:0]"]),
     "empty file": ([], ["selection is empty"]),
     "unknown metric": (["--metric", "bleurt"], ["unknown --metric 'bleurt'", "rouge"]),

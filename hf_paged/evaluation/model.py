@@ -49,7 +49,7 @@ def load_model(name: str | None, dtype: str, device: torch.device, device_map: s
         raise EvalError(f"could not load model {model_name!r}: {_first_line(error)}") from error
     if tp > 1:
         check_tp_heads(path, model_name, tp)
-    model = _from_pretrained(path, dtype, device_map, tp)
+    model = _from_pretrained(path, dtype, device_map, tp, progress=name is not None)
     if device_map is None and tp == 1:
         model = model.to(device)
     tokenizer.padding_side = "left"
@@ -81,18 +81,27 @@ def check_tp_heads(path: str, model_name: str, tp: int) -> None:
     )
 
 
-def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: int) -> torch.nn.Module:
+def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: int, progress: bool = True) -> torch.nn.Module:
+    """The model through AutoModelForCausalLM; `progress=False` hides transformers' loading bar (the
+    built-in model loads in a blink, and a bad-input run then prints its one error line only)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
     kwargs = {"dtype": DTYPES[dtype], "device_map": device_map}
     if tp > 1:
         from transformers.distributed import DistributedConfig
 
         kwargs = {"dtype": DTYPES[dtype], "distributed_config": DistributedConfig(tp_size=tp)}
+    shown = logging.is_progress_bar_enabled()
+    if not progress:
+        logging.disable_progress_bar()
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
         raise EvalError(f"could not load model {name!r}: {_first_line(error)}") from error
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _first_line(error: BaseException) -> str:
