@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hf_paged.attention.params import LayerParams
 
-from hf_paged.patches import cached_slopes, modules_by_layer
+from . import cached_slopes, modules_by_layer
 
 # No position but ALiBi's, which the paged attention counts over each row's stored tokens: a row
 # continued from the prefix cache's pages needs no `position_ids` (Bloom's forward takes none).

@@ -15,7 +15,7 @@ import torch
 
 from hf_paged.attention.params import LayerParams
 
-from hf_paged.patches import modules_by_layer
+from . import modules_by_layer
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

@@ -10,7 +10,7 @@ import torch
 
 from hf_paged.attention.params import LayerParams
 
-from hf_paged.patches import modules_by_layer
+from . import modules_by_layer
 
 METHOD = "_attn"
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import hf_paged
 from hf_paged import OutOfPagesError, PagedCache, PagedConfig, UnsupportedModelError, _compat
-from hf_paged.memory.tables import num_pages_for
+from hf_paged.memory.reservations import num_pages_for
 
 from tiny import padded_prompts, tiny_model
 

@@ -4,7 +4,8 @@ import pytest
 
 from hf_paged import OutOfPagesError
 from hf_paged.memory.blocks import BlockManager
-from hf_paged.memory.tables import PageTables, consecutive_run
+from hf_paged.memory.reservations import consecutive_run
+from hf_paged.memory.tables import PageTables
 
 
 def test_allocate_hands_out_low_ids_first_and_free_returns_tail_first():

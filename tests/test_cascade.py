@@ -11,7 +11,7 @@ import torch
 import hf_paged
 import hf_paged.attention.torch as torch_executor
 from hf_paged.attention import LayerParams, prefix
-from hf_paged.attention.torch import cascade, dense
+from hf_paged.attention.torch import cascade, dense, masks
 from hf_paged.memory.blocks import BlockManager
 from hf_paged.attention.metadata import build_metadata
 from hf_paged.memory.tables import PageTables
@@ -114,7 +114,7 @@ def test_fresh_prompts_take_causal_path_equal_to_masked(page_size, num_qo_heads,
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3)
     plan = torch_executor.plan(meta, params, zero_page)
     assert plan.causal and plan.mask is None
-    mask = dense.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
+    mask = masks.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
     masked = dataclasses.replace(plan, causal=False, mask=mask)
     q = torch.randn(39, num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(4))
     expected = dense_from_pool(q, pool, meta, params)

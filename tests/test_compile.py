@@ -9,7 +9,8 @@ import torch
 
 import hf_paged
 from hf_paged.attention import ops
-from hf_paged.integration.compile import DecodeBuffers, StaticDecodeCache, compile_decode, compiled_decode
+from hf_paged.cache.static_decode import DecodeBuffers, StaticDecodeCache
+from hf_paged.integration.compile import compile_decode, compiled_decode
 from hf_paged.cache.runtime import CACHE_KWARG
 
 from reference import dense_rows, paged_inputs

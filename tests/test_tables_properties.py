@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from hf_paged import OutOfPagesError
 from hf_paged.memory.blocks import BlockManager
-from hf_paged.memory.tables import PageTables, num_pages_for
+from hf_paged.memory.reservations import num_pages_for
+from hf_paged.memory.tables import PageTables
 
 operation = st.one_of(
     st.tuples(st.just("append"), st.lists(st.integers(0, 7), min_size=1, max_size=8)),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_paged.attention import LayerParams
-from hf_paged.attention.torch import dense as torch_dense
+from hf_paged.attention.torch import dense as torch_dense, masks as torch_masks
 
 from reference import HEAD_DIM, PAGED_CASES, dense_layer, paged_case, reserved_case
 
@@ -34,7 +34,7 @@ def test_metadata_is_in_flashinfer_format():
     assert meta.kv_indptr.tolist() == [0, 2, 5]
     assert meta.kv_indices[0].item() == meta.kv_indices[2].item(), "the full prefix page is shared"
     assert meta.kv_last_page_len.tolist() == [4, 2]
-    assert torch.equal(torch_dense.kv_lengths(meta), torch.tensor([8, 10]))
+    assert torch.equal(torch_masks.kv_lengths(meta), torch.tensor([8, 10]))
 
 
 # -- rows in consecutive pages: read as a view of the pool, no gather -----------------------------

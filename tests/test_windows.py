@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import hf_paged
 from hf_paged import PagedCache, _compat
 from hf_paged.memory.groups import window_page_size
-from hf_paged.memory.tables import num_pages_for
+from hf_paged.memory.reservations import num_pages_for
 
 import tiny
 from tiny import BASIC_MODES as MODES

@@ -8,7 +8,8 @@ Layout (imports point down this list only; tests/test_imports.py checks there is
 - params.py: LayerParams, the per-layer settings a plan is made for.
 - executor.py: the Executor protocol and the capabilities executors declare.
 - prefix.py: shared prefixes (group finding, when cascade pays, suffix metadata); a leaf.
-- torch/: the pure-PyTorch executor: dense.py (plain path), cascade.py (shared prefixes).
+- torch/: the pure-PyTorch executor: dense.py (plain path: plan and run), masks.py (index and
+  mask tensors), reads.py (K/V out of the pool: views and gathers), cascade.py (shared prefixes).
 - flashinfer/: the CUDA executor: support.py (can it serve the model), args.py (FlashInfer call
   arguments), cascade.py, graph.py (CUDA-graph decode steps), executor.py.
 - ops.py: the executors as `torch.library` custom ops for compiled decode steps, with the

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .metadata import ForwardMetadata
 from ..memory.pool import KVPool
+from .metadata import ForwardMetadata
 from .params import LayerParams
 
 
@@ -42,5 +42,5 @@ class Executor(Protocol):
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Before every compiled decode step, outside the compiled region: prepare what `op_runner`
-        reads inside it. `cache` is compile.StaticDecodeCache, its `buffers` already filled."""
+        reads inside it. `cache` is cache/static_decode.StaticDecodeCache, its `buffers` already filled."""
         ...

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from .params import LayerParams
-from .torch import dense
+from .torch import dense, masks, reads
 
 
 @dataclass(slots=True)
 class PagedIndex:
-    """The index tensors of a ForwardMetadata that `dense.token_slots`/`attention_mask` read."""
+    """The index tensors of a ForwardMetadata that `masks.token_slots`/`attention_mask` read."""
 
     qo_indptr: torch.Tensor
     kv_indptr: torch.Tensor
@@ -128,13 +128,13 @@ def run_torch(
     """The "torch" runner: the plain torch path on index tensors alone (no host sync, shapes from
     the bounds only)."""
     nnz, rows = q.shape[0], index.kv_last_page_len.shape[0]
-    kv_slots = dense.kv_gather_slots(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
+    kv_slots = masks.kv_gather_slots(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
     # Some row has fewer than max_q new tokens: scatter into a padded layout.
-    q_positions = dense.padded_query_positions(index, max_q, nnz) if nnz != rows * max_q else None
+    q_positions = masks.padded_query_positions(index, max_q, nnz) if nnz != rows * max_q else None
     if params.alibi_slopes:
-        mask = dense.alibi_mask(index, max_q, max_kv, params)
+        mask = masks.alibi_mask(index, max_q, max_kv, params)
     else:
-        mask = dense.packed_mask(index, max_q, max_kv, params)
+        mask = masks.packed_mask(index, max_q, max_kv, params)
     plan = dense.TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params)
     return dense.run(q, kv_pool, plan).to(q.dtype)
 
@@ -157,14 +157,14 @@ def write_kv_auto(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def write_kv_eager(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     if not kv_pool.is_contiguous():  # a layer packed into a wider slice (layout.py)
         page_size = kv_pool.shape[2]
-        found = dense.token_rows(kv_pool)
+        found = reads.token_rows(kv_pool)
         if found is None:  # index by page
             pages, offsets = slot_mapping // page_size, slot_mapping % page_size
             kv_pool[0][pages, offsets] = key.to(kv_pool.dtype)
             kv_pool[1][pages, offsets] = value.to(kv_pool.dtype)
             return
         tokens, per_page = found
-        rows = dense.packed_slots(slot_mapping, page_size, per_page)
+        rows = reads.packed_slots(slot_mapping, page_size, per_page)
         tokens[0].index_copy_(0, rows, key.to(tokens.dtype))
         tokens[1].index_copy_(0, rows, value.to(tokens.dtype))
         return

@@ -6,13 +6,13 @@ import torch
 from transformers.cache_utils import Cache
 
 from .. import _compat
-from . import inflight
 from ..attention import Executor
 from ..memory.group_pages import GroupPages
 from ..memory.groups import GroupSpec, group_of_layer
+from ..memory.tables import PageTables
+from . import inflight
 from .runtime import Runtime, runtime_of
 from .steps import ForwardSteps
-from ..memory.tables import PageTables
 
 
 class PagedCache(ForwardSteps, Cache):

@@ -21,8 +21,8 @@ import torch
 
 from ..attention import Executor, select_executor
 from ..config import PagedConfig
-from ..memory.pool import KVPool, LayerSpec
 from ..distributed.tensor_parallel import TPGroup, make_pool
+from ..memory.pool import KVPool, LayerSpec
 
 RUNTIME_ATTR = "hf_paged_runtime"
 # How a forward's PagedCache reaches the attention function: the decoder's pre-hook adds it to the

@@ -13,12 +13,17 @@ PagedCache (cache.py) mixes this in; the page bookkeeping is GroupPages' (group_
 
 import torch
 
-from . import inflight
 from ..attention import LayerParams, ops
-from ..attention.torch import dense
-from .forward import ForwardState, cache_window_params, check_compiled_window, new_tokens
 from ..attention.metadata import ForwardMetadata, advance_metadata, build_metadata
+from ..attention.torch import reads
 from ..memory.pool import copy_pages
+from . import inflight
+from .forward import (
+    ForwardState,
+    cache_window_params,
+    check_compiled_window,
+    new_tokens,
+)
 
 
 class ForwardSteps:
@@ -191,7 +196,7 @@ class ForwardSteps:
             if per_page != page_size:  # a layer packed into a wider slice (layout.py)
                 slots = state.packed_slots.get((group, per_page))
                 if slots is None:
-                    slots = state.packed_slots[(group, per_page)] = dense.packed_slots(meta.slot_mapping, page_size, per_page)
+                    slots = state.packed_slots[(group, per_page)] = reads.packed_slots(meta.slot_mapping, page_size, per_page)
             key_plane.index_copy_(0, slots, key)
             value_plane.index_copy_(0, slots, value)
         state.num_written += 1
@@ -270,10 +275,10 @@ def pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dt
 
 def token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """The key and value planes of a layer pool `[2, pages, page_size, H_kv, D]` as `[rows, H_kv, D]`
-    views, and the rows from one page to the next (`dense.token_rows`: page_size for a contiguous
+    views, and the rows from one page to the next (`reads.token_rows`: page_size for a contiguous
     pool, where a row is a `slot_mapping` slot; the slice's page stride for a layer packed into a
     wider slice, layout.py); None for a layout they cannot view, which ops.write_kv_eager writes by page."""
-    found = dense.token_rows(layer_pool)
+    found = reads.token_rows(layer_pool)
     if found is None:
         return None
     rows, per_page = found

@@ -7,13 +7,12 @@ import torch
 
 from .. import _compat
 from ..cache.paged_cache import PagedCache
-from ..model_state import model_state_key
-from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
-from ..memory.prefix_cache import PrefixCache
-from .compile import generate_max_tokens, maybe_compiled_decode
-from ..padding import check_left_padding
 from ..cache.runtime import stock_masks
-
+from ..memory.prefix_cache import PrefixCache
+from ..model_state import model_state_key
+from ..padding import check_left_padding
+from .compile import generate_max_tokens, maybe_compiled_decode
+from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
 
 def _runs_on_a_cache(settings) -> bool:

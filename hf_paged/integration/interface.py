@@ -6,12 +6,15 @@ import sys
 from dataclasses import dataclass
 
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import LayerParams
-from ..errors import UnsupportedModelError
 from ..cache.runtime import CACHE_KWARG, find_runtime, stock_mask_implementation
+from ..errors import UnsupportedModelError
 
 ATTN_NAME = "hf_paged"
 

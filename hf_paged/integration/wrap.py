@@ -8,15 +8,21 @@ from collections.abc import Mapping
 import torch
 
 from .. import _compat, patches
-from . import refusals
 from ..attention import select_executor
 from ..cache.paged_cache import PagedCache
+from ..cache.runtime import (
+    CACHE_KWARG,
+    RUNTIME_ATTR,
+    Runtime,
+    find_runtime,
+    layer_specs,
+)
 from ..config import PagedConfig
+from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
 from ..errors import UnsupportedModelError
 from ..memory.groups import layer_groups
+from . import refusals
 from .interface import ATTN_NAME, _register_functions
-from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
-from ..cache.runtime import CACHE_KWARG, RUNTIME_ATTR, Runtime, find_runtime, layer_specs
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 

@@ -12,8 +12,8 @@ taken (the forward holds them until its end, while its layers run); `peak_group_
 query sees (the measure of stock's window-only cache, each group's pages at the bytes its layers use).
 """
 
-from .blocks import BlockManager
 from ..errors import OutOfPagesError
+from .blocks import BlockManager
 from .groups import GroupSpec
 from .tables import PageTables
 

@@ -14,10 +14,10 @@ import weakref
 
 import torch
 
-from .blocks import BlockManager
 from ..config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
+from .blocks import BlockManager
 from .groups import GroupSpec
-from .layout import Layout, LayerSpec, layer_views, plan_layout
+from .layout import LayerSpec, Layout, layer_views, plan_layout
 from .prefix_cache import PrefixCache
 
 __all__ = ["KVPool", "LayerSpec", "copy_pages", "free_memory_bytes"]

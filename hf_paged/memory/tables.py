@@ -6,12 +6,8 @@ into a shared, partly filled last page first gets its own copy (copy-on-write), 
 returned to the caller as a (source, destination) pair so that the K/V move happens in one
 batched copy per step.
 
-Rows that will share nothing (greedy or sampled decoding of distinct prompts) can `reserve` a run
-of consecutive free pages each, at a fixed stride: each then takes its pages in order from its
-run as it grows, so its tokens lie contiguously in every layer's pool and the torch executor reads
-all rows as one strided view instead of gathering them (it checks the page lists themselves with
-`consecutive_run`). A reservation holds no page: a page is taken only when a token needs it, and a
-page someone else holds meanwhile is simply allocated elsewhere, which ends the row's reservation.
+Two concerns live beside it, as methods PageTables inherits: reserved runs of consecutive pages
+(reservations.py) and a sliding window's holes (windows.py).
 
 Several PageTables (caches of concurrent calls) share one BlockManager: every method that changes
 pages holds `blocks.lock` from its check to its last change. Pages are never shared between
@@ -22,15 +18,13 @@ table's own: that is how each table counts its pages and its peaks without mixin
 import contextlib
 from collections.abc import Iterator
 
-from .blocks import BlockManager
 from ..errors import OutOfPagesError
+from .blocks import BlockManager
+from .reservations import Reservations, num_pages_for
+from .windows import WindowHoles
 
 
-def num_pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
-
-
-class PageTables:
+class PageTables(Reservations, WindowHoles):
     """The page tables and token counts of the rows of one cache."""
 
     def __init__(self, blocks: BlockManager, page_size: int, window: int | None = None):
@@ -90,79 +84,6 @@ class PageTables:
         """The pages `table` holds a reference to (its holes left out)."""
         hole = self.hole
         return [page for page in table if page != hole]
-
-    def drop_out_of_window(self) -> int:
-        """Release every page that no query from each row's next token on can see; returns how many.
-
-        The next query of a row holding n tokens sits at position n and sees keys from
-        n - window + 1 on: pages that end before that are released (shared ones lose a reference).
-        """
-        if self.window is None:
-            return 0
-        page_size, hole, dropped = self.page_size, self.hole, 0
-        if all(max(0, n - self.window + 1) // page_size <= lead for n, lead in zip(self.num_tokens, self.num_leading_holes)):
-            return 0  # (most steps: nothing has left the window; the page lists stay as they are)
-        with self._changing_pages():
-            for row, table in enumerate(self.page_tables):
-                num_dead = max(0, self.num_tokens[row] - self.window + 1) // page_size
-                if num_dead <= self.num_leading_holes[row]:
-                    continue
-                release = table[self.num_leading_holes[row]:num_dead]
-                self.blocks.free(release)
-                table[self.num_leading_holes[row]:num_dead] = [hole] * len(release)
-                self.num_leading_holes[row] = num_dead
-                dropped += len(release)
-            self.num_released += dropped
-        return dropped
-
-    def adopt(self, row: int, page_ids: list[int], num_tokens: int, extend: bool = False) -> None:
-        """Start the empty row `row` (or, `extend`, continue a row of full pages) with shared full
-        pages `page_ids` holding `num_tokens` tokens. In a sliding group, `page_ids` may hold holes
-        (pages the prefix cache kept no window in): the row's pages before its last hole are then
-        out of its window and are given back, as `drop_out_of_window` would."""
-        held = self.num_tokens[row]
-        hole = self.hole
-        if (held and not extend) or held % self.page_size or num_tokens != len(page_ids) * self.page_size:
-            raise ValueError(f"row {row} must hold only full pages, and the pages be full: {num_tokens} tokens in {len(page_ids)}")
-        if self.window is None and hole in page_ids:
-            raise ValueError(f"row {row} of a group without a window cannot adopt released pages")
-        table = self.page_tables[row] + list(page_ids)
-        lead = max((index + 1 for index, page in enumerate(table) if page == hole), default=0)
-        with self._changing_pages():
-            self.blocks.fork([page for page in page_ids if page != hole])
-            self.blocks.free([page for page in table[:lead] if page != hole])
-        table[:lead] = [hole] * lead
-        self.page_tables[row] = table
-        self.num_leading_holes[row] = lead
-        self.num_tokens[row] = held + num_tokens
-        self._end_reservation(row)
-
-    def _end_reservation(self, row: int) -> None:
-        """Row `row` takes no more reserved pages; the rest of its run is free for anyone."""
-        home = self.home[row]
-        if home >= 0:
-            self.blocks.reserve(range(home + len(self.page_tables[row]), home + self.stride), on=False)
-            self.home[row] = -1
-
-    def reserve(self, tokens_per_row: int, highest: bool = False) -> bool:
-        """Give every (empty) row a run of pages for `tokens_per_row` tokens, rows back to back.
-
-        Returns False, changing nothing, when some row already holds tokens or the pool has no free
-        run of `rows * pages_per_row` pages.
-        """
-        stride = num_pages_for(tokens_per_row, self.page_size)
-        if not self.num_rows or stride < 1 or any(self.num_tokens):
-            return False
-        # `highest`: at the top of the pool, away from the pages the free stack hands out first
-        # (other groups of the same cache allocate from there while these rows grow).
-        with self.blocks.lock:  # a consistent free map (the run may still be taken by others later)
-            first = self.blocks.find_free_run(self.num_rows * stride, highest)
-        if first is None:
-            return False
-        self.home = [first + row * stride for row in range(self.num_rows)]
-        self.stride = stride
-        self.blocks.reserve(range(first, first + self.num_rows * stride))
-        return True
 
     def in_place_slots(self, num_new_tokens: list[int]) -> list[int] | None:
         """The slots of `num_new_tokens[i]` more tokens in row i when every row's fit in its last
@@ -268,35 +189,6 @@ class PageTables:
             self.num_tokens[row] = end
         return slots, copies, deferred
 
-    def _skip_to(self, row: int, first_page: int) -> list[int]:
-        """Make entries `:first_page` of row `row` holes (pages it will not store tokens in); returns
-        the pages it held there, whose references pass to the caller."""
-        table, lead, hole = self.page_tables[row], self.num_leading_holes[row], self.hole
-        if first_page <= lead:
-            return []
-        held = [page for page in table[lead:first_page] if page != hole]
-        table[lead:first_page] = [hole] * (min(first_page, len(table)) - lead)
-        table.extend([hole] * (first_page - len(table)))
-        self.num_leading_holes[row] = first_page
-        self.num_released += first_page - lead  # pages the window has let go of, stored or not
-        self._end_reservation(row)
-        return held
-
-    def release_deferred(self, pages: list[int]) -> None:
-        """Give back the pages `append` handed over when it skipped tokens (the forward is over)."""
-        with self._changing_pages():
-            self.blocks.free(pages)
-
-    def _take_reserved(self, row: int, grow: int) -> int:
-        """Take the row's next reserved pages; returns how many pages are still to allocate."""
-        table, home = self.page_tables[row], self.home[row]
-        while grow and len(table) < self.stride and self.blocks.take(home + len(table)):
-            table.append(home + len(table))
-            grow -= 1
-        if grow:
-            self._end_reservation(row)  # the run is broken: the rest comes from the free stack
-        return grow
-
     def select_rows(self, row_ids: list[int]) -> None:
         """Replace the rows by `[row[i] for i in row_ids]`: reorder, repeat or drop rows, sharing pages."""
         with self._changing_pages():
@@ -320,21 +212,6 @@ class PageTables:
         self.num_tokens = new_tokens
         self.num_leading_holes = new_holes
         self.home = [-1] * len(row_ids)
-
-    def check_crop(self, num_tokens_to_remove: list[int]) -> None:
-        """Raise ValueError if `crop` would leave a row needing a page its window has released."""
-        if self.window is None:
-            return
-        for row, num_remove in enumerate(num_tokens_to_remove):
-            if num_remove <= 0:
-                continue
-            remaining = max(0, self.num_tokens[row] - num_remove)
-            needed = self.page_tables[row][max(0, remaining - self.window + 1) // self.page_size :]
-            if self.hole in needed:
-                raise ValueError(
-                    f"cannot crop {num_remove} tokens: pages the window has already released would be "
-                    "needed again; call cache.activate_past_recording() before the forwards you may crop"
-                )
 
     def crop(self, num_tokens_to_remove: list[int]) -> None:
         """Drop the last `num_tokens_to_remove[i]` tokens of row i, releasing pages past the end.
@@ -379,20 +256,3 @@ class PageTables:
                 used = min(page_size, num_tokens - index * page_size)
                 filled[page_id] = max(filled.get(page_id, 0), used)
         return sum(filled.values())
-
-
-def consecutive_run(page_lists: list[list[int]], num_pages: int) -> tuple[int, int] | None:
-    """(first, stride) when `page_lists[i] == [first + i * stride, first + i * stride + 1, ...]`, all
-    of one non-zero length, `stride >= length` (the lists' runs never overlap) and the last run
-    ends within `num_pages`; else None. Then the lists are one strided view of a page pool."""
-    if not page_lists or not page_lists[0]:
-        return None
-    first, length = page_lists[0][0], len(page_lists[0])
-    stride = page_lists[1][0] - first if len(page_lists) > 1 else length
-    if stride < length or first + len(page_lists) * stride > num_pages:
-        return None
-    for i, pages in enumerate(page_lists):
-        start = first + i * stride
-        if pages != list(range(start, start + length)):
-            return None
-    return first, stride

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..metadata import ForwardMetadata, cumsum, host_tensor, to_device
 from .. import prefix
+from ..metadata import ForwardMetadata, cumsum, host_tensor, to_device
 from ..params import LayerParams
 from .args import Args, kv_planes, layer_kwargs, plan_args, wrapper_kind
 from .support import import_flashinfer

@@ -37,12 +37,22 @@ from typing import Any
 
 import torch
 
-from ..metadata import ForwardMetadata
 from ...memory.pool import KVPool
+from ..metadata import ForwardMetadata
 from ..params import LayerParams
 from . import cascade, graph
-from .args import WRAPPER_CLASS_OF, WRAPPER_CLASSES, Args, decode_plan_args, host_indices, kv_planes, plan_args, run_args
-from .args import wrapper_args, wrapper_kind
+from .args import (
+    WRAPPER_CLASS_OF,
+    WRAPPER_CLASSES,
+    Args,
+    decode_plan_args,
+    host_indices,
+    kv_planes,
+    plan_args,
+    run_args,
+    wrapper_args,
+    wrapper_kind,
+)
 from .support import import_flashinfer
 
 WORKSPACE_BYTES = 128 << 20

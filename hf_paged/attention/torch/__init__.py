@@ -5,8 +5,8 @@ from typing import Any
 
 import torch
 
-from ..metadata import ForwardMetadata
 from ...memory.pool import KVPool
+from ..metadata import ForwardMetadata
 from ..params import LayerParams
 from . import cascade, dense
 
@@ -34,7 +34,7 @@ class TorchExecutor:
 
     name = "torch"
     cascade_by_default = True  # measured: it pays on CPU (docs/benchmarks.md)
-    reads_in_place = True  # dense.rows_view / the cascade's prefix_run
+    reads_in_place = True  # reads.rows_view / the cascade's prefix_run
     op_runner = "torch"  # built into ops.paged_attention
 
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Plan:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..metadata import ForwardMetadata, to_device
-from ...memory.tables import consecutive_run
+from ...memory.reservations import consecutive_run
 from .. import prefix
+from ..metadata import ForwardMetadata, to_device
 from ..params import LayerParams
-from . import dense
+from . import dense, reads
 
 
 @dataclass(slots=True)
@@ -30,7 +30,7 @@ class CascadePlan:
     prefix_slots:  [2 * groups * max_prefix] int64 slots (indices into `pool.view(-1, H_kv, D)`) of
                    each group's prefix keys then values, padded with the zero page; None with prefix_run.
     prefix_run:    (first page, stride): group g's prefix is pages `first + g * stride ...`, all
-                   of max_prefix tokens, read in place (dense.rows_view); else None.
+                   of max_prefix tokens, read in place (reads.rows_view); else None.
     prefix_mask:   [groups, 1, 1, max_prefix] bool (True = attend), or None when every group's
                    prefix has max_prefix tokens.
     group_rows:    [groups, max_members] int64 member rows of each group, padded with `rows` (a zero
@@ -147,7 +147,7 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
     wide = (lambda t: t.float()) if q.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
     packed = wide(dense.pack_gqa(q, suffix))  # (R, H_kv, group*Q, D)
     _, num_kv_heads, packed_len, head_dim = packed.shape
-    k, v = dense.gather_kv(pool, suffix.kv_slots, rows, suffix.max_kv)
+    k, v = reads.gather_kv(pool, suffix.kv_slots, rows, suffix.max_kv)
     out_s, lse_s = dense.attend(packed, wide(k), wide(v), suffix.mask, params, return_lse=True)
 
     groups, members = plan.num_groups, plan.max_members
@@ -159,9 +159,9 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
         by_group = padded.index_select(0, plan.group_rows.view(-1)).view(groups, members, *per_row)
     group_q = by_group.transpose(1, 2).reshape(groups, num_kv_heads, members * packed_len, head_dim)
     if plan.prefix_run is not None:
-        k, v = dense.rows_view(pool, plan.prefix_run, groups, plan.max_prefix)
+        k, v = reads.rows_view(pool, plan.prefix_run, groups, plan.max_prefix)
     else:
-        k, v = dense.gather_kv(pool, plan.prefix_slots, groups, plan.max_prefix)
+        k, v = reads.gather_kv(pool, plan.prefix_slots, groups, plan.max_prefix)
     out_p, lse_p = dense.attend(group_q, wide(k), wide(v), plan.prefix_mask, params, return_lse=True)  # (Gr, H_kv, M*group*Q, D)
     out_p = out_p.view(groups, num_kv_heads, members, packed_len, head_dim).transpose(1, 2)
     lse_p = lse_p.view(groups, num_kv_heads, members, packed_len).transpose(1, 2)

@@ -1,8 +1,8 @@
 """The torch executor's plain path: paged attention over FlashInfer-format metadata.
 
 Runs on any device and is the reference the FlashInfer executor is checked against. `plan()`
-turns the page tables into one gather index and one mask per forward; `run()` gathers a layer's
-K/V with a single `index_select` and calls SDPA (or an explicit softmax when logits are soft-capped).
+turns the page tables into one gather index and one mask (masks.py) per forward; `run()` gathers a layer's
+K/V (reads.py) with a single `index_select` and calls SDPA (or an explicit softmax when logits are soft-capped).
 Grouped-query heads are packed into the query length, so K/V are never repeated.
 
 When the rows' pages are consecutive runs at a fixed stride (`tables.consecutive_run` on the host
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...memory.reservations import consecutive_run
 from ..metadata import ForwardMetadata, to_device
-from ...memory.tables import consecutive_run
 from ..params import LayerParams
+from .masks import alibi_mask, kv_gather_slots, packed_mask, padded_query_positions
+from .reads import gather_kv, gather_pages, rows_view
 
 
 @dataclass(slots=True)
@@ -60,96 +62,6 @@ class TorchPlan:
     # read past instead of masked.
     trim: int = 0
     key_pages: torch.Tensor | None = None  # kv_pages' key half (a packed layer's pool gathers plane by plane)
-
-
-def kv_lengths(meta: ForwardMetadata) -> torch.Tensor:
-    """[rows] int64 KV length of each row from `kv_indptr` and `kv_last_page_len`."""
-    num_pages = (meta.kv_indptr[1:] - meta.kv_indptr[:-1]).long()
-    lengths = (num_pages - 1) * meta.page_size + meta.kv_last_page_len.long()
-    return torch.where(num_pages > 0, lengths, torch.zeros_like(lengths))
-
-
-def token_slots(meta: ForwardMetadata, max_kv: int, zero_slot: int) -> torch.Tensor:
-    """[rows, max_kv] int64 key slots (indices into `pool.view(-1, H, D)`) of tokens `j` of each row.
-
-    Positions past a row's length point at `zero_slot`.
-    """
-    page_size = meta.page_size
-    device = meta.kv_indptr.device
-    positions = torch.arange(max_kv, device=device)  # (M,)
-    page_pos = meta.kv_indptr[:-1, None].long() + positions[None] // page_size  # (R, M)
-    valid = positions[None] < kv_lengths(meta)[:, None]
-    num_indices = meta.kv_indices.numel()
-    if num_indices == 0:
-        return torch.full(valid.shape, zero_slot, dtype=torch.long, device=device)
-    page_ids = meta.kv_indices.long()[page_pos.clamp(max=num_indices - 1)]
-    slots = page_ids * page_size + positions[None] % page_size
-    return torch.where(valid, slots, torch.full_like(slots, zero_slot))
-
-
-def attention_mask(
-    meta: ForwardMetadata, max_q: int, max_kv: int, window_left: int
-) -> torch.Tensor:
-    """[rows, max_q, max_kv] bool: query i of row r sees key `j`.
-
-    Bottom-right causal (a row's new tokens are the last of its KV), optional left window.
-    Padded queries (i >= qo_len) see every real key, so they never produce NaN.
-    """
-    device = meta.kv_indptr.device
-    kv_len = kv_lengths(meta)  # (R,)
-    qo_len = (meta.qo_indptr[1:] - meta.qo_indptr[:-1]).long()
-    keys = torch.arange(max_kv, device=device)[None, None]  # (1, 1, M)
-    query_pos = (kv_len - qo_len)[:, None] + torch.arange(max_q, device=device)[None]  # (R, Q)
-    query_pos = query_pos[:, :, None]
-    mask = (keys <= query_pos) & (keys < kv_len[:, None, None])
-    if window_left >= 0:
-        mask &= keys >= query_pos - window_left
-    return mask
-
-
-def kv_gather_slots(index, max_kv: int, zero_page_id: int) -> torch.Tensor:
-    """[2 * rows * max_kv] int64 slots of `pool.view(-1, H, D)`: every row's keys `0 .. max_kv - 1`,
-    then its values.
-
-    `index` holds FlashInfer's index tensors (a ForwardMetadata, or ops.PagedIndex). The zero page
-    is the last page of each plane, so a plane holds `(zero_page_id + 1) * page_size` rows.
-    """
-    page_size = index.page_size
-    k_slots = token_slots(index, max_kv, zero_page_id * page_size).reshape(-1)
-    return torch.cat([k_slots, k_slots + (zero_page_id + 1) * page_size])
-
-
-def padded_query_positions(index, max_q: int, nnz: int) -> torch.Tensor:
-    """[nnz] int64 position of each new token in the `rows * max_q` padded layout."""
-    qo_len = (index.qo_indptr[1:] - index.qo_indptr[:-1]).long()
-    device = qo_len.device
-    row_of = torch.repeat_interleave(torch.arange(qo_len.numel(), device=device), qo_len, output_size=nnz)
-    within = torch.arange(nnz, device=device) - index.qo_indptr[:-1].long()[row_of]
-    return row_of * max_q + within
-
-
-def packed_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Tensor:
-    """[rows, 1, group * max_q (or 1), max_kv] bool mask for `pack_gqa`-packed queries."""
-    mask = attention_mask(index, max_q, max_kv, params.window_left)[:, None]  # (R, 1, Q, M)
-    if max_q > 1 and params.group_size > 1:
-        mask = mask.repeat(1, 1, params.group_size, 1)
-    return mask
-
-
-def alibi_mask(index, max_q: int, max_kv: int, params: LayerParams) -> torch.Tensor:
-    """[rows, H_kv, group * max_q, max_kv] float32: `slope * (key - query)` where `packed_mask`
-    attends, -inf elsewhere, in `pack_gqa`'s head order (query head = kv head * group + g)."""
-    allowed = attention_mask(index, max_q, max_kv, params.window_left)  # (R, Q, M)
-    device = allowed.device
-    kv_len = kv_lengths(index)
-    qo_len = (index.qo_indptr[1:] - index.qo_indptr[:-1]).long()
-    query_pos = (kv_len - qo_len)[:, None] + torch.arange(max_q, device=device)[None]  # (R, Q)
-    keys = torch.arange(max_kv, device=device)
-    distance = keys[None, None] - query_pos[:, :, None]  # (R, Q, M)
-    slopes = torch.tensor(params.alibi_slopes, dtype=torch.float32, device=device)
-    bias = slopes.view(1, params.num_kv_heads, params.group_size, 1, 1) * distance[:, None, None].float()
-    bias = bias.masked_fill(~allowed[:, None, None], float("-inf"))  # (R, H_kv, G, Q, M)
-    return bias.view(bias.shape[0], params.num_kv_heads, params.group_size * max_q, max_kv)
 
 
 def plan(
@@ -271,77 +183,6 @@ def unpack_gqa(o: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
     o = o.view(rows, p.num_kv_heads, p.group_size, max_q, p.head_dim).permute(0, 3, 1, 2, 4)
     o = o.reshape(rows * max_q, p.num_qo_heads, p.head_dim)
     return o if plan.q_positions is None else o.index_select(0, plan.q_positions)
-
-
-def token_rows(pool: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """A layer pool `[2, pages, page_size, H, D]` as token rows `[2, rows, H, D]` (a view) and the
-    rows from one page to the next: `page_size` when contiguous, the slice's page stride for a
-    layer packed into a wider slice (layout.py), where page p's token o is row `p * stride + o`.
-    None for any other layout."""
-    _, pages, page_size, heads, dim = pool.shape
-    if pool.is_contiguous():
-        return pool.view(2, -1, heads, dim), page_size
-    page_stride = pool.stride(1)
-    if page_stride % (heads * dim) or pool.stride()[2:] != (heads * dim, dim, 1):
-        return None
-    per_page = page_stride // (heads * dim)
-    rows = (pages - 1) * per_page + page_size
-    return pool.as_strided((2, rows, heads, dim), (pool.stride(0), heads * dim, dim, 1)), per_page
-
-
-def packed_slots(slots: torch.Tensor, page_size: int, per_page: int) -> torch.Tensor:
-    """Slots `page * page_size + offset` as rows of `token_rows` (`page * per_page + offset`)."""
-    return slots if per_page == page_size else slots // page_size * per_page + slots % page_size
-
-
-def gather_kv(pool: torch.Tensor, kv_slots: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values `[rows, H_kv, length, D]` (views) from a layer pool."""
-    num_kv_heads, head_dim = pool.shape[-2], pool.shape[-1]
-    if pool.is_contiguous():
-        kv = pool.view(-1, num_kv_heads, head_dim).index_select(0, kv_slots)
-    else:  # a layer packed into a wider slice (layout.py): its pages sit at the slice's stride
-        page_size = pool.shape[2]
-        k_slots = kv_slots[: kv_slots.numel() // 2]
-        found = token_rows(pool)
-        if found is not None:
-            tokens, per_page = found
-            k_slots = packed_slots(k_slots, page_size, per_page)
-            kv = torch.stack([tokens[0].index_select(0, k_slots), tokens[1].index_select(0, k_slots)])
-        else:
-            pages, offsets = k_slots // page_size, k_slots % page_size
-            kv = torch.stack([pool[0][pages, offsets], pool[1][pages, offsets]])
-    kv = kv.view(2, rows, length, num_kv_heads, head_dim).transpose(2, 3)
-    return kv[0], kv[1]
-
-
-def gather_pages(pool: torch.Tensor, kv_pages: torch.Tensor, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values `[rows, H_kv, length, D]` (views of one gathered copy) of whole pages
-    `kv_pages` (`page_gather_index`): each row's first `length` tokens."""
-    page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
-    if pool.is_contiguous():
-        pages = pool.view(-1, page_size, num_kv_heads, head_dim).index_select(0, kv_pages)
-    else:  # a layer packed into a wider slice (layout.py): the same pages, plane by plane
-        key_pages = kv_pages[: kv_pages.shape[0] // 2]  # plane by plane (see pool.copy_pages)
-        pages = torch.stack([pool[0].index_select(0, key_pages), pool[1].index_select(0, key_pages)])  # (2, rows * pages, P, H, D)
-    row_tokens = kv_pages.shape[0] // (2 * rows) * page_size
-    size = (rows, num_kv_heads, length, head_dim)
-    strides = (row_tokens * num_kv_heads * head_dim, head_dim, num_kv_heads * head_dim, 1)
-    return pages.as_strided(size, strides, 0), pages.as_strided(size, strides, rows * strides[0])
-
-
-def rows_view(pool: torch.Tensor, row_run: tuple[int, int], rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values `[rows, H_kv, length, D]` of rows stored in consecutive pages: views, no copy
-    (a copy for a layer packed into a wider slice, whose consecutive pages are not adjacent)."""
-    first, stride = row_run
-    page_size, num_kv_heads, head_dim = pool.shape[2], pool.shape[3], pool.shape[4]
-    if pool.is_contiguous():  # one as_strided per plane (per layer and step: two calls, not seven)
-        plane, page, slot, head, dim = pool.stride()
-        size, strides = (rows, num_kv_heads, length, head_dim), (stride * page, head, slot, dim)
-        offset = pool.storage_offset() + first * page
-        return pool.as_strided(size, strides, offset), pool.as_strided(size, strides, offset + plane)
-    tokens = pool[:, first : first + rows * stride].reshape(2, -1, num_kv_heads, head_dim)
-    kv = tokens.view(2, rows, stride * page_size, num_kv_heads, head_dim)[:, :, :length].transpose(2, 3)
-    return kv[0], kv[1]
 
 
 def attend(
