@@ -183,7 +183,8 @@ def test_ranks_whose_budgets_differ_agree_on_the_smallest_pool(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", group.all_reduce)
 
     def rank_pool(rank: int):
-        config = runtime.config.with_overrides(num_pages=None, max_memory=affordable[rank] * page_bytes + page_bytes // 2)
+        budget = affordable[rank] * page_bytes + page_bytes // 2  # bytes: whole pages only
+        config = runtime.config.with_overrides(num_pages=None, max_memory=budget)
         tp = TPGroup(rank=rank, size=len(affordable), group=(group, rank), device=torch.device("cpu"))
         return make_pool(config, runtime.pool.specs, runtime.groups, tp)
 
