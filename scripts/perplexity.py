@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/perplexity.py                        # default model, held-out modules, packaging, tqdm
     PYTHONPATH=. python scripts/perplexity.py --packages requests --json out/ppl.json
+    PYTHONPATH=. python scripts/perplexity.py --modules textwrap --packages packaging.version   # a quick look
 
 Each source is its .py files, each file BOS + tokens + EOS, scored in windows of the model's context
 (hf_paged.evaluation.perplexity). Prints one row per source and the random-weight baseline, a model of
@@ -33,7 +34,10 @@ def package_files(name: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: hf_paged's default model)")
-    parser.add_argument("--packages", nargs="*", default=["packaging", "tqdm"], help="installed non-stdlib packages")
+    parser.add_argument("--modules", nargs="*", default=list(HELD_OUT_MODULES),
+                        help="held-out stdlib modules (default: all of hf_paged.evaluation.corpus.HELD_OUT_MODULES)")
+    parser.add_argument("--packages", nargs="*", default=["packaging", "tqdm"],
+                        help="installed non-stdlib packages or modules (e.g. packaging.version)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -41,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     context = model.config.max_position_embeddings
-    sources = {"held-out stdlib modules": [file for name in HELD_OUT_MODULES for file in module_files(name)]}
+    unknown = sorted(set(args.modules) - set(HELD_OUT_MODULES))
+    if unknown:
+        parser.error(f"--modules {' '.join(unknown)}: not held out from training; choose from {', '.join(HELD_OUT_MODULES)}")
+    sources = {"held-out stdlib modules": [file for name in args.modules for file in module_files(name)]}
     sources |= {f"package {name}": package_files(name) for name in args.packages}
     torch.manual_seed(0)
     random_model = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype).eval()

@@ -2,6 +2,8 @@
 the Auto classes, that it learned the held-out code (perplexity far below a random model's), that
 the built-in task comes from the held-out modules only, and that a wheel installs both."""
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -149,3 +151,22 @@ def test_a_wheel_installs_the_default_model_and_the_built_in_task(tmp_path):
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert loaded.stdout.strip() == "4"
+
+
+@pytest.mark.slow  # ~10 s alone, 30 s on a loaded machine
+def test_the_perplexity_script_reports_held_out_and_installed_package_code(tmp_path):
+    """docs/default_model.md's command, on one held-out module and one module of an installed package
+    (the full run takes minutes): both far below a random model's perplexity, which it reports too."""
+    script = load_script(ROOT / "scripts" / "perplexity.py", "hf_paged_perplexity_script")
+    out = tmp_path / "ppl.json"
+    assert script.main(["--modules", "colorsys", "--packages", "packaging.version", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    vocab = json.loads((FOLDER / "config.json").read_text())["vocab_size"]
+    assert set(results) == {"held-out stdlib modules", "package packaging.version",
+                            "random weights (first 3 held-out files)"}
+    assert results["held-out stdlib modules"]["num_files"] == 1 and results["package packaging.version"]["num_files"] == 1
+    for title in ("held-out stdlib modules", "package packaging.version"):
+        assert results[title]["num_tokens"] > 1000 and results[title]["perplexity"] < vocab / 10
+    assert results["random weights (first 3 held-out files)"]["perplexity"] > vocab / 4
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        script.main(["--modules", "os"])  # trained on: not held out
