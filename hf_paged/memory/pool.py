@@ -114,11 +114,15 @@ class KVPool:
         self.slices: list[torch.Tensor] = []
         self.pools: list[torch.Tensor] = []
         try:
-            for piece in self.layout.slices:
-                storage = torch.empty((2, self.num_pages + 1, piece.plane_bytes), dtype=torch.uint8, device=piece.device)
-                storage[:, self.zero_page_id].zero_()
-                self.slices.append(storage)
-            self.pools = layer_views(self.slices, specs, self.layout)
+            # Normal tensors even when the pool is made inside torch.inference_mode() (a wrap, or the
+            # first call of a copied or retyped model, in an eval loop): an inference tensor could
+            # never be written again outside it, and the pool outlives the block.
+            with torch.inference_mode(False):
+                for piece in self.layout.slices:
+                    storage = torch.empty((2, self.num_pages + 1, piece.plane_bytes), dtype=torch.uint8, device=piece.device)
+                    storage[:, self.zero_page_id].zero_()
+                    self.slices.append(storage)
+                self.pools = layer_views(self.slices, specs, self.layout)
             self.blocks = BlockManager(self.num_pages)
             # Full prompt pages kept across calls (PagedConfig.prefix_cache); it registers as the evictor.
             self.prefix_cache = PrefixCache(self.blocks, prefix_key_size(config.page_size, self.groups)) if config.prefix_cache else None
