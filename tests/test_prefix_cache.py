@@ -286,8 +286,9 @@ def test_eval_reports_the_hit_rate_and_stays_in_agreement(tmp_path):
     assert summary["agreement"] == 1.0
 
 
-def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_page():
-    """scripts/bench.py --prefix-cache on its quick sizes (the targets apply to the full sizes)."""
+def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_page(capsys):
+    """scripts/bench.py --prefix-cache on its quick sizes (the targets apply to the full sizes:
+    --quick shows no target and no verdict)."""
     import sys
     from pathlib import Path
 
@@ -306,6 +307,10 @@ def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_
     assert few["tokens_match"] is True
     assert few["warm_hit_tokens"] == few["warm_reusable_tokens"] > 0
     assert few["shape"] == dict(prefix_len=64, num_questions=8, batch_size=4, new_tokens=16)
+    assert few["target_time_ratio"] is None and few["meets_targets"] is None
+    printed = capsys.readouterr().out
+    few_shot_lines = printed[printed.index("few-shot:"):]
+    assert "target" not in few_shot_lines and "meets targets" not in printed
 
 
 def test_sliding_groups_keep_window_snapshots_and_a_hit_ends_where_one_is_whole():
