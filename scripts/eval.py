@@ -1,6 +1,7 @@
 """Evaluate a model with and without hf_paged on a dataset: quality, speed, time to first token, KV memory.
 
-    python scripts/eval.py                                    # built-in tiny model + bundled data, no network
+    python scripts/eval.py                                    # built-in model and task (no network)
+    torchrun --nproc_per_node 2 scripts/eval.py --tp 2        # the same, sharded over 2 processes
     python scripts/eval.py --model gpt2 --dataset cnn_dailymail --dataset-config 3.0.0 \
         --split "test[:200]" --text-column article --reference-column highlights --compare --num-beams 4
     accelerate launch --num_processes 2 scripts/eval.py --model ... --compare   # data parallel
@@ -23,7 +24,8 @@ from accelerate.utils import gather_object, parse_flag_from_env
 import hf_paged
 from hf_paged.config import WINDOW_PAGE_SIZE_RULE
 from hf_paged.evaluation import EvalError
-from hf_paged.evaluation.data import DEFAULT_TEMPLATE, bundled_data_files, load_rows, make_samples
+from hf_paged.evaluation.data import BUILTIN_TASK, USER_DATA, apply_task_defaults, bundled_data_files, load_rows, make_samples
+from hf_paged.evaluation.logit_error import combine, fp32_copy, fp32_paths, mean_abs_error
 from hf_paged.evaluation.metrics import check_available, parse_metrics
 from hf_paged.evaluation.model import DTYPES, context_length, input_device, load_model, parse_device_map, pool_placement
 from hf_paged.evaluation.report import agreement, ratios, summarize, table, write_outputs
@@ -34,17 +36,30 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mi
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data (default: the bundled tiny summarization set)")
+    data = parser.add_argument_group(
+        "data (default: the built-in task, completing 40 held-out stdlib functions from their signature and docstring)"
+    )
     data.add_argument("--dataset", help="hub dataset name, e.g. cnn_dailymail")
     data.add_argument("--dataset-config", help="hub dataset config, e.g. 3.0.0")
     data.add_argument("--split", help='split or slice, e.g. "test[:200]" (default: test, also for the built-in data; train for --data-files)')
     data.add_argument("--data-files", nargs="+", metavar="FILE", help="local .json/.jsonl/.csv/.parquet files")
-    data.add_argument("--text-column", default="document", help="column holding the input text (default: document)")
-    data.add_argument("--reference-column", default="summary", help="column holding the reference output ('' for none)")
-    data.add_argument("--prompt-template", default=DEFAULT_TEMPLATE, help="format string; {text} and any column (default: %(default)r)")
+    data.add_argument(
+        "--text-column", help=f"column holding the input text (default: {USER_DATA.text_column}; built-in task: "
+        f"{BUILTIN_TASK.text_column})"
+    )
+    data.add_argument(
+        "--reference-column", help=f"column holding the reference output, '' for none (default: "
+        f"{USER_DATA.reference_column}; built-in task: {BUILTIN_TASK.reference_column})"
+    )
+    data.add_argument(
+        "--prompt-template", help=f"format string; {{text}} and any column (default: {USER_DATA.prompt_template!r}; "
+        f"built-in task: {BUILTIN_TASK.prompt_template!r})"
+    )
     data.add_argument("--limit", type=int, help="use only the first N rows")
     data.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts too long for the context")
-    model = parser.add_argument_group("model (default: a seeded random tiny Llama with a byte tokenizer)")
+    model = parser.add_argument_group(
+        "model (default: the trained default model, a small Llama on the stdlib's source: docs/default_model.md)"
+    )
     model.add_argument("--model", help="local folder or hub name (AutoModelForCausalLM + AutoTokenizer)")
     model.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (default: auto)")
     model.add_argument("--device", help="e.g. cpu, cuda:0 (default: this process's accelerate device)")
@@ -84,8 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep prompt pages across batches and reuse shared prefixes (PagedConfig(prefix_cache=True))",
     )
     report = parser.add_argument_group("report")
-    report.add_argument("--compare", action="store_true", help="also run the unwrapped model and report agreement (in fp16/bf16 also stock's eager vs sdpa agreement)")
-    report.add_argument("--metric", default="rouge", help="rouge, bleu, chrf, sacrebleu (= bleu,chrf), comma-separated")
+    report.add_argument(
+        "--compare", action="store_true",
+        help="also run the unwrapped model and report agreement (in fp16/bf16 also stock's eager vs sdpa agreement "
+        "and each one's logit error against an fp32 copy of the model)",
+    )
+    report.add_argument(
+        "--metric", help=f"rouge, bleu, chrf, sacrebleu (= bleu,chrf), first_line (exact match), comma-separated "
+        f"(default: {USER_DATA.metric}; built-in task: {BUILTIN_TASK.metric})"
+    )
+    report.add_argument(
+        "--no-logit-error", action="store_true",
+        help="with --compare in fp16/bf16, skip the logit error against fp32 (it holds an fp32 copy of the model)",
+    )
     report.add_argument("--output-dir", help="write samples.jsonl and summary.json here")
     report.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up generate()")
     return parser
@@ -215,6 +241,7 @@ def run_other_attention(args, model, tokenizer, batches, kwargs, device, show) -
 def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     """Run the evaluation in this process; returns the summary on the main process, None elsewhere."""
     check_args(args, state)
+    apply_task_defaults(args)
     metrics = parse_metrics(args.metric)
     check_available(metrics)
     try:
@@ -238,9 +265,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     elif args.threads is None and args.model is None:
         # The built-in model's matmuls are too small to gain from threads; on a busy CPU they lose a lot.
         torch.set_num_threads(1)
-    model, tokenizer, model_name = load_model(
-        args.model, args.dtype, device, parse_device_map(args.device_map), seed=0, tp=args.tp
-    )
+    model, tokenizer, model_name = load_model(args.model, args.dtype, device, parse_device_map(args.device_map), tp=args.tp)
     device = input_device(model)
     prompt_ids = encode_prompts(tokenizer, samples, context_length(model), args.max_new_tokens, args.truncate)
     batches = make_batches(samples, prompt_ids, args.batch_size)
@@ -252,6 +277,13 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         with state.split_between_processes(batches) as my_batches:
             my_batches = list(my_batches)
     show = state.is_local_main_process
+    # --compare in half precision: an fp32 copy of the model (the same weights, widened) sets the path
+    # along which both the wrapped and the stock model's logits are compared with fp32's.
+    wants_logit_error = args.compare and args.tp == 1 and args.device_map is None and not args.no_logit_error
+    reference = fp32_copy(model) if wants_logit_error else None  # None in fp32
+    if reference is not None:
+        paths = fp32_paths(reference, my_batches, tokenizer.pad_token_id, device, args.max_new_tokens)
+        logit_errors = {}
 
     try:
         hf_paged.wrap(model, config)
@@ -269,6 +301,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         prefix_counts = prefix_cache_counts(before, after)
         rank_pool = {key: after[key] for key in ("tp_rank", "num_pages", "page_bytes", "pool_bytes")}
         rank_pool["peak_kv_bytes"] = paged_stats.peak_kv_bytes  # over this rank's batches
+        if reference is not None:
+            logit_errors["paged"] = mean_abs_error(model, reference, my_batches, paths, tokenizer.pad_token_id, device, args.max_new_tokens)
         stock_records, stock_stats = [], RunStats()
         other_attention = None
         if args.compare:
@@ -280,6 +314,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
                 warm_up(model, tokenizer, my_batches, kwargs, device)
             stock_records, stock_stats = run_batches(model, tokenizer, my_batches, kwargs, args.seed, device, "stock", show)
             other_attention = run_other_attention(args, model, tokenizer, my_batches, kwargs, device, show)
+            if reference is not None:
+                logit_errors["stock"] = mean_abs_error(model, reference, my_batches, paths, tokenizer.pad_token_id, device, args.max_new_tokens)
     except hf_paged.OutOfPagesError as error:
         failure = f"out of pages: {error} (flags: --num-pages, --max-memory, --batch-size, --max-new-tokens)"
     else:
@@ -302,6 +338,9 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         prefix_counts = gather_object([prefix_counts])
     if other_attention is not None:  # (never under --tp: run_other_attention)
         other_attention = (other_attention[0], sorted(gather_object(other_attention[1]), key=lambda record: record["index"]))
+    logit_error = None
+    if reference is not None:  # data parallel: the processes' means, weighted by their logits
+        logit_error = combine(gather_object([logit_errors]))
     paged_records = sorted(paged_records, key=lambda record: record["index"])
     stock_records = sorted(stock_records, key=lambda record: record["index"])
     if not state.is_main_process:
@@ -327,6 +366,8 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         if other_attention is not None:  # half precision: how far stock's own implementations agree
             names, other_records = other_attention
             summary["stock_attention_agreement"] = {"implementations": names, "agreement": agreement(other_records, stock_records)}
+        if logit_error is not None:
+            summary["logit_error_vs_fp32"] = logit_error
         for record, stock in zip(paged_records, stock_records):
             record.update(stock_output_text=stock["output_text"], stock_output_ids=stock["output_ids"],
                           match=record["output_ids"] == stock["output_ids"])

@@ -177,3 +177,22 @@ def gpu_prompts(device: torch.device, batch: int = 4, length: int = 24) -> tuple
     for row, pads in enumerate([0, 7, 0, 15][:batch]):
         input_ids[row, :pads], mask[row, :pads] = 0, 0
     return input_ids.to(device), mask.to(device)
+
+
+# The trained default model (hf_paged/data/default_model): the half-precision generate tests that
+# need a real next-token distribution (a random model's is flat: every rounding flips a near-tie).
+def default_model_and_prompts(device: torch.device, dtype: torch.dtype, batch: int = 8):
+    """(default model in `dtype` on `device`, left-padded prompts `[batch, longest]` int64, their mask):
+    the first `batch` prompts of the built-in task (held-out functions' signatures and docstrings)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_paged.evaluation import default_model_path
+    from hf_paged.evaluation.data import BUNDLED_DATA
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), padding_side="left")
+    texts = [json.loads(line)["prompt"] for line in BUNDLED_DATA.read_text().splitlines()[:batch]]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=dtype).to(device).eval()
+    return model, encoded.input_ids.to(device), encoded.attention_mask.to(device)

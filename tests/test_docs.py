@@ -274,6 +274,7 @@ RUN = {
     "README.md": ["A causal LM", "Beams and samples", "The prefix cache"],
     "docs/usage.md": ["Your own decode loop"],
     "docs/prefix-caching.md": ["Prefix caching"],
+    "docs/default_model.md": ["The default model"],
 }
 NOT_RUN = {
     ("README.md", "hf_paged"): "an outline with `...` arguments; the Usage blocks below it run",

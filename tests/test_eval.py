@@ -15,20 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from transformers import AutoTokenizer
+
 import hf_paged
+from hf_paged.evaluation import default_model_path
 from hf_paged.evaluation.data import BUNDLED_DATA, DEFAULT_TEMPLATE
-from hf_paged.evaluation.default_model import byte_tokenizer, tiny_llama
 from hf_paged.evaluation.model import pool_placement
 
 from script_runs import CHECKOUT, EVAL_SCRIPT, SAMPLE_FIELDS, SUMMARY_FIELDS, eval_script, run_eval
+from tiny import tiny_model
 
 SCRIPT = EVAL_SCRIPT
 SMALL_RUN = ["--limit", "4", "--batch-size", "2", "--max-new-tokens", "4", "--no-warmup"]
 
 
-# The built-in model (2 layers, 1 KV head of dim 64, fp32), by hand; hf_paged's default page size.
-TOKEN_BYTES = 2 * 2 * 1 * 64 * 4  # layers x (K, V) x KV heads x head dim x 4 bytes = 1024
+# The built-in model (4 layers, 2 KV heads of dim 64, fp32), by hand; hf_paged's default page size.
+TOKEN_BYTES = 4 * 2 * 2 * 64 * 4  # layers x (K, V) x KV heads x head dim x 4 bytes = 4096
 PAGE_SIZE = 16
+CONTEXT = 512  # the built-in model's positions
+
+
+def default_tokenizer():
+    return AutoTokenizer.from_pretrained(default_model_path())
 
 
 def expected_kv_bytes(
@@ -39,8 +47,9 @@ def expected_kv_bytes(
     stored. Paged: each row's own tokens in whole pages; stock: every row padded to the batch's
     longest prompt."""
     peak = 0
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
+    for number in sorted({record["batch"] for record in records}):
+        batch = [record for record in records if record["batch"] == number]
+        assert len(batch) <= batch_size
         steps = max(len(ids) for record in batch for ids in record["output_ids"])
         if paged:
             pages = sum(-(-(r["prompt_tokens"] + steps - 1) // page_size) for r in batch) * rows_per_sample
@@ -60,11 +69,11 @@ def test_default_run_writes_samples_and_summary(tmp_path):
     assert code == 0
     rows = bundled_rows()[:4]
     assert [record["id"] for record in records] == [row["id"] for row in rows]
-    assert [record["reference"] for record in records] == [row["summary"] for row in rows]
-    tokenizer = byte_tokenizer()
+    assert [record["reference"] for record in records] == [row["reference"] for row in rows]
+    tokenizer = default_tokenizer()
     for record, row in zip(records, rows):
         assert SAMPLE_FIELDS <= set(record)
-        assert record["prompt_tokens"] == len(tokenizer(DEFAULT_TEMPLATE.format(text=row["document"]))["input_ids"])
+        assert record["prompt_tokens"] == len(tokenizer(row["prompt"])["input_ids"])  # template "{text}"
         assert 1 <= len(record["output_ids"][0]) <= 4
         assert record["output_text"] == tokenizer.decode(record["output_ids"][0], skip_special_tokens=True)
     assert SUMMARY_FIELDS <= set(summary)
@@ -134,25 +143,25 @@ def test_local_data_files(tmp_path, suffix):
     assert code == 0
     assert summary["num_samples"] == 2
     assert [record["reference"] for record in records] == ["boats story", "trains story"]
-    tokenizer = byte_tokenizer()
+    tokenizer = default_tokenizer()
     expected = [len(tokenizer(f"[{row['key']}] {row['article']} TL;DR:")["input_ids"]) for row in rows[:2]]
     assert [record["prompt_tokens"] for record in records] == expected
 
 
 def _long_file(tmp_path: Path) -> Path:
     path = tmp_path / "long.jsonl"
-    rows = [{"document": "word " * 300, "summary": "words"}, {"document": "short", "summary": "short"}]
+    rows = [{"document": "word " * 1200, "summary": "words"}, {"document": "short", "summary": "short"}]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
 BAD_INPUT = {
-    "missing column": (["--text-column", "article"], ["'article' is not a column", "'document'", "'summary'"]),
-    "missing reference": (["--reference-column", "highlights"], ["'highlights' is not a column", "'document'"]),
+    "missing column": (["--text-column", "article"], ["'article' is not a column", "'prompt'", "'reference'"]),
+    "missing reference": (["--reference-column", "highlights"], ["'highlights' is not a column", "'prompt'"]),
     "empty slice": (["--split", "test[:0]"], ["selection is empty", "test[:0]"]),
     "empty file": ([], ["selection is empty"]),
     "unknown metric": (["--metric", "bleurt"], ["unknown --metric 'bleurt'", "rouge"]),
-    "prompt too long": (["--max-new-tokens", "2"], ["context of 1024", "--truncate"]),
+    "prompt too long": (["--max-new-tokens", "2"], [f"context of {CONTEXT}", "--truncate"]),
     "unknown hub dataset": (["--dataset", "hf-paged-tests/no-such-dataset"], ["could not load", "no-such-dataset"]),
     "pool too small": (["--limit", "2", "--num-pages", "2", "--page-size", "4"], ["out of pages", "needed"]),
     "bad max memory": (["--max-memory", "lots"], ["--max-memory 'lots'", "2GiB"]),
@@ -178,7 +187,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
         args = ["--data-files", str(tmp_path / "empty.csv")]
     if case == "prompt too long":
         args = [*args, "--data-files", str(_long_file(tmp_path))]
-        num_tokens = len(byte_tokenizer()(DEFAULT_TEMPLATE.format(text="word " * 300))["input_ids"])
+        num_tokens = len(default_tokenizer()(DEFAULT_TEMPLATE.format(text="word " * 1200))["input_ids"])
         messages = [*messages, f"has {num_tokens} tokens"]
     code = eval_script.main([*args, "--no-warmup", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -198,8 +207,8 @@ def test_truncate_keeps_the_last_tokens_that_fit(tmp_path):
         tmp_path, "--data-files", str(path), "--max-new-tokens", "2", "--truncate", "--no-warmup"
     )
     assert code == 0
-    short = len(byte_tokenizer()(DEFAULT_TEMPLATE.format(text="short"))["input_ids"])
-    assert [record["prompt_tokens"] for record in records] == [1024 - 2, short]
+    short = len(default_tokenizer()(DEFAULT_TEMPLATE.format(text="short"))["input_ids"])
+    assert [record["prompt_tokens"] for record in records] == [CONTEXT - 2, short]
 
 
 @pytest.mark.subprocess
@@ -259,15 +268,10 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.parametrize("source", ["checkpoint", "built-in"])
 def test_explicit_device_map_places_each_pool_with_its_layer(tmp_path, source):
-    """An explicit per-module map (all "cpu": the one device here), through from_pretrained for a
-    local checkpoint and through accelerate's dispatch_model for the built-in model."""
-    model_args = []
-    if source == "checkpoint":
-        folder = tmp_path / "ckpt"
-        tiny_llama(len(byte_tokenizer()), seed=3).save_pretrained(folder)
-        byte_tokenizer().save_pretrained(folder)
-        model_args = ["--model", str(folder)]
-    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
+    """An explicit per-module map (all "cpu": the one device here), through from_pretrained, for the
+    default model's folder named as a local checkpoint and for the built-in default."""
+    model_args = ["--model", str(default_model_path())] if source == "checkpoint" else []
+    device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(4)},
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     code, records, summary = run_eval(
         tmp_path, *model_args, "--device-map", json.dumps(device_map), "--compare", *SMALL_RUN
@@ -276,13 +280,13 @@ def test_explicit_device_map_places_each_pool_with_its_layer(tmp_path, source):
     if source == "checkpoint":
         assert summary["model"] == model_args[1]
     assert summary["agreement"] == 1.0
-    assert summary["pool_placement"] == [{"layer": i, "weights": "cpu", "pool": "cpu"} for i in range(2)]
+    assert summary["pool_placement"] == [{"layer": i, "weights": "cpu", "pool": "cpu"} for i in range(4)]
 
 
 def test_pool_placement_follows_layer_devices_meta():
     """Unit check of the placement logic with a second device kind (meta): proves each pool is
     allocated where that layer's attention weights live; it cannot run generate() on meta."""
-    model = tiny_llama(len(byte_tokenizer()), seed=0)
+    model = tiny_model("llama")
     model.model.layers[1].to("meta")
     hf_paged.wrap(model, num_pages=4, page_size=4)
     assert [pool.device.type for pool in model.hf_paged_runtime.pool.pools] == ["cpu", "meta"]
@@ -296,16 +300,15 @@ def test_pool_placement_follows_layer_devices_meta():
 def test_device_map_across_cuda_and_cpu(tmp_path):
     """Layer 0 on the GPU, layer 1 on the CPU (accelerate hooks move activations): pools follow,
     and the split model still generates exactly the stock tokens."""
-    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, **{f"model.layers.{i}": "cpu" for i in range(1, 4)},
                   "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     code, _, summary = run_eval(
         tmp_path, "--device-map", json.dumps(device_map), "--dtype", "float32", "--backend", "torch", "--compare",
         *SMALL_RUN,
     )
     assert code == 0
-    assert summary["pool_placement"] == [
-        {"layer": 0, "weights": "cuda:0", "pool": "cuda:0"},
-        {"layer": 1, "weights": "cpu", "pool": "cpu"},
+    assert summary["pool_placement"] == [{"layer": 0, "weights": "cuda:0", "pool": "cuda:0"}] + [
+        {"layer": i, "weights": "cpu", "pool": "cpu"} for i in range(1, 4)
     ]
     assert summary["agreement"] == 1.0
 
@@ -343,8 +346,8 @@ def test_truncation_keeps_bos_and_the_prompt_tail():
     from hf_paged.evaluation.data import Sample
     from hf_paged.evaluation.runner import encode_prompts
 
-    tokenizer = byte_tokenizer()
-    prompt = DEFAULT_TEMPLATE.format(text="a long document " * 4)
+    tokenizer = default_tokenizer()
+    prompt = DEFAULT_TEMPLATE.format(text="a long document " * 12)
     full = tokenizer(prompt)["input_ids"]
     (ids,) = encode_prompts(tokenizer, [Sample(0, "0", prompt, None)], context=24, max_new_tokens=4, truncate=True)
     assert len(ids) == 20 < len(full)

@@ -50,6 +50,46 @@ def test_compare_in_half_precision_puts_stock_attention_agreement_next_to_hf_pag
     summary = json.loads((tmp_path / "bf16" / "summary.json").read_text())
     other = summary["stock_attention_agreement"]
     assert other["implementations"] == ["sdpa", "eager"] and 0.0 <= other["agreement"] <= 1.0
-    assert "stock sdpa vs eager agreement" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stock sdpa vs eager agreement" in out and "logit error vs fp32 (mean abs)" in out
+    # Both bf16 models' logits against the fp32 copy's, along its greedy path: rounding, of one size.
+    error = summary["logit_error_vs_fp32"]
+    assert 0 < error["paged"] < 1 and 0 < error["stock"] < 1
+    assert error["ratio"] == error["paged"] / error["stock"] and 0.5 < error["ratio"] < 2
+    assert 4 <= error["num_tokens"] <= 4 * 4  # 4 samples, up to 4 new tokens each (fewer after an EOS)
     assert eval_main([*args, "--dtype", "float32", "--output-dir", str(tmp_path / "fp32")]) == 0
-    assert "stock_attention_agreement" not in json.loads((tmp_path / "fp32" / "summary.json").read_text())
+    fp32 = json.loads((tmp_path / "fp32" / "summary.json").read_text())
+    assert "stock_attention_agreement" not in fp32 and "logit_error_vs_fp32" not in fp32
+
+
+def test_first_line_exact_match_ignores_blank_lines_and_surrounding_spaces():
+    from hf_paged.evaluation.metrics import score
+
+    references = ["        if key is None:\n            lo = 0", "    return x"]
+    predictions = ["\n        if key is None:  \n  something else", "    return y"]
+    assert score(predictions, references, ["first_line"]) == {"first_line_exact": 50.0}
+
+
+def test_logit_error_is_zero_for_the_fp32_model_itself_and_not_for_bf16():
+    """The measure compares logits at the same inputs: the fp32 model forced along its own greedy path
+    gives its own logits again (error 0); a bf16 copy of the same weights does not."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_paged.evaluation import default_model_path
+    from hf_paged.evaluation.logit_error import fp32_paths, mean_abs_error
+    from hf_paged.evaluation.runner import make_batches
+    from hf_paged.evaluation.data import Sample
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    reference = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    prompts = ["def mean(values):\n    \"\"\"Return the mean.\"\"\"\n", "import os\n\ndef exists(path):\n"]
+    samples = [Sample(i, str(i), prompt, None) for i, prompt in enumerate(prompts)]
+    batches = make_batches(samples, tokenizer(prompts)["input_ids"], batch_size=2)
+    device = torch.device("cpu")
+    paths = fp32_paths(reference, batches, tokenizer.pad_token_id, device, max_new=6)
+    same = mean_abs_error(copy.deepcopy(reference), reference, batches, paths, tokenizer.pad_token_id, device, 6)
+    assert same == {"mean_abs": 0.0, "num_tokens": sum(len(path) for path in paths[0])}
+    half = mean_abs_error(copy.deepcopy(reference).to(torch.bfloat16), reference, batches, paths, tokenizer.pad_token_id, device, 6)
+    assert half["mean_abs"] > 0 and half["num_tokens"] == same["num_tokens"]

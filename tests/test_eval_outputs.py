@@ -28,7 +28,7 @@ def test_paging_records_the_executor_that_ran(tmp_path):
     code, _, summary = run_eval(tmp_path, *RUN, "--no-warmup")
     assert code == 0
     assert summary["paging"]["backend"] == "torch" and summary["paging"]["requested_backend"] == "auto"
-    assert summary["paging"]["groups"] == [{"window": None, "num_layers": 2, "page_size": 16}]
+    assert summary["paging"]["groups"] == [{"window": None, "num_layers": 4, "page_size": 16}]
 
 
 def test_compile_warm_up_covers_every_shape_of_the_timed_run(tmp_path, monkeypatch):

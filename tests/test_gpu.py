@@ -8,7 +8,8 @@
    sliding window, soft-cap, peaked scores where single keys dominate.
    Shared-prefix (cascade) plans against plain attention.
 2. generate(): the wrapped model (FlashInfer) against the unwrapped model, bf16, greedy and beam
-   search, with and without cascade, compiled CUDA-graph decode steps, and a Gemma-3-style model
+   search, with and without cascade, compiled CUDA-graph decode steps (the trained default model on
+   the built-in task's prompts: a real next-token distribution), and a random Gemma-3-style model
    whose sliding group has pages of its own size: at least 99% of the generated tokens agree (see
    `numerics.token_agreement`: each greedy token is judged on its own, nothing is forgiven after a tie).
 """
@@ -24,8 +25,8 @@ from hf_paged.config import PagedConfig
 from hf_paged.memory.pool import KVPool, LayerSpec
 
 from numerics import (
-    CASES, GPU_NEW_TOKENS, GPU_VOCAB, VARIANTS, assert_matches_reference, build_forward, gpu_prompts, layer_params,
-    reference_output, token_agreement,
+    CASES, GPU_NEW_TOKENS, GPU_VOCAB, VARIANTS, assert_matches_reference, build_forward, default_model_and_prompts,
+    gpu_prompts, layer_params, reference_output, token_agreement,
 )
 
 pytestmark = pytest.mark.gpu
@@ -149,12 +150,13 @@ def prompts(batch: int = 4, length: int = 24) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.parametrize("mode", ["greedy", "beam"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_generate_with_flashinfer_agrees_with_stock(mode, page_size, cascade):
-    model = small_llama()
-    input_ids, mask = prompts()
+    model, input_ids, mask = default_model_and_prompts(DEVICE, DTYPE, batch=4)
     kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                   do_sample=False, num_beams=4 if mode == "beam" else 1)
     stock = model.generate(input_ids, **kwargs)
-    hf_paged.wrap(model, num_pages=1024 // page_size + 64, page_size=page_size, backend="flashinfer", cascade=cascade)
+    rows = input_ids.shape[0] * kwargs["num_beams"]
+    pages = rows * (input_ids.shape[1] + NEW_TOKENS) // page_size + 2 * rows + 64
+    hf_paged.wrap(model, num_pages=pages, page_size=page_size, backend="flashinfer", cascade=cascade)
     paged = model.generate(input_ids, **kwargs)
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
     hf_paged.unwrap(model)
@@ -168,8 +170,7 @@ def test_compiled_cuda_graph_decode_with_flashinfer_agrees_with_stock():
     wrapper planned before each replay outside the graph, run inside it through the custom op."""
     from hf_paged.integration.compile import compile_decode
 
-    model = small_llama()
-    input_ids, mask = prompts()
+    model, input_ids, mask = default_model_and_prompts(DEVICE, DTYPE, batch=4)
     kwargs = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                   do_sample=False)
     stock = model.generate(input_ids, **kwargs)

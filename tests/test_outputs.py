@@ -6,9 +6,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 import hf_paged
-from hf_paged.evaluation.default_model import byte_tokenizer
 
-from tiny import fixed_length, generate, padded_prompts, tiny_model
+from tiny import byte_tokenizer, fixed_length, generate, padded_prompts, tiny_model
 
 NEW = 8
 

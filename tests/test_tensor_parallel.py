@@ -127,6 +127,9 @@ def test_tp2_kv_heads_not_divisible_is_a_clear_error_on_every_rank(tp_run):
     for report in tp_run:
         assert report["mqa"]["error"] == "UnsupportedModelError"
         assert "do not divide by tp_size=2" in report["mqa"]["message"]
+        # One KV head: the only fix that applies is no tensor parallelism (no tp_size is offered).
+        assert "load it without tensor parallelism" in report["mqa"]["message"]
+        assert "load it with tp_size" not in report["mqa"]["message"]
 
 
 def test_without_tensor_parallelism_nothing_changes():

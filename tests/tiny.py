@@ -176,3 +176,22 @@ class CountingBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         self.num_graphs += 1
         return gm.forward
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer: <pad>, <s>, </s> (ids 0-2, as COMMON) + one token per byte, BOS prepended.
+
+    For tests that need text (stop strings) on the tiny models: ids below VOCAB decode to bytes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate(("<pad>", "<s>", "</s>"))}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord):
+        vocab[char] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left",
+    )

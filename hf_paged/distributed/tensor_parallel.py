@@ -108,11 +108,14 @@ def local_specs(model: torch.nn.Module, specs: list[LayerSpec], tp: TPGroup | No
     heads = [spec.num_kv_heads for spec in specs]
     local = get_kv_heads_per_rank(model.tp_plan, heads, tp.size)
     if local is None:
+        counts = sorted(set(heads))
+        sizes = [size for size in range(2, max(counts) + 1) if all(count % size == 0 for count in counts)]
+        fix = f"load it with tp_size {' or '.join(map(str, sizes))}, or without" if sizes else "load it without"
         raise UnsupportedModelError(
             type(model).__name__,
-            f"its {sorted(set(heads))} KV heads per layer do not divide by tp_size={tp.size}: tensor parallelism "
-            "would split a head across ranks (stock attention fails on that too); load it with a tp_size that "
-            "divides the KV heads, or without tensor parallelism",
+            f"its {counts} KV heads per layer do not divide by tp_size={tp.size}: tensor parallelism "
+            f"would split a head across ranks (stock attention fails on that too); {fix} tensor parallelism "
+            "(for several processes, data parallelism: a model per process)",
         )
     return [replace(spec, num_kv_heads=h) for spec, h in zip(specs, local)]
 

@@ -1,15 +1,40 @@
-"""Evaluation samples through `datasets`: a hub dataset, local files, or the bundled tiny dataset."""
+"""Evaluation samples through `datasets`: a hub dataset, local files, or the built-in task."""
 
 import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import EvalError
+from . import DATA_DIR, EvalError
 
-BUNDLED_DATA = Path(__file__).resolve().parent.parent / "data" / "tiny_summaries.jsonl"
+# The built-in task (scripts/make_default_data.py): complete held-out stdlib functions from their
+# signature and docstring; the prompt is the source as written, the reference the next lines.
+BUNDLED_DATA = DATA_DIR / "stdlib_functions.jsonl"
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "{text}\nSummary:"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDefaults:
+    """What --text-column, --reference-column, --prompt-template and --metric mean when not given."""
+
+    text_column: str
+    reference_column: str
+    prompt_template: str
+    metric: str
+
+
+BUILTIN_TASK = TaskDefaults("prompt", "reference", "{text}", "rouge,bleu,first_line")
+USER_DATA = TaskDefaults("document", "summary", DEFAULT_TEMPLATE, "rouge")
+
+
+def apply_task_defaults(args) -> None:
+    """Fill eval.py's data and metric flags left unset (None): the built-in task's columns and metrics
+    when neither --dataset nor --data-files is given, else those of a summarization-style dataset."""
+    defaults = BUILTIN_TASK if args.dataset is None and not args.data_files else USER_DATA
+    for flag in ("text_column", "reference_column", "prompt_template", "metric"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(defaults, flag))
 
 
 @dataclass(slots=True)
@@ -101,7 +126,7 @@ def make_samples(rows, text_column: str, reference_column: str | None, template:
 
 
 def bundled_data_files() -> list[str]:
-    """The bundled tiny dataset (written for hf_paged: short documents with one-sentence summaries)."""
+    """The built-in task's file (40 held-out stdlib functions to complete)."""
     if not BUNDLED_DATA.exists():
         raise EvalError(f"the bundled dataset {os.fspath(BUNDLED_DATA)} is missing; reinstall hf_paged")
     return [os.fspath(BUNDLED_DATA)]

@@ -1,8 +1,9 @@
-"""Quality scores of generated text against references: ROUGE (rouge-score), BLEU and chrF (sacrebleu)."""
+"""Quality scores of generated text against references: ROUGE (rouge-score), BLEU and chrF (sacrebleu),
+and exact match of the first line (for code completion)."""
 
 from . import EvalError
 
-METRICS = ("rouge", "bleu", "chrf")
+METRICS = ("rouge", "bleu", "chrf", "first_line")
 ALIASES = {"sacrebleu": ("bleu", "chrf")}
 
 
@@ -18,7 +19,8 @@ def parse_metrics(text: str) -> list[str]:
 
 
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
-    """Corpus scores, each in [0, 100]: rouge1/rouge2/rougeL (mean F1), bleu, chrf."""
+    """Corpus scores, each in [0, 100]: rouge1/rouge2/rougeL (mean F1), bleu, chrf, first_line_exact
+    (percent of samples whose first non-blank line equals the reference's, surrounding spaces ignored)."""
     if not predictions:
         return {}
     scores: dict[str, float] = {}
@@ -36,7 +38,15 @@ def score(predictions: list[str], references: list[str], metrics: list[str]) -> 
             scores["bleu"] = sacrebleu.corpus_bleu(predictions, [references]).score
         if "chrf" in metrics:
             scores["chrf"] = sacrebleu.corpus_chrf(predictions, [references]).score
+    if "first_line" in metrics:
+        same = [first_line(prediction) == first_line(reference) for prediction, reference in zip(predictions, references)]
+        scores["first_line_exact"] = 100.0 * sum(same) / len(same)
     return scores
+
+
+def first_line(text: str) -> str:
+    """The first line of `text` that is not blank, without its surrounding spaces ("" if none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def check_available(metrics: list[str]) -> None:
@@ -44,6 +54,8 @@ def check_available(metrics: list[str]) -> None:
     needed = {"rouge": "rouge_score", "bleu": "sacrebleu", "chrf": "sacrebleu"}
     install = {"rouge_score": "rouge-score", "sacrebleu": "sacrebleu"}
     for metric in metrics:
+        if metric not in needed:
+            continue
         try:
             __import__(needed[metric])
         except ImportError as error:

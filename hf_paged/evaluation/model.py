@@ -1,12 +1,12 @@
-"""Load and place the model of an evaluation: a hub/local checkpoint, or the built-in tiny one."""
+"""Load and place the model of an evaluation: a hub/local checkpoint, or the built-in default model."""
 
 import json
-import tempfile
 
 import torch
 
-from . import EvalError
-from .default_model import DEFAULT_MODEL_NAME, byte_tokenizer, tiny_llama
+from . import EvalError, default_model_path
+
+DEFAULT_MODEL_NAME = "builtin:stdlib-code-llama"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -29,66 +29,83 @@ def parse_device_map(text: str | None) -> str | dict | None:
     return {"": int(text) if text.isdigit() else text}
 
 
-def load_model(name: str | None, dtype: str, device: torch.device, device_map: str | dict | None, seed: int, tp: int = 1):
+def load_model(name: str | None, dtype: str, device: torch.device, device_map: str | dict | None, tp: int = 1):
     """(model in eval mode, tokenizer with left padding and a pad token, model name).
 
-    `name=None` builds the seeded random tiny Llama and byte tokenizer (no download). With a
+    `name=None` loads the trained default model shipped in hf_paged/data/default_model (no
+    download; `dtype="auto"` loads it in fp32, where hf_paged's tokens equal stock's). With a
     `device_map` the model is placed by transformers/accelerate and `device` is ignored. With
     `tp > 1` transformers shards it over the `tp` launched processes
     (`DistributedConfig(tp_size=tp)`) and places it itself (each rank's GPU, else the CPU).
     """
-    if name is None:
-        tokenizer = byte_tokenizer()
-        torch_dtype = torch.float32 if dtype == "auto" else DTYPES[dtype]
-        model = tiny_llama(len(tokenizer), seed=seed, dtype=torch_dtype)
-        if tp > 1:  # transformers shards only in from_pretrained: every rank saves its (identical) copy and loads it
-            with tempfile.TemporaryDirectory() as folder:
-                model.save_pretrained(folder)
-                return _from_pretrained(folder, dtype, None, tp).eval(), tokenizer, DEFAULT_MODEL_NAME
-        model = _dispatch(model, device_map) if device_map is not None else model.to(device)
-        return model, tokenizer, DEFAULT_MODEL_NAME
     from transformers import AutoTokenizer
 
+    path, model_name = (name, name) if name is not None else (str(default_model_path()), DEFAULT_MODEL_NAME)
+    if name is None and dtype == "auto":
+        dtype = "float32"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise EvalError(f"could not load model {name!r}: {_first_line(error)}") from error
-    model = _from_pretrained(name, dtype, device_map, tp)
+        raise EvalError(f"could not load model {model_name!r}: {_first_line(error)}") from error
+    if tp > 1:
+        check_tp_heads(path, model_name, tp)
+    model = _from_pretrained(path, dtype, device_map, tp, progress=name is not None)
     if device_map is None and tp == 1:
         model = model.to(device)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise EvalError(f"the tokenizer of {name!r} has neither a pad nor an eos token; batching needs one")
+            raise EvalError(f"the tokenizer of {model_name!r} has neither a pad nor an eos token; batching needs one")
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer, name
+    return model.eval(), tokenizer, model_name
 
 
-def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: int) -> torch.nn.Module:
+def check_tp_heads(path: str, model_name: str, tp: int) -> None:
+    """Raise EvalError, before the model loads, when its KV heads do not divide by `--tp`: each rank
+    must hold whole KV heads. The message names the --tp values that work and data parallelism."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path).get_text_config()
+    except (OSError, ValueError):
+        return  # from_pretrained reports an unloadable model next
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads % tp == 0:
+        return
+    sizes = [size for size in range(2, heads + 1) if heads % size == 0]
+    other_tp = f"--tp {' or '.join(map(str, sizes))} (with as many processes), or " if sizes else ""
+    raise EvalError(
+        f"--tp {tp}: {model_name} has {heads} KV head{'s' if heads != 1 else ''} per layer, which "
+        f"{'do' if heads != 1 else 'does'} not divide by {tp} (each rank must hold whole KV heads); use {other_tp}"
+        f"data parallelism for {tp} processes: accelerate launch --num_processes {tp} scripts/eval.py ... without --tp"
+    )
+
+
+def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: int, progress: bool = True) -> torch.nn.Module:
+    """The model through AutoModelForCausalLM; `progress=False` hides transformers' loading bar (the
+    built-in model loads in a blink, and a bad-input run then prints its one error line only)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
     kwargs = {"dtype": DTYPES[dtype], "device_map": device_map}
     if tp > 1:
         from transformers.distributed import DistributedConfig
 
         kwargs = {"dtype": DTYPES[dtype], "distributed_config": DistributedConfig(tp_size=tp)}
+    shown = logging.is_progress_bar_enabled()
+    if not progress:
+        logging.disable_progress_bar()
     try:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
         raise EvalError(f"could not load model {name!r}: {_first_line(error)}") from error
+    finally:
+        if shown:
+            logging.enable_progress_bar()
 
 
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def _dispatch(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
-    """Place an in-memory model with accelerate, as from_pretrained(device_map=...) would."""
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if isinstance(device_map, str):
-        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
-    return dispatch_model(model, device_map=device_map)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -65,7 +65,8 @@ def write_outputs(output_dir: str, records: list[dict], summary: dict) -> tuple[
 
 
 # What the scores of metrics.score are, for the table (summary.json keeps the bare names).
-SCORE_UNITS = {"rouge1": "F1, 0-100", "rouge2": "F1, 0-100", "rougeL": "F1, 0-100", "bleu": "0-100", "chrf": "0-100"}
+SCORE_UNITS = {"rouge1": "F1, 0-100", "rouge2": "F1, 0-100", "rougeL": "F1, 0-100", "bleu": "0-100", "chrf": "0-100",
+               "first_line_exact": "% of samples"}
 
 
 def _format(value) -> str:
@@ -96,6 +97,10 @@ def table(summary: dict) -> str:
         other = summary.get("stock_attention_agreement")
         if other is not None:  # half precision: stock against itself with its other attention implementation
             lines.append([f"stock {' vs '.join(other['implementations'])} agreement", "", _format(other["agreement"]), ""])
+        error = summary.get("logit_error_vs_fp32")
+        if error is not None:  # half precision: mean |logit - fp32 logit| along the fp32 model's greedy path
+            lines.append(["logit error vs fp32 (mean abs)", _format(error["paged"]), _format(error["stock"]),
+                          _format(error["ratio"])])
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(line, widths))) for line in lines]
     return os.linesep.join(text)
