@@ -65,7 +65,7 @@ class TorchPlan:
     # values (in a contiguous layer pool, or in the gathered pages), and the shapes of the packed
     # query and of the output; else None. `run`'s fewest-calls path.
     decode_view: tuple | None = None
-    # Leading keys of every row that no query sees (a window's decode step on rows of equal length):
+    # Leading keys of every row that no query sees (a window's decode step on rows read in place):
     # read past instead of masked.
     trim: int = 0
     key_pages: torch.Tensor | None = None  # kv_pages' key half (a packed layer's pool gathers plane by plane)
@@ -86,34 +86,40 @@ def plan(
     stock's query layout in a decode step without a mask too (`query_layout`).
     """
     rows, max_q, max_kv = meta.num_rows, meta.max_qo_len, meta.max_kv_len
+    uniform_q = all(n == max_q for n in meta.qo_lens)
+    # A window's decode step: each row's query sees at most its last `window_left + 1` keys, the
+    # last columns of the right-aligned layout; only those are read (as many as stock's sliding
+    # cache returns), the ones before are left out (`trim`, or a narrower gather) instead of masked.
+    window_decode = params.window_left >= 0 and max_q == 1 and uniform_q and not params.alibi_slopes
+    width = min(max_kv, params.window_left + 1) if window_decode else max_kv
     # Rows of equal length in consecutive pages: read in place. (With unequal lengths a view would
-    # also read the unwritten slots past a shorter row's end; the gather reads the zero page there.)
+    # also read the unwritten slots before a shorter row's start; the gather reads the zero page there.)
     row_run = kv_pages = kv_slots = None
     if meta.kv_indices_host is not None and all(n == max_kv for n in meta.kv_lens):
         indptr, indices = meta.kv_indptr_host, meta.kv_indices_host
         row_run = consecutive_run([indices[indptr[r]:indptr[r + 1]] for r in range(rows)], zero_page_id)
         if row_run is None:
             kv_pages = page_gather_index(meta, max_kv, zero_page_id)
+    trim = 0
     if row_run is None and kv_pages is None:
-        kv_slots = kv_gather_slots(meta, max_kv, zero_page_id)
-    uniform_q = all(n == max_q for n in meta.qo_lens)
+        kv_slots = kv_gather_slots(meta, width, zero_page_id)  # right-aligned: each row's last `width`
+        max_kv = width
+    else:
+        trim = max_kv - width
     q_positions = None if uniform_q else padded_query_positions(meta, max_q, sum(meta.qo_lens))
+    # Plain causal SDPA (no mask) where stock runs it: fresh prompts of one length, no window
+    # shorter than them (stock's mask skip: keys fewer than the window), no soft cap or bias.
     causal = (
-        allow_causal and max_q > 1 and uniform_q and params.window_left < 0 and not params.logits_soft_cap
-        and not params.alibi_slopes and all(n == max_q for n in meta.kv_lens)
+        allow_causal and max_q > 1 and uniform_q and max_kv <= (params.window_left if params.window_left >= 0 else max_kv)
+        and not params.logits_soft_cap and not params.alibi_slopes and all(n == max_q for n in meta.kv_lens)
     )
-    # A window's decode step on rows of equal length: each row's query sees exactly its last
-    # `window_left + 1` keys, so the keys before them are left out of the read (`trim`) instead of masked.
-    # (row_run and kv_pages are found only when every row holds max_kv tokens.)
-    trimmed = (
-        params.window_left >= 0 and max_q == 1 and uniform_q and not params.alibi_slopes
-        and (row_run is not None or kv_pages is not None)
-    )
-    trim = max(0, max_kv - params.window_left - 1) if trimmed else 0
-    needs_mask = not causal and (
-        (params.window_left >= 0 and not trimmed) or max_q > 1 or any(n != max_kv for n in meta.kv_lens)
-    )
-    packed = not allow_causal or query_layout(max_q, needs_mask, params, exact)
+    if window_decode:  # every read column is inside the window: only a shorter row's leading columns are masked
+        needs_mask = any(n < width for n in meta.kv_lens)
+    else:
+        needs_mask = not causal and (params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens))
+    # Stock's mask function skips a window layer's mask only while its keys are fewer than the window.
+    stock_mask = needs_mask or (window_decode and width == params.window_left + 1)
+    packed = not allow_causal or query_layout(max_q, stock_mask, params, exact)
     if params.alibi_slopes:
         mask = alibi_mask(meta, max_q, max_kv, params)
     else:
@@ -165,6 +171,8 @@ def advance_plan(plan: TorchPlan, meta: ForwardMetadata) -> TorchPlan | None:
     if plan.decode_view is None or not meta.is_decode:
         return None
     params, max_kv = plan.params, meta.max_kv_len
+    if not plan.packed and 0 <= params.window_left < max_kv:  # stock's window mask appears: its layout changes
+        return None
     trim = max(0, max_kv - params.window_left - 1) if params.window_left >= 0 else 0
     shift = (trim - plan.trim) * params.num_kv_heads * params.head_dim
     (rows, heads, _, dim), strides, key_offset, value_offset, packed, flat = plan.decode_view
