@@ -10,6 +10,21 @@ BACKENDS = ("auto", "torch", "flashinfer")
 DEFAULT_CPU_FRACTION = 0.2
 DEFAULT_CUDA_FRACTION = 0.5
 
+# How the pool chooses PagedConfig.window_page_size when it is None (memory/layout.py, memory/pool.py).
+# The PagedConfig docstring, eval.py --help, README.md and docs/how-it-works.md say it in these
+# words; tests/test_docs.py checks each example against the pool's choice.
+WINDOW_PAGE_SIZE_RULE = (
+    "None: the largest page size at which a sliding-window group's layers fit side by side into the bytes that "
+    "one page id holds in the full-attention layers (memory/layout.py, first fit on each device): with pages of "
+    "16 and one head shape, one sliding layer per full layer gets pages of 16, two get 8, three get 5, five get 3. "
+    "With the prefix cache on, where the least common multiple of page_size and the groups' page sizes would "
+    "exceed 4 x page_size, the largest divisor of page_size that fits instead (three per full layer: 4; five: "
+    "still 3, as lcm(16, 3) = 48). A model without full-attention layers, or a group that does not fit even at "
+    "pages of 1, takes the largest divisor of page_size that is at most window // 32 (at least 1: window 128 "
+    "gets 4, 256 gets 8, 512 and more page_size); without full layers, the other windows' groups then fit into "
+    "that group's pages as above. A value given is every sliding group's page size and must divide page_size."
+)
+
 
 @dataclass(slots=True)
 class PagedConfig:
@@ -17,12 +32,19 @@ class PagedConfig:
 
     page_size: token slots per page (FlashInfer and vLLM use 16).
     window_page_size: token slots per page in the sliding-window groups of a model with windowed
-        layers (groups.py). A sliding layer holds its window plus the unused part of the page at
-        each end of it, so smaller pages there keep its KV close to stock's window-only cache.
-        None: the largest page that packs the group's layers into the full-attention layers' page
-        ids (layout.py: five sliding layers beside one full layer of pages of 16 get pages of 3; a
-        divisor of page_size with the prefix cache on); with no full layer, the largest divisor of
-        page_size that is at most window // 32. Must divide page_size.
+        layers (memory/groups.py). A sliding layer holds its window plus the unused part of the page
+        at each end of it, so smaller pages there keep its KV close to stock's window-only cache.
+        None: the largest page size at which a sliding-window group's layers fit side by side into
+        the bytes that one page id holds in the full-attention layers (memory/layout.py, first fit
+        on each device): with pages of 16 and one head shape, one sliding layer per full layer gets
+        pages of 16, two get 8, three get 5, five get 3. With the prefix cache on, where the least
+        common multiple of page_size and the groups' page sizes would exceed 4 x page_size, the
+        largest divisor of page_size that fits instead (three per full layer: 4; five: still 3, as
+        lcm(16, 3) = 48). A model without full-attention layers, or a group that does not fit even
+        at pages of 1, takes the largest divisor of page_size that is at most window // 32 (at
+        least 1: window 128 gets 4, 256 gets 8, 512 and more page_size); without full layers, the
+        other windows' groups then fit into that group's pages as above. A value given is every
+        sliding group's page size and must divide page_size.
     num_pages: pages in the pool. Takes precedence over `max_memory`.
     max_memory: pool budget, in bytes (int > 1) or as a fraction of the device's free memory
         (float in (0, 1], like vLLM's gpu_memory_utilization). None: 0.2 of available RAM on
@@ -32,9 +54,9 @@ class PagedConfig:
     cascade: attend a prefix shared by several rows once per group (shared-prefix attention).
         None: on for the torch executor (measured on CPU), off for FlashInfer (its cascade path
         has not been run on a GPU yet; pass True to use it).
-    compile: run decode steps through a compiled forward (see README, torch.compile).
+    compile: run decode steps through a compiled forward (docs/compile.md).
     prefix_cache: keep the full pages of every prompt after a call and reuse them for later prompts
-        that start with the same tokens (see README, Prefix caching). Off by default: K/V reused
+        that start with the same tokens (docs/prefix-caching.md). Off by default: K/V reused
         from another call were computed in another batch shape, which can move fp32 results by
         rounding, and hf_paged promises stock's tokens.
     exact: compute as stock does, so that fp32 logits equal stock's bit for bit in every decoding

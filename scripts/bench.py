@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from dataclasses import replace
+from typing import NoReturn
 
 import torch
 
@@ -90,12 +91,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--beams", default=None, help="num_beams sweep for --plot (default 1,2,4,8,16)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    names = [name.strip() for name in args.workload.split(",")]
+    known = [*WORKLOADS, "overhead"]
+    unknown = [name for name in names if name not in known] if args.workload not in ("all", "none") else []
+    if unknown:
+        fail(f"unknown workload(s) {unknown}; expected 'all', 'none' or some of {known} (comma-separated)")
+    if args.num_pages < 0 or args.page_size < 1:
+        fail(f"expected --num-pages >= 0 (0: enough with no sharing) and --page-size >= 1, got {args.num_pages} and {args.page_size}")
     if args.quick:
         args.layers, args.hidden, args.intermediate, args.vocab = 2, 64, 128, 128
         args.heads, args.kv_heads = 4, 2
         args.reps = min(args.reps, 2)
         args.page_size = min(args.page_size, 4)
     return args
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input or a pool too small for the run: one line on stderr, exit code 2 (as scripts/eval.py)."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    raise SystemExit(2)
 
 
 def targets_skipped(args: argparse.Namespace) -> str | None:
@@ -248,16 +262,21 @@ def main(argv: list[str] | None = None) -> dict | None:
     stock, paged = build_model_pair(args, device) if needs_pair else (None, None)
     steps = (4 * args.reps + 2 + (0 if args.no_memory else 2)) * len(workloads) + (4 * args.reps + 2) * len(beams)
     started = time.time()
-    with tqdm(total=steps, desc="bench", unit="run") as progress:
-        skipped = targets_skipped(args)
-        results = [add_ratios(measure(w, stock, paged, args, device, progress), skipped is None) for w in workloads]
-        sweep_base = select_workloads("wide-beam", sizes, args.quick)[0]
-        points = beam_sweep(beams, sweep_base, stock, paged, args, device, progress) if beams else []
-    overhead = measure_overhead(args, args.quick) if with_overhead else None
-    windowed = [measure_windowed(case, args, device, args.quick) for case in WINDOWED] if args.windowed else None
-    few = None
-    if args.prefix_cache:
-        few = few_shot(stock, paged, args, device, **(dict(prefix_len=64, num_questions=8) if args.quick else {}))
+    skipped = targets_skipped(args)
+    try:
+        with tqdm(total=steps, desc="bench", unit="run") as progress:
+            results = [add_ratios(measure(w, stock, paged, args, device, progress), skipped is None) for w in workloads]
+            sweep_base = select_workloads("wide-beam", sizes, args.quick)[0]
+            points = beam_sweep(beams, sweep_base, stock, paged, args, device, progress) if beams else []
+        overhead = measure_overhead(args, args.quick) if with_overhead else None
+        windowed = [measure_windowed(case, args, device, args.quick) for case in WINDOWED] if args.windowed else None
+        few = None
+        if args.prefix_cache:
+            shape = dict(prefix_len=64, num_questions=8) if args.quick else {}
+            few = few_shot(stock, paged, args, device, apply_target=skipped is None, **shape)
+    except hf_paged.OutOfPagesError as error:
+        fail(f"out of pages: {error} (flags: --num-pages, 0 sizes the pool for the workload; --page-size, --batch-size, "
+             "--prompt-len, --new-tokens, --num-beams, --num-return-sequences)")
     model_info = {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype")}
     # As the wrapped model resolves it (on for torch, off for FlashInfer); None when no workload wrapped it.
     cascade = hf_paged.PagedCache(paged).cascade if paged is not None and hasattr(paged, "hf_paged_runtime") else None

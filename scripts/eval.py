@@ -21,6 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
 import hf_paged
+from hf_paged.config import WINDOW_PAGE_SIZE_RULE
 from hf_paged.evaluation import EvalError
 from hf_paged.evaluation.data import DEFAULT_TEMPLATE, bundled_data_files, load_rows, make_samples
 from hf_paged.evaluation.metrics import check_available, parse_metrics
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     paging.add_argument("--page-size", type=int, default=16)
     paging.add_argument(
         "--window-page-size", type=int,
-        help="page size of sliding-window layers (default: about window / 32, a divisor of --page-size)",
+        help="page size of sliding-window layers (PagedConfig.window_page_size). Default " + WINDOW_PAGE_SIZE_RULE,
     )
     paging.add_argument("--num-pages", type=int, help="pages in the pool (overrides --max-memory)")
     paging.add_argument("--max-memory", help="pool budget: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")

@@ -4,6 +4,8 @@ Dynamo checks run with cheap backends (a counting "eager" backend, "aot_eager");
 runs the default inductor path end to end.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -142,6 +144,39 @@ def test_aot_eager_beam_search_with_copy_on_write_matches_stock(stock_tokens):
     compiled = compile_decode(model, backend="aot_eager")
     assert torch.equal(generate(model, input_ids, mask, new_tokens=12, num_beams=3), expected["short_beam"])
     assert compiled.num_compiled_steps == 12
+
+
+def seq_lengths_seen(model, input_ids, mask, compile: bool) -> tuple[list[int], object]:
+    """`get_seq_length()` of the cache each decoder forward attends through, read inside the forward
+    (inside the compiled graph for compiled steps), and the CompiledDecode (None: eager only)."""
+    decoder = model.hf_paged_runtime.decoder
+    original, seen = decoder.forward, []
+
+    @functools.wraps(original)
+    def recording(*args, **kwargs):
+        seen.append(torch.as_tensor(kwargs[CACHE_KWARG].get_seq_length()).clone())  # a graph output when compiled
+        return original(*args, **kwargs)
+
+    decoder.forward = recording  # what compile_decode compiles and the dispatcher runs eagerly
+    compiled = compile_decode(model, backend="eager") if compile else None
+    try:
+        generate(model, input_ids, mask, new_tokens=6)
+    finally:
+        del decoder.forward
+    return [int(length) for length in seen], compiled
+
+
+def test_a_compiled_step_sees_the_seq_length_the_eager_cache_reports():
+    """No model in 5.25 reads `get_seq_length()` when position_ids are passed, but a release that
+    derives positions or masks from it would change tokens: inside each compiled decode step the
+    StaticDecodeCache reports what the eager PagedCache reports at the same step."""
+    input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
+    eager, _ = seq_lengths_seen(hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4), input_ids, mask, False)
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4, compile=True)
+    lengths, compiled = seq_lengths_seen(model, input_ids, mask, True)
+    assert compiled.num_compiled_steps == 5 and compiled.num_eager_steps == 1  # the prompt runs eagerly
+    assert eager == [0] + list(range(input_ids.shape[1], input_ids.shape[1] + 5))  # the padded length
+    assert lengths == eager
 
 
 @pytest.mark.slow

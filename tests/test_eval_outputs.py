@@ -1,4 +1,4 @@
-"""eval.py's outputs as the README documents them, and --compile timings without compilation (issue 15)."""
+"""eval.py's outputs as docs/evaluation.md documents them, and --compile timings without compilation (issue 15)."""
 
 import torch
 

@@ -50,7 +50,7 @@ def test_eval_tp2_writes_the_single_process_outputs(tmp_path):
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    # The README's command, with a local model folder for the hub name.
+    # docs/multi-gpu.md's command, with a local model folder for the hub name.
     two = subprocess.run(
         [launcher, "--standalone", "--nproc_per_node", "2", *args, "--tp", "2", "--compare",
          "--output-dir", str(tmp_path / "tp")],

@@ -286,8 +286,9 @@ def test_eval_reports_the_hit_rate_and_stays_in_agreement(tmp_path):
     assert summary["agreement"] == 1.0
 
 
-def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_page():
-    """scripts/bench.py --prefix-cache on its quick sizes (the targets apply to the full sizes)."""
+def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_page(capsys):
+    """scripts/bench.py --prefix-cache on its quick sizes (the targets apply to the full sizes:
+    --quick shows no target and no verdict)."""
     import sys
     from pathlib import Path
 
@@ -306,6 +307,10 @@ def test_the_few_shot_bench_workload_runs_matches_stock_and_hits_every_reusable_
     assert few["tokens_match"] is True
     assert few["warm_hit_tokens"] == few["warm_reusable_tokens"] > 0
     assert few["shape"] == dict(prefix_len=64, num_questions=8, batch_size=4, new_tokens=16)
+    assert few["target_time_ratio"] is None and few["meets_targets"] is None
+    printed = capsys.readouterr().out
+    few_shot_lines = printed[printed.index("few-shot:"):]
+    assert "target" not in few_shot_lines and "meets targets" not in printed
 
 
 def test_sliding_groups_keep_window_snapshots_and_a_hit_ends_where_one_is_whole():
@@ -332,3 +337,25 @@ def test_sliding_groups_keep_window_snapshots_and_a_hit_ends_where_one_is_whole(
     assert prefix.match(tokens, groups=groups) == []  # no whole window left at any key
     assert prefix.evict(3) == 2 and sorted(prefix.key_of) == [2, 4]  # pages 0 and 1: their entries go
     assert list(prefix.pages_of.values()) == [((2,), (hole, 4))]
+
+
+def test_a_window_whose_first_needed_token_sits_mid_page_needs_that_whole_page():
+    """The fixture above at window 6 (keys of 4; a full group, pages of 4; a sliding group, pages of
+    2): after 12 tokens the next query sees tokens 7..12, and token 7 shares its sliding page with
+    token 6. Where that page is a hole (released by a window, or evicted) no key holds a whole
+    window; a check starting one token late would look only at tokens 8..11 and hit."""
+    blocks = BlockManager(16)
+    hole = blocks.num_pages
+    prefix = PrefixCache(blocks, 4)
+    tokens = list(range(10, 23))  # 13 tokens: 3 keys before the last one
+    full = blocks.allocate(3)  # [0, 1, 2]: tokens 0..11
+    sliding = blocks.allocate(2)  # [3, 4]: tokens 8..11; the page of tokens 6..7 is a hole
+    prefix.insert(tokens[:12], [full, [hole] * 4 + sliding], [4, 2])
+    window_6, window_5 = [(None, 4), (6, 2)], [(None, 4), (5, 2)]
+    assert prefix.match(tokens, groups=window_6) == []  # token 7 is missing at key 3; keys 1 and 2 miss more
+    assert prefix.match(tokens, groups=window_5) == [((0,), (hole, hole)), ((1,), (hole, hole)), ((2,), (3, 4))]
+    # Another row that held tokens 6..7 fills the hole: now window 6 hits up to key 3.
+    (page,) = blocks.allocate(1)  # 5
+    prefix.insert(tokens[:12], [full, [hole] * 3 + [page] + sliding], [4, 2])
+    assert prefix.match(tokens, groups=window_6) == [((0,), (hole, hole)), ((1,), (hole, 5)), ((2,), (3, 4))]
+    assert prefix.match(tokens[:9] + [99, 99, 99, 99], groups=window_6) == []  # key 2 needs tokens 3..7: 2..3 is a hole

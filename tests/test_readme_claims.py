@@ -1,4 +1,7 @@
-"""README sentences that no other test backs, each checked against stock or counted by hand."""
+"""Sentences of README.md and docs/ that no other test backs, each checked against stock or counted by
+hand; each test first finds its sentence where the docs keep it (so the pointer follows the claim)."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +13,18 @@ from hf_paged.integration.compile import compile_decode
 from tiny import CountingBackend, fixed_length, generate, padded_prompts, tiny_model
 
 NEW = 8
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def claim(page: str, sentence: str) -> None:
+    """`sentence` is still said in `page` (whitespace and line breaks aside)."""
+    said = " ".join((ROOT / page).read_text().split())
+    assert " ".join(sentence.split()) in said, f"{page} no longer says {sentence!r}: move this test's pointer"
 
 
 def test_compiled_decode_covers_sampling():
-    """README, torch.compile: decode steps of greedy, sampling and beam search are compiled."""
+    """docs/compile.md: decode steps of greedy, sampling and beam search are compiled."""
+    claim("docs/compile.md", "runs the decode steps of `generate()` (greedy, sampling, beam search,")
     model = tiny_model("llama")
     input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
     modes = [dict(do_sample=True, num_return_sequences=2, top_k=20), dict(do_sample=True, num_beams=2)]
@@ -27,7 +38,8 @@ def test_compiled_decode_covers_sampling():
 
 
 def test_the_extra_page_stays_zero():
-    """README, the pool: the page after the last is kept zero (padded reads point there)."""
+    """docs/how-it-works.md, the pool: the page after the last is kept zero (padded reads point there)."""
+    claim("docs/how-it-works.md", "The extra page stays zero.")
     model = hf_paged.wrap(tiny_model("gemma2"), num_pages=64, page_size=4)
     input_ids, mask = padded_prompts(batch=3, length=17, pads=(0, 5, 11))
     for mode in (dict(), dict(num_beams=3), dict(do_sample=True, num_return_sequences=2)):
@@ -40,6 +52,7 @@ def test_the_extra_page_stays_zero():
 @pytest.mark.parametrize("max_memory, fraction", [(None, 0.2), (0.05, 0.05), (1.0, 1.0)])
 def test_default_and_fractional_budgets_give_the_documented_num_pages(monkeypatch, max_memory, fraction):
     """README, max_memory: None is 0.2 of available RAM on CPU; a float is that fraction of it."""
+    claim("README.md", "None: 0.2 of available RAM on CPU")
     available = 3 << 30
     monkeypatch.setattr(pool_module, "free_memory_bytes", lambda device: available)
     model = hf_paged.wrap(tiny_model("llama"), page_size=16, max_memory=max_memory)
@@ -52,7 +65,8 @@ def test_default_and_fractional_budgets_give_the_documented_num_pages(monkeypatc
 
 
 def test_prefix_cache_with_an_assistant_model_gives_stock_tokens_and_reads_no_page():
-    """README, prefix cache: assisted decoding runs as without the cache."""
+    """docs/prefix-caching.md: assisted decoding runs as without the cache."""
+    claim("docs/prefix-caching.md", "Assisted and prompt-lookup decoding run as without the cache")
     model, assistant = tiny_model("llama"), tiny_model("llama", seed=1)
     input_ids, mask = padded_prompts(batch=1, length=21, pads=(0,))
     kwargs = dict(assistant_model=assistant, max_new_tokens=NEW)
@@ -65,7 +79,8 @@ def test_prefix_cache_with_an_assistant_model_gives_stock_tokens_and_reads_no_pa
 
 
 def test_inputs_embeds_give_stock_tokens_without_the_prefix_cache():
-    """README, prefix cache: calls with inputs_embeds run as without it (and still give stock's tokens)."""
+    """docs/prefix-caching.md: calls with inputs_embeds run as without it (and still give stock's tokens)."""
+    claim("docs/prefix-caching.md", "as do calls with `inputs_embeds` or other tensor inputs")
     model = tiny_model("llama")
     input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
     embeds = model.get_input_embeddings()(input_ids).detach()
@@ -80,7 +95,8 @@ def test_inputs_embeds_give_stock_tokens_without_the_prefix_cache():
 
 
 def test_output_attentions_gives_stock_tokens_and_no_weights():
-    """README, limits: output_attentions=True returns no attention weights on the paged path."""
+    """README, Limits: output_attentions=True returns no attention weights on the paged path."""
+    claim("README.md", "`output_attentions=True` returns no attention weights on the paged path.")
     model = tiny_model("llama")
     input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
     kwargs = dict(output_attentions=True, return_dict_in_generate=True, **fixed_length(NEW))

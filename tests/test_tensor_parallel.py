@@ -2,7 +2,8 @@
 
 One launch (its startup is the cost) of tests/tp_worker.py checks every case; this process
 computes what the ranks must give: the single-process, unwrapped model's tokens, and the
-single-process pool's bytes (each rank's pool holds its half of the KV heads).
+single-process pool's bytes (each rank's pool holds its half of the KV heads). The pool-size
+agreement is also checked in the quick loop, with threads as ranks of a stubbed process group.
 """
 
 import json
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ import torch
 import transformers
 
 import hf_paged
-from hf_paged.distributed.tensor_parallel import local_specs, make_pool, tp_group
+from hf_paged.distributed.tensor_parallel import TPGroup, local_specs, make_pool, tp_group
+from threads import run_threads
 from tiny import COMMON, SMALL, tiny_model
 from tp_cases import CASES, FAMILIES, NUM_PAGES, PAGE_SIZE, run_case
 
@@ -139,3 +142,54 @@ def test_without_tensor_parallelism_nothing_changes():
     assert pool.num_pages == 8
     stats = hf_paged.memory_stats(model)
     assert (stats["tp_rank"], stats["tp_size"]) == (0, 1)
+
+
+class ThreadProcessGroup:
+    """Ranks of a TP group as threads of this process: an all-reduce on (this, rank) waits for every
+    rank's call, then each rank gets the reduction of all ranks' tensors."""
+
+    def __init__(self, size: int):
+        self.tensors: list[torch.Tensor | None] = [None] * size
+        self.barrier = threading.Barrier(size, timeout=60)  # a rank that never arrives fails the test
+        self.ops: list[object] = []  # rank 0's calls, in order
+
+    def all_reduce(self, tensor: torch.Tensor, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        shared, rank = group
+        assert shared is self and not async_op
+        self.tensors[rank] = tensor.clone()
+        if rank == 0:
+            self.ops.append(op)
+        self.barrier.wait()  # every rank's tensor is in
+        stacked = torch.stack(self.tensors)
+        if op == torch.distributed.ReduceOp.MAX:
+            reduced = stacked.amax(dim=0)
+        elif op == torch.distributed.ReduceOp.MIN:
+            reduced = stacked.amin(dim=0)
+        else:
+            assert op == torch.distributed.ReduceOp.SUM, op
+            reduced = stacked.sum(dim=0)
+        self.barrier.wait()  # every rank has read them: the next call may overwrite
+        tensor.copy_(reduced)
+
+
+def test_ranks_whose_budgets_differ_agree_on_the_smallest_pool(monkeypatch):
+    """make_pool under TP with a stubbed process group (threads as ranks, no processes): each rank
+    can afford another number of pages, every rank's pool gets the smallest, and no rank errs."""
+    model = hf_paged.wrap(tiny_model("llama"), num_pages=8, page_size=PAGE_SIZE)
+    runtime = model.hf_paged_runtime
+    page_bytes = runtime.pool.page_bytes
+    affordable = [40, 24, 32]  # pages each rank's budget holds
+    group = ThreadProcessGroup(len(affordable))
+    monkeypatch.setattr(torch.distributed, "all_reduce", group.all_reduce)
+
+    def rank_pool(rank: int):
+        budget = affordable[rank] * page_bytes + page_bytes // 2  # bytes: whole pages only
+        config = runtime.config.with_overrides(num_pages=None, max_memory=budget)
+        tp = TPGroup(rank=rank, size=len(affordable), group=(group, rank), device=torch.device("cpu"))
+        return make_pool(config, runtime.pool.specs, runtime.groups, tp)
+
+    pools = run_threads(rank_pool, len(affordable))
+    assert [pool.num_pages for pool in pools] == [min(affordable)] * len(affordable)
+    assert all(pool.blocks.num_free_pages == min(affordable) for pool in pools)
+    assert all(layer.shape[1] == min(affordable) + 1 for pool in pools for layer in pool.pools)  # and the zero page
+    assert len(group.ops) == 3  # sizing agreed ok, the pages agreed, allocating agreed ok

@@ -11,6 +11,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import hf_paged
+from hf_paged.memory.prefix_cache import page_keys
 
 from tiny import BASIC_MODES as MODES
 from tiny import COMMON, left_padded
@@ -105,3 +106,30 @@ def test_a_users_chunked_prompt_stores_only_the_window_and_gives_stocks_logits()
     # (not the chunk's 65 tokens).
     assert cache.pages.peak_pool_pages <= 2 * (150 // 16 + 1) + 2 * 2 * (15 // size + 2)
     cache.release()
+
+
+def test_eviction_of_the_page_holding_a_hits_first_needed_token_ends_the_hit_there():
+    """Mistral shape, window 6, keys of 4, sliding pages of 2, a pool of 4 pages. A 13-token prompt
+    keeps its window snapshot at key 3 (tokens 7..11: pages 6..7, 8..9, 10..11); its forward at
+    position 14 needs a fourth page while the row still holds 8..11, so the page of tokens 6..7
+    (key 2's, out of the row's window) is evicted. Token 7 is the first the next query at key 3 sees: the same
+    prompt again must compute everything (no hit), with stock's tokens."""
+    model = windowed_model("mistral", window=6)
+    ids = torch.randint(3, 128, (1, 13), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    expected = seeded_generate(model, ids, mask, seed=7, max_new_tokens=8)
+    paged = hf_paged.wrap(copy.deepcopy(model), num_pages=4, page_size=4, window_page_size=2, prefix_cache=True)
+    prefix = paged.hf_paged_runtime.pool.prefix_cache
+    keys = page_keys(ids[0].tolist(), 4, 3)
+
+    first = seeded_generate(paged, ids, mask, seed=7, max_new_tokens=3)  # forwards at positions 0..11, 12, 13, 14
+    assert torch.equal(first, expected[:, :16])
+    stats = hf_paged.memory_stats(paged)
+    assert stats["prefix_evictions"] == 1 and stats["cached_pages"] == 2
+    hole = paged.hf_paged_runtime.pool.blocks.num_pages
+    snapshot = prefix.pages_of.get(keys[2])
+    assert keys[0] not in prefix.pages_of and keys[1] not in prefix.pages_of  # key 2's only page went
+    assert snapshot is not None and hole not in snapshot[0]  # tokens 8..11 are still there
+
+    assert torch.equal(seeded_generate(paged, ids, mask, seed=7, max_new_tokens=8), expected)
+    assert hf_paged.memory_stats(paged)["prefix_hits"] == 0  # no key holds a whole window

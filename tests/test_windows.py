@@ -115,6 +115,51 @@ def test_greedy_kv_stays_at_stocks_window_only_cache_plus_a_page_per_row_and_gro
     assert stats["peak_kv_bytes"] < unwindowed / 2
 
 
+def held_after_each_forward(model, input_ids, mask, **kwargs) -> list[list[int]]:
+    """Per forward of a wrapped generate(), the page ids each group's rows hold once it ends,
+    counted here from the page tables (holes left out, a page shared by rows once)."""
+    counts = []
+
+    def hook(module, args, output):
+        cache = _compat.output_cache(output)
+        counts.append([
+            len({page for table in tables.page_tables for page in table if page != tables.hole})
+            for tables in cache.group_tables
+        ])
+
+    handle = model.register_forward_hook(hook)
+    try:
+        generate(model, input_ids, mask, **kwargs)
+    finally:
+        handle.remove()
+    return counts
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_windowed_peaks_are_exactly_what_the_rows_hold_after_a_forward(mode):
+    """Exact peaks, not bounds: with sliding pages of 1, a row holds `WINDOW - 1` sliding pages after
+    each forward (what its next query sees besides itself; a hole is no page), the full group every
+    token but the one fed next; `peak_kv_bytes` is the most bytes those pages held after a forward."""
+    model = gemma3_style()
+    rows, prompt, new = 2, 40, 8
+    input_ids = torch.randint(3, 128, (rows, prompt), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=new, **({"num_beams": 2} if mode == "beam" else {}))
+    hf_paged.wrap(model, num_pages=256, page_size=4)  # window 8: sliding pages of 1
+    counts = held_after_each_forward(model, input_ids, None, **kwargs)
+    stats = hf_paged.memory_stats(model)
+    full, sliding = stats["groups"]
+    assert (full["page_size"], sliding["page_size"]) == (4, 1)
+    config = model.config
+    token_bytes = 2 * config.num_key_value_heads * config.head_dim * 4  # keys and values, fp32, one layer
+    page_bytes = [4 * token_bytes * 1, 1 * token_bytes * 5]  # the full layer's pages of 4, 5 sliding layers' of 1
+    assert [full["peak_pages_in_use"], sliding["peak_pages_in_use"]] == [max(c[g] for c in counts) for g in (0, 1)]
+    assert stats["peak_kv_bytes"] == max(sum(n * b for n, b in zip(c, page_bytes)) for c in counts)
+    if mode == "greedy":  # the last forward feeds token prompt + new - 1: each row holds the tokens before it
+        assert sliding["peak_pages_in_use"] == rows * (WINDOW - 1)
+        assert full["peak_pages_in_use"] == rows * num_pages_for(prompt + new - 1, 4)
+        assert stats["peak_kv_bytes"] == rows * (WINDOW - 1) * page_bytes[1] + full["peak_pages_in_use"] * page_bytes[0]
+
+
 def test_assisted_decoding_that_crops_across_the_window_matches_stock():
     model = tiny_model("mistral")  # window 5 on every layer
     input_ids = torch.randint(3, 128, (1, 18), generator=torch.Generator().manual_seed(8))

@@ -28,6 +28,9 @@ class ForwardState:
     window_params: dict[tuple, LayerParams] = field(default_factory=dict)
     num_written: int = 0
     num_attended: int = 0
+    # Layer -> the K/V `update` got with an autograd graph (your own forward in grad mode), until it
+    # attends: the pages store them detached, and `attend`'s output refuses a backward through them.
+    graph_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # Sliding groups whose layers attend from the forward's own K/V and their rows' past
     # (inflight.py): group -> inflight.Inflight; their K/V by layer until it attends; pages a skip
     # took out of the tables, given back at the end of the forward (group -> pages).
@@ -129,3 +132,26 @@ def check_compiled_window(runtime, layer_idx: int, params: LayerParams) -> None:
             "reproduce; wrap with compile=False"
         )
 
+
+
+GRADIENT_ERROR = (
+    "gradients cannot flow through attention over a PagedCache: its pages hold K/V as values, without "
+    "their autograd graph (generate() needs none). For gradients (training, attributions), run the forward "
+    "without a PagedCache (a wrapped model then runs stock attention, also with stock's DynamicCache) or "
+    "on hf_paged.unwrap(model); a decode loop that needs no gradients can run under torch.no_grad() or "
+    "torch.inference_mode()"
+)
+
+
+class NoGradThroughPages(torch.autograd.Function):
+    """`apply(out, *inputs)`: `out` itself (attention read from the pages), in the graph of `inputs`
+    (the query and this layer's new K/V) so that a backward through it raises GRADIENT_ERROR instead
+    of leaving out the gradient of every key and value, which stock's DynamicCache would give."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(GRADIENT_ERROR)

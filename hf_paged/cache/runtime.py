@@ -95,7 +95,10 @@ class Runtime:
     # hf_paged.integration.compile.CompiledDecode, made on the first compiled generate() (not imported: compile
     # sits above the runtime).
     compiled: Any = None
-    instance_generate: Any = None  # a `generate` the user had set on the instance; unwrap() restores it
+    # (model object, the `generate` the user had set on that instance or None) for each object wrap()
+    # put the runtime and its generate() on: the model given, and the model a PEFT model wraps
+    # (wrap.model_objects); unwrap() restores each.
+    owners: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
     last_peak_pages: int = 0  # of the generate() call that finished last (each call counts its own)
     last_peak_shared_pages: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)

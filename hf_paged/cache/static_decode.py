@@ -30,12 +30,15 @@ class DecodeBuffers:
     def __init__(self, rows: int, pages_per_row: int, page_size: int, zero_page_id: int, device: torch.device):
         self.rows, self.pages_per_row, self.page_size = rows, pages_per_row, page_size
         int32 = dict(dtype=torch.int32, device=device)
-        self.qo_indptr = torch.arange(rows + 1, **int32)
-        self.kv_indptr = torch.zeros(rows + 1, **int32)
-        self.kv_indices = torch.full((rows * pages_per_row,), zero_page_id, **int32)
-        self.kv_last_page_len = torch.zeros(rows, **int32)
-        self.slot_mapping = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.seq_length = torch.zeros((), dtype=torch.int64, device=device)
+        # Normal tensors even inside torch.inference_mode(): the buffers outlive the call that made
+        # them and are loaded in place by later calls, inside the block or not (as the pool, pool.py).
+        with torch.inference_mode(False):
+            self.qo_indptr = torch.arange(rows + 1, **int32)
+            self.kv_indptr = torch.zeros(rows + 1, **int32)
+            self.kv_indices = torch.full((rows * pages_per_row,), zero_page_id, **int32)
+            self.kv_last_page_len = torch.zeros(rows, **int32)
+            self.slot_mapping = torch.zeros(rows, dtype=torch.int64, device=device)
+            self.seq_length = torch.zeros((), dtype=torch.int64, device=device)
         for buffer in self.tensors():
             torch._dynamo.mark_static_address(buffer)
 

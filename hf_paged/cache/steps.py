@@ -20,6 +20,7 @@ from ..memory.pool import copy_pages
 from . import inflight
 from .forward import (
     ForwardState,
+    NoGradThroughPages,
     cache_window_params,
     check_compiled_window,
     new_tokens,
@@ -188,6 +189,9 @@ class ForwardSteps:
                 key, value = key.to(dtype), value.to(dtype)
         else:
             key, value = pack(key_states, index, dtype), pack(value_states, index, dtype)
+        if key.requires_grad or value.requires_grad:  # your own forward in grad mode: pages need no graph
+            key, value = key.detach(), value.detach()
+            state.graph_kv[layer_idx] = (key_states, value_states)  # attend refuses a backward through them
         if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
             ops.write_kv_auto(pool, key, value, meta.slot_mapping)
         else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
@@ -209,6 +213,8 @@ class ForwardSteps:
         state = self._forward
         if state is None:
             state = self._state()  # raises
+        if torch.is_grad_enabled() and (query.requires_grad or state.graph_kv):
+            return self._attend_in_grad_mode(state, layer_idx, query, params)
         state.num_attended += 1
         pool, group, device = self._layers[layer_idx]
         if params is state.last_params and group == state.last_group and device == state.last_device:
@@ -224,6 +230,14 @@ class ForwardSteps:
         out = self.executor.run(pack(query, meta.token_index, query.dtype), pool, plan)  # (nnz, H_q, D)
         full = out.new_zeros(batch * q_len, num_heads, head_dim)
         return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
+
+    def _attend_in_grad_mode(self, state: ForwardState, layer_idx: int, query: torch.Tensor, params: LayerParams):
+        """`attend` in your own forward in grad mode: the same values, computed without a graph (the
+        pages hold none), in one that raises a clear error on backward (forward.NoGradThroughPages)."""
+        inputs = (query, *state.graph_kv.pop(layer_idx, ()))
+        with torch.no_grad():
+            out = self.attend(layer_idx, query.detach(), params)
+        return NoGradThroughPages.apply(out, *inputs)
 
     def _plan_for(self, state: ForwardState, layer_idx: int, pool: torch.Tensor, group: int, device: torch.device,
                   params: LayerParams):

@@ -163,7 +163,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         forward_signature=inspect.signature(base.forward),
         decoder=base,
         attention_modules=attention_modules,
-        instance_generate=model.__dict__.get("generate"),
+        owners=[(owner, owner.__dict__.get("generate")) for owner in model_objects(model)],
         groups=groups,
         cache_windows=cache_windows,
         patch=patch,
@@ -189,11 +189,28 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         base.register_forward_pre_hook(_make_begin_hook(runtime), with_kwargs=True),
         base.register_forward_hook(_make_end_hook(runtime), with_kwargs=True, always_call=True),
     ]
-    setattr(model, RUNTIME_ATTR, runtime)
     from .generate import make_generate
 
-    model.generate = make_generate(model)
+    for owner, _ in runtime.owners:
+        setattr(owner, RUNTIME_ATTR, runtime)
+        owner.generate = make_generate(owner)
     return model
+
+
+def model_objects(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """`model` and the transformers model it wraps, if it is a PEFT model (`get_base_model()`).
+
+    wrap() makes both wrapped models, on one runtime: PEFT's `merge_and_unload()` and `unload()`
+    return the inner model with the hooks and the attention implementation wrap() set on it, which
+    is then a wrapped model like any other (its generate() paged, `unwrap` and `memory_stats` work),
+    and `unwrap` of either object unwraps both.
+    """
+    objects = [model]
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else None
+    if isinstance(inner, torch.nn.Module) and inner is not model and hasattr(inner, "generate"):
+        objects.append(inner)
+    return objects
 
 
 def _requested_config(runtime: Runtime | None, config: PagedConfig | None, overrides: dict) -> PagedConfig:
@@ -228,11 +245,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for module in runtime.attention_modules:
         delattr(module, RUNTIME_ATTR)
     model.set_attn_implementation(runtime.original_attn_implementation)
-    delattr(model, RUNTIME_ATTR)
-    if runtime.instance_generate is not None:
-        model.generate = runtime.instance_generate  # the user's own instance-level generate
-    elif "generate" in model.__dict__:
-        del model.generate
+    for owner, generate in runtime.owners or [(model, None)]:
+        if owner.__dict__.get(RUNTIME_ATTR) is runtime:
+            delattr(owner, RUNTIME_ATTR)
+        if generate is not None:
+            owner.generate = generate  # the user's own instance-level generate
+        elif "generate" in owner.__dict__:
+            del owner.generate
     return model
 
 

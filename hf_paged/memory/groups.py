@@ -10,11 +10,12 @@ pool tensors of the other layers are not touched at that id).
 
 A group has its own page size. A sliding group holds a row's window plus the unused part of the
 page at each end of it; with pages of 16 that is up to 30 slots more than the window, 24% of a
-window of 128. Sliding groups therefore take smaller pages (`PagedConfig.window_page_size`, by
-default about window / 32, a divisor of `page_size`): the pool tensors of their layers are
+window of 128. Sliding groups therefore take smaller pages (`PagedConfig.window_page_size`; by
+default the largest that packs beside the full layers, layout.py, config.WINDOW_PAGE_SIZE_RULE;
+`window_page_size()` below is the size without full layers): the pool tensors of their layers are
 `[2, num_pages + 1, group page size, H_kv, D]`, and one page id holds that many tokens there.
-Full groups keep `page_size`, which the prefix cache keys by (an entry holds `page_size // group
-page size` pages of each group).
+Full groups keep `page_size`. The prefix cache keys a whole number of pages of every group (the
+least common multiple of their page sizes, pool.prefix_key_size).
 """
 
 from dataclasses import dataclass

@@ -20,17 +20,42 @@ from .groups import GroupSpec
 from .layout import LayerSpec, Layout, layer_views, plan_layout
 from .prefix_cache import PrefixCache
 
-__all__ = ["KVPool", "LayerSpec", "copy_pages", "free_memory_bytes"]
+__all__ = ["KVPool", "LayerSpec", "available_ram_bytes", "copy_pages", "free_memory_bytes"]
 
 
 def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of `device`: what the CUDA driver reports, or available RAM on CPU."""
+    """Free memory of `device`: what the CUDA driver reports, or available RAM on CPU (`available_ram_bytes`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    return available_ram_bytes()
+
+
+def available_ram_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """RAM a new allocation can get without swapping: the kernel's MemAvailable (free memory plus
+    the page cache and other memory it can reclaim), as `free` and psutil report it.
+
+    Not SC_AVPHYS_PAGES, which is MemFree: it leaves out the page cache, so it shrinks after a
+    checkpoint is read from disk (8.4 GB against 14.2 GB available on one machine), and a pool sized
+    from it would depend on what was read before. Off Linux: psutil's reading where psutil is
+    installed (accelerate depends on it; hf_paged does not), else free RAM, else 8 GiB.
+    """
+    try:
+        with open(meminfo, encoding="ascii") as lines:
+            for line in lines:
+                if line.startswith("MemAvailable:"):  # "MemAvailable:   14201232 kB"
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # not Linux: assume a modest 8 GiB
+    except (ValueError, OSError, AttributeError):  # no such counter here: assume a modest 8 GiB
         return 8 << 30
 
 
@@ -55,11 +80,20 @@ def prefix_key_size(page_size: int, groups: list[GroupSpec]) -> int:
     return math.lcm(page_size, *(group.page_size for group in groups))
 
 
+# torch sizes a tensor in int64: a pool slice of more bytes cannot even be asked for (torch.empty
+# raises TypeError with a C++ backtrace). No device holds that much; it is a typo or a unit mix-up.
+MAX_POOL_BYTES = 2**63 - 1
+
+
 def choose_num_pages(config: PagedConfig, layout: Layout) -> int:
-    """Pages the pool gets: `num_pages`, else the budget divided by the bytes of one page id."""
-    if config.num_pages is not None:
-        return config.num_pages
+    """Pages the pool gets: `num_pages`, else the budget divided by the bytes of one page id.
+
+    Raises ValueError, before anything is allocated, for a budget below one page or a pool of
+    more than MAX_POOL_BYTES."""
     page_bytes = layout.page_bytes
+    if config.num_pages is not None:
+        _check_pool_bytes(config.num_pages, page_bytes, f"num_pages={config.num_pages}")
+        return config.num_pages
     budget = config.max_memory
     if budget is None or isinstance(budget, float):
         devices = {piece.device for piece in layout.slices}
@@ -74,7 +108,20 @@ def choose_num_pages(config: PagedConfig, layout: Layout) -> int:
             f"a pool budget of {budget} bytes (max_memory={config.max_memory!r}) is smaller than one page "
             f"({page_bytes} bytes: one page id over all layers); pass a larger max_memory, or num_pages"
         )
-    return budget // page_bytes
+    num_pages = budget // page_bytes
+    _check_pool_bytes(num_pages, page_bytes, f"max_memory={config.max_memory!r}")
+    return num_pages
+
+
+def _check_pool_bytes(num_pages: int, page_bytes: int, setting: str) -> None:
+    """ValueError saying what to pass when `num_pages` pages (and the zero page) exceed MAX_POOL_BYTES."""
+    if (num_pages + 1) * page_bytes > MAX_POOL_BYTES:
+        raise ValueError(
+            f"{setting} asks for a pool of {num_pages} pages of {page_bytes} bytes (one page id over all layers), "
+            "2**63 bytes or more, which no device holds and torch cannot size; pass num_pages=... (pages the "
+            "device can hold), or max_memory=... as bytes (8 * 2**30 is 8 GiB) or as a fraction of free memory "
+            "(such as 0.2)"
+        )
 
 
 class KVPool:
@@ -114,11 +161,15 @@ class KVPool:
         self.slices: list[torch.Tensor] = []
         self.pools: list[torch.Tensor] = []
         try:
-            for piece in self.layout.slices:
-                storage = torch.empty((2, self.num_pages + 1, piece.plane_bytes), dtype=torch.uint8, device=piece.device)
-                storage[:, self.zero_page_id].zero_()
-                self.slices.append(storage)
-            self.pools = layer_views(self.slices, specs, self.layout)
+            # Normal tensors even when the pool is made inside torch.inference_mode() (a wrap, or the
+            # first call of a copied or retyped model, in an eval loop): an inference tensor could
+            # never be written again outside it, and the pool outlives the block.
+            with torch.inference_mode(False):
+                for piece in self.layout.slices:
+                    storage = torch.empty((2, self.num_pages + 1, piece.plane_bytes), dtype=torch.uint8, device=piece.device)
+                    storage[:, self.zero_page_id].zero_()
+                    self.slices.append(storage)
+                self.pools = layer_views(self.slices, specs, self.layout)
             self.blocks = BlockManager(self.num_pages)
             # Full prompt pages kept across calls (PagedConfig.prefix_cache); it registers as the evictor.
             self.prefix_cache = PrefixCache(self.blocks, prefix_key_size(config.page_size, self.groups)) if config.prefix_cache else None

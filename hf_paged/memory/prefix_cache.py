@@ -147,7 +147,14 @@ class PrefixCache:
         is the row's page table in each group, whose pages hold `group_page_sizes` tokens (default:
         `page_size`, which they must divide). Pages a window has released (holes) are not kept: the
         entry holds a hole there, which a later row that holds the page fills in; an entry holding
-        no page at all is not kept."""
+        no page at all is not kept.
+
+        A key already kept takes the row's pages wherever the row holds one (`_merge`): the page
+        it held there before is given back. A row computes a key's pages again when the kept entry
+        could not be used (no window snapshot there, `match`); other rows of its batch then look the
+        key up (prefill.py) and must find the computing row's pages, not a second copy of the same
+        tokens, which the call would hold beside the row's (and run out of pages where one copy fits).
+        """
         sizes = group_page_sizes or [self.page_size] * len(group_tables)
         per_key = [self.page_size // size for size in sizes]  # a group's pages per key
         num_pages = min([len(tokens) // self.page_size] + [len(table) // n for table, n in zip(group_tables, per_key)])
@@ -156,12 +163,9 @@ class PrefixCache:
         for index, key in enumerate(keys):
             entry = tuple(tuple(table[index * n : (index + 1) * n]) for table, n in zip(group_tables, per_key))
             old = self.pages_of.get(key)
-            if old is not None:  # fill the holes of the kept entry with pages this row holds there
-                entry = tuple(
-                    tuple(mine if kept == hole and mine not in self.key_of else kept for kept, mine in zip(ours, theirs))
-                    for ours, theirs in zip(old, entry)
-                )
-                new = [page for page in entry_pages(entry, hole) if page not in self.key_of]
+            replaced: list[int] = []
+            if old is not None:
+                entry, new, replaced = self._merge(old, entry)
             else:
                 new = entry_pages(entry, hole)
                 if not new or any(page in self.key_of for page in new):
@@ -170,7 +174,28 @@ class PrefixCache:
             self.pages_of[key] = entry
             for page in new:
                 self.key_of[page] = key
+            for page in replaced:
+                del self.key_of[page]
+            self.blocks.free(replaced)
         self._touch([key for key in keys if key in self.pages_of])
+
+    def _merge(self, old: Entry, mine: Entry) -> tuple[Entry, list[int], list[int]]:
+        """A kept entry updated with a row's pages of the same key: the row's page wherever it holds
+        one (not a hole, not kept under another key), else the kept one. Returns the entry, the
+        row's pages it takes and the kept pages it gives back."""
+        hole, merged, new, replaced = self.blocks.num_pages, [], [], []
+        for kept_pages, row_pages in zip(old, mine):
+            pages = []
+            for kept, page in zip(kept_pages, row_pages):
+                if page == hole or page == kept or page in self.key_of:
+                    pages.append(kept)
+                    continue
+                pages.append(page)
+                new.append(page)
+                if kept != hole:
+                    replaced.append(kept)
+            merged.append(tuple(pages))
+        return tuple(merged), new, replaced
 
     def _evictable(self, entry: Entry) -> list[int]:
         """The pages of `entry` nothing but the cache references. A sliding group's window snapshot

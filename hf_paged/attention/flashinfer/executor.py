@@ -136,7 +136,9 @@ class FlashInferExecutor:
         """Plan (creating it once) the wrapper `key` = (kind, params, group), kind "decode", "prefill"
         or "prefix" (cascade), on `device`; returns the FlashInfer wrapper."""
         state = self._state(device)
-        with _device_guard(device):
+        # The wrappers, their buffers and the workspace outlive this call: made and refilled as
+        # normal tensors even inside torch.inference_mode() (as the pool, memory/pool.py).
+        with _device_guard(device), torch.inference_mode(False):
             record = self._wrapper(state, key, wrapper_args(WRAPPER_CLASS_OF[key[0]], state.workspace))
             self._plan(device, record, args, kwargs, dtype)
         return record.wrapper
@@ -169,7 +171,7 @@ class FlashInferExecutor:
         dtype = cache.pools[0].dtype
         state = self._state(device)
         host = host_indices(meta, pin_memory=device.type == "cuda")
-        with _device_guard(device):
+        with _device_guard(device), torch.inference_mode(False):  # (as in plan_wrapper)
             for params in state.settings:
                 record = self._wrapper(
                     state, ("graph", buffers.kv_indptr.data_ptr(), params),
@@ -190,7 +192,8 @@ class FlashInferExecutor:
     def _state(self, device: torch.device) -> _DeviceState:
         state = self._devices.get(device)
         if state is None:
-            workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+            with torch.inference_mode(False):  # kept for the executor's life (see plan_wrapper)
+                workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
             state = self._devices[device] = _DeviceState(workspace)
         return state
 

@@ -38,7 +38,7 @@ class TorchExecutor:
     """
 
     name = "torch"
-    cascade_by_default = True  # measured: it pays on CPU (README, Measured)
+    cascade_by_default = True  # measured: it pays on CPU (docs/benchmarks.md)
     reads_in_place = True  # reads.rows_view / the cascade's prefix_run
     op_runner = "torch"  # built into ops.paged_attention
     exact = False
