@@ -59,6 +59,13 @@ class PagedConfig:
         that start with the same tokens (docs/prefix-caching.md). Off by default: K/V reused
         from another call were computed in another batch shape, which can move fp32 results by
         rounding, and hf_paged promises stock's tokens.
+    exact: compute as stock does, so that fp32 logits equal stock's bit for bit in every decoding
+        mode (docs/numerics.md): each row's prompt is prefilled with the whole batch as stock
+        prefills it (not once per input), no shared-prefix attention, and stock's query layout in
+        every decode step (the torch executor; "auto" picks it). Without it, fp32 logits are
+        stock's bit for bit except where rows share a prompt (beams, several sequences per prompt)
+        and, on grouped-query models, in decode steps of unpadded batches (a few units in the last
+        place; order can differ at near-ties). Costs the prompt's compute and KV per row, as stock.
     """
 
     page_size: int = 16
@@ -69,6 +76,7 @@ class PagedConfig:
     cascade: bool | None = None
     compile: bool = False
     prefix_cache: bool = False
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
@@ -103,6 +111,22 @@ class PagedConfig:
             raise ValueError(f"expected compile to be True or False, got {self.compile!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ValueError(f"expected prefix_cache to be True or False, got {self.prefix_cache!r}")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"expected exact to be True or False, got {self.exact!r}")
+        if self.exact:
+            conflicts = [
+                text for text, on in (
+                    ("cascade=True (shared-prefix attention merges two partial softmaxes)", self.cascade),
+                    ("prefix_cache=True (reused K/V were computed in another batch shape)", self.prefix_cache),
+                    ("backend='flashinfer' (its kernels add in another order than stock's SDPA)", self.backend == "flashinfer"),
+                    ("compile=True (a compiled decode step fuses stock's operations)", self.compile),
+                ) if on
+            ]
+            if conflicts:
+                raise ValueError(
+                    "expected exact=True alone, got it with " + "; ".join(conflicts)
+                    + ": these cannot compute as stock does; drop them or exact"
+                )
 
     def with_overrides(self, **overrides) -> "PagedConfig":
         """A copy with some fields replaced; unknown names raise TypeError listing the valid ones."""

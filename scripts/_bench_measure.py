@@ -76,7 +76,8 @@ def stock_kv_bytes(model, inputs: dict, kwargs: dict, seed: int) -> tuple[torch.
 def wrap_for(model, workload: Workload, args) -> None:
     """(Re-)wrap `model` with a pool big enough for `workload` without any sharing."""
     num_pages = args.num_pages or pages_needed(workload, args.page_size)
-    hf_paged.wrap(model, page_size=args.page_size, num_pages=num_pages, cascade=False if args.no_cascade else None)
+    cascade = False if args.no_cascade else None
+    hf_paged.wrap(model, page_size=args.page_size, num_pages=num_pages, cascade=cascade, exact=args.exact)
 
 
 def alternate(runs: dict, reps: int, progress) -> dict[str, list[float]]:

@@ -96,13 +96,14 @@ def measure_overhead(args, quick: bool) -> dict:
 
     layers, new_tokens, prompt_len = (2, 8, 8) if quick else (8, 200, 16)
     stock, paged = build_models(layers, args.seed)
-    hf_paged.wrap(paged, page_size=args.page_size, num_pages=512, backend="torch")
+    exact = getattr(args, "exact", False)  # --exact: the torch side computes as stock does (docs/numerics.md)
+    hf_paged.wrap(paged, page_size=args.page_size, num_pages=512, backend="torch", exact=exact)
     runtime = paged.hf_paged_runtime
     standin = host_only_flashinfer()
     previous = sys.modules.get("flashinfer")
     sys.modules["flashinfer"] = standin
     try:
-        executors = {"torch": TorchExecutor(), "flashinfer-host": FlashInferExecutor()}
+        executors = {"torch": TorchExecutor(exact=exact), "flashinfer-host": FlashInferExecutor()}
     finally:
         _restore(previous)
     starts: list[float] = []

@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     paged.add_argument("--page-size", type=int, default=16)
     paged.add_argument("--num-pages", type=int, default=0, help="pool pages (0: enough with no sharing)")
     paged.add_argument("--no-cascade", action="store_true", help="PagedConfig(cascade=False)")
+    paged.add_argument("--exact", action="store_true",
+                       help="PagedConfig(exact=True): stock's arithmetic, fp32 logits bit for bit (docs/numerics.md)")
     out = parser.add_argument_group("output")
     out.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     out.add_argument("--json", metavar="PATH", help="write every number as JSON")
@@ -115,6 +117,7 @@ def targets_skipped(args: argparse.Namespace) -> str | None:
     model on CPU in float32 (the defaults), so a smoke run or another shape is never called a failure."""
     defaults = parse_args([])
     reasons = ["--quick"] if args.quick else []
+    reasons += ["--exact"] if args.exact else []  # no prompt sharing: the beam targets were set without it
     reasons += [f"--{name.replace('_', '-')}" for name in ("batch_size", "prompt_len", "new_tokens", "num_beams", "num_return_sequences")
                 if getattr(args, name) is not None]
     reasons += [f"--{name.replace('_', '-')}" for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype", "device")
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     document = {
         "machine": machine_info(device),
         "model": model_info,
-        "config": {"page_size": args.page_size, "cascade": cascade, "reps": args.reps, "seed": args.seed},
+        "config": {"page_size": args.page_size, "cascade": cascade, "exact": args.exact, "reps": args.reps, "seed": args.seed},
         "targets_skipped": skipped,
         "elapsed_s": time.time() - started,
         "results": results,
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "windowed": windowed,
         "overhead": overhead,
     }
-    print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, "
+    print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, exact {args.exact}, "
           f"{args.reps} reps, {document['machine']['processor']} x{os.cpu_count()}, load {document['machine']['load_avg']}")
     if results:
         print_table(results)

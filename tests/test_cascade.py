@@ -114,7 +114,7 @@ def test_fresh_prompts_take_causal_path_equal_to_masked(page_size, num_qo_heads,
     params = LayerParams(num_qo_heads, num_kv_heads, HEAD_DIM, 0.3)
     plan = torch_executor.plan(meta, params, zero_page)
     assert plan.causal and plan.mask is None
-    mask = masks.attention_mask(meta, 13, 13, -1)[:, None].repeat(1, 1, params.group_size, 1)
+    mask = masks.packed_mask(meta, 13, 13, params, packed=plan.packed)  # in the plan's query layout
     masked = dataclasses.replace(plan, causal=False, mask=mask)
     q = torch.randn(39, num_qo_heads, HEAD_DIM, generator=torch.Generator().manual_seed(4))
     expected = dense_from_pool(q, pool, meta, params)

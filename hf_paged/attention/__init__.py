@@ -26,15 +26,17 @@ from .torch import TorchExecutor
 __all__ = ["Executor", "LayerParams", "TorchExecutor", "select_executor"]
 
 
-def select_executor(backend: str, specs: list[LayerSpec]) -> Executor:
+def select_executor(backend: str, specs: list[LayerSpec], exact: bool = False) -> Executor:
     """The executor for `backend` ("auto", "torch", "flashinfer") for layers of these devices and dtypes.
 
     "auto" picks FlashInfer for float16/bfloat16 models on CUDA with a head dim of 64, 128 or 256
     when flashinfer imports, else torch. "flashinfer" raises ValueError naming every reason it
-    cannot serve the model (fp32, CPU, head dim, not installed). Allocates nothing.
+    cannot serve the model (fp32, CPU, head dim, not installed). `exact` (PagedConfig.exact): the
+    torch executor computing as stock's SDPA does ("auto" then never picks FlashInfer, whose kernels
+    add in another order; PagedConfig refuses "flashinfer" with it). Allocates nothing.
     """
-    if backend == "torch":
-        return TorchExecutor()
+    if backend == "torch" or exact:
+        return TorchExecutor(exact=exact)
     if backend not in ("auto", "flashinfer"):
         raise ValueError(f"expected backend to be 'auto', 'torch' or 'flashinfer', got {backend!r}")
     from .flashinfer import support

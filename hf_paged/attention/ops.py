@@ -131,11 +131,12 @@ def run_torch(
     kv_slots = masks.kv_gather_slots(index, max_kv, zero_page_id=kv_pool.shape[1] - 1)
     # Some row has fewer than max_q new tokens: scatter into a padded layout.
     q_positions = masks.padded_query_positions(index, max_q, nnz) if nnz != rows * max_q else None
+    packed = dense.query_layout(max_q, True, params)
     if params.alibi_slopes:
         mask = masks.alibi_mask(index, max_q, max_kv, params)
     else:
-        mask = masks.packed_mask(index, max_q, max_kv, params)
-    plan = dense.TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params)
+        mask = masks.packed_mask(index, max_q, max_kv, params, packed)
+    plan = dense.TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, packed=packed)
     return dense.run(q, kv_pool, plan).to(q.dtype)
 
 

@@ -140,7 +140,8 @@ class Inflight:
 class InflightPlan:
     """mask: [rows, 1 or H_kv, group * q_len, past + q_len], bool (True = attend) or ALiBi's float
     bias, for queries packed as `dense.pack_gqa` packs them (group-major within each KV head) on
-    the keys of the rows' past (`past_pages`) then of the forward.
+    the keys of the rows' past (`past_pages`) then of the forward; `[rows, 1, q_len, past + q_len]`
+    for queries one head per query head (`dense.query_layout`: several queries per row, no bias).
     past_pages: [rows * pages] int64 page ids of each row's past, padded with the pool's zero page;
     None when no row holds any. past_stored: [rows, 1, past_len, 1] bool, the slots of those pages
     that hold a token of the row (the others may hold anything, NaN included: they are zeroed)."""
@@ -195,7 +196,7 @@ def plan(new_mask: torch.Tensor | None, rows: int, q_len: int, params: LayerPara
         mask = mask.view(rows, params.num_kv_heads, group * q_len, keys)
     else:
         mask = allowed[:, None]
-        if group > 1:
+        if group > 1 and dense.query_layout(q_len, True, params):
             mask = mask.repeat(1, 1, group, 1)
     return InflightPlan(mask, params, real, past_pages, past_len, None if stored is None else stored[:, None, :, None])
 
@@ -256,7 +257,9 @@ def run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: Infli
     paged path returns them)."""
     p = plan.params
     rows, _, q_len, head_dim = query.shape
-    q = query.reshape(rows, p.num_kv_heads, p.group_size * q_len, head_dim)  # head h = kv * group + g
+    q = query  # one head per query head, as stock lays them out (dense.query_layout)
+    if dense.query_layout(q_len, True, p):
+        q = query.reshape(rows, p.num_kv_heads, p.group_size * q_len, head_dim)  # head h = kv * group + g
     out, _ = dense.attend(q, key.to(query.dtype), value.to(query.dtype), plan.mask, p)
     out = out.view(rows, p.num_qo_heads, q_len, head_dim).transpose(1, 2)
     if plan.real is not None:

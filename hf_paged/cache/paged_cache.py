@@ -64,7 +64,8 @@ class PagedCache(ForwardSteps, Cache):
         self.seq_length = 0
         self.is_released = False
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
-        self.cascade = self.executor.cascade_by_default if cascade is None else cascade
+        # Off with PagedConfig(exact=True): its log-sum-exp merge adds in another order than stock's softmax.
+        self.cascade = (self.executor.cascade_by_default if cascade is None else cascade) and not self.runtime.config.exact
         self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
         self._init_steps()  # what each forward and layer reads (steps.py)
 

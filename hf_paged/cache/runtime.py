@@ -143,7 +143,7 @@ class Runtime:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         weights = [next(module.parameters()) for module in self.attention_modules]
         specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
-        self.executor = select_executor(self.config.backend, specs)
+        self.executor = select_executor(self.config.backend, specs, self.config.exact)
         self.pool = make_pool(self.config, specs, self.groups, self.tp)
         self.groups[:] = self.pool.groups
         return getattr(self, name)
@@ -208,7 +208,7 @@ class Runtime:
                         "finish and release() your own caches, then call again (a new pool is made to match)"
                     )
                 specs = self.current_specs()
-                executor = select_executor(self.config.backend, specs)  # raises before anything changes
+                executor = select_executor(self.config.backend, specs, self.config.exact)  # raises before anything changes
                 self.pool = make_pool(self.config, specs, self.groups, self.tp)
                 self.groups[:] = self.pool.groups  # caches read the runtime's list
                 self.executor = executor

@@ -189,9 +189,16 @@ def compile_decode(model: torch.nn.Module, **compile_options) -> CompiledDecode:
     """Set up compiled decode steps for a wrapped model; keyword arguments go to `torch.compile`.
 
     `PagedConfig(compile=True)` calls this with `default_compile_options(model)` on the first
-    generate(); call it yourself to choose, e.g., `backend="aot_eager"` or another `mode`.
+    generate(); call it yourself to choose, e.g., `backend="aot_eager"` or another `mode`. Raises
+    ValueError, before anything changes, on a model wrapped with `exact=True`.
     """
     runtime = runtime_of(model, "compile_decode(model)")
+    if runtime.config.exact:  # PagedConfig refuses compile=True next to exact=True for the same reason
+        raise ValueError(
+            "expected a model wrapped without exact=True, got compile_decode on one wrapped with it: a compiled "
+            "decode step fuses stock's operations, so it cannot compute as stock does; re-wrap with "
+            "exact=False (hf_paged.wrap(model, exact=False)) to compile, or run it uncompiled"
+        )
     options = {**default_compile_options(model), **compile_options}
     runtime.compiled = CompiledDecode(model, **options)
     return runtime.compiled

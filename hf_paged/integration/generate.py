@@ -156,7 +156,9 @@ class PagedGenerate:
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
         use_prefix_cache = _can_use_prefix_cache(model, input_ids, settings, kwargs)
-        fork = expand > 1 and _can_prefill_once(model, input_ids, settings, kwargs)
+        # PagedConfig(exact=True): the prompt runs in generate()'s own forward of every row, as stock
+        # runs it (prefilled once per input, its last token's forward has another batch shape).
+        fork = expand > 1 and not runtime.config.exact and _can_prefill_once(model, input_ids, settings, kwargs)
         # Consecutive pages: for every row's whole life when rows share nothing; for the prompts
         # when they are forked (their shared prefixes are then read in place).
         if fork:

@@ -140,7 +140,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
     tp = tp_group(model)  # under tensor parallelism: this rank's pool holds its local KV heads
     specs = local_specs(model, specs, tp)
-    executor = select_executor(config.backend, specs)  # raises before anything is allocated or patched
+    executor = select_executor(config.backend, specs, config.exact)  # raises before anything is allocated or patched
     # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
     # compiled decode steps read one metadata for every layer.
     cache_windows = _compat.layer_windows(text_config, len(specs))

@@ -13,13 +13,14 @@ from . import cascade, dense
 Plan = dense.TorchPlan | cascade.CascadePlan
 
 
-def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int) -> Plan:
-    """A cascade plan when `meta.cascade` and rows share a prefix worth it, else a plain one."""
+def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int, exact: bool = False) -> Plan:
+    """A cascade plan when `meta.cascade` and rows share a prefix worth it, else a plain one
+    (`exact`: stock's query layout in every decode step, dense.query_layout)."""
     if meta.cascade and not params.alibi_slopes:  # cascade's merge knows no per-key bias
         shared = cascade.plan(meta, params, zero_page_id)
         if shared is not None:
             return shared
-    return dense.plan(meta, params, zero_page_id)
+    return dense.plan(meta, params, zero_page_id, exact=exact)
 
 
 def run(q: torch.Tensor, pool: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -30,15 +31,23 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 class TorchExecutor:
-    """The pure-PyTorch executor (any device, any dtype)."""
+    """The pure-PyTorch executor (any device, any dtype).
+
+    `exact`: SDPA gets stock's query layout in decode steps without a mask too (PagedConfig.exact;
+    dense.query_layout), where the default packs grouped-query heads, which reads K/V once per KV head.
+    """
 
     name = "torch"
     cascade_by_default = True  # measured: it pays on CPU (docs/benchmarks.md)
     reads_in_place = True  # reads.rows_view / the cascade's prefix_run
     op_runner = "torch"  # built into ops.paged_attention
+    exact = False
+
+    def __init__(self, exact: bool = False) -> None:
+        self.exact = exact
 
     def plan(self, meta: ForwardMetadata, params: LayerParams, pool: KVPool) -> Plan:
-        return plan(meta, params, pool.zero_page_id)
+        return plan(meta, params, pool.zero_page_id, self.exact)
 
     def advance_plan(self, plan: Plan, meta: ForwardMetadata) -> Plan | None:
         """`plan` moved on by one token per row, for a decode step on the same pages (None: plan anew)."""
