@@ -391,7 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         if state.is_main_process:
             print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group still alive at exit can
+    abort a rank ("terminate called without an active exception", SIGABRT) after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
