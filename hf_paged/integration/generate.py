@@ -40,6 +40,11 @@ def _expand_size(model, generation_config, kwargs: dict) -> int:
     return max(num_beams, num_return)
 
 
+def _num_beams(model, generation_config, kwargs: dict) -> int:
+    config = generation_config if generation_config is not None else model.generation_config
+    return kwargs.get("num_beams") or config.num_beams or 1
+
+
 def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool:
     """Whether the prompt can be prefilled outside generate() exactly as generate() would."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -162,6 +167,7 @@ class PagedGenerate:
         else:
             reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)  # a new pool if the model's dtype/device changed
+        returned = False
         try:
             if use_prefix_cache:
                 prefix_cache = _prefix_cache_of(cache, model)
@@ -173,9 +179,16 @@ class PagedGenerate:
                 cache.batch_repeat_interleave(expand)
             with maybe_compiled_decode(model, inputs, settings, kwargs):  # PagedConfig(compile=True)
                 kwargs[_compat.model_cache_arg(model)] = cache
-                return original(model, inputs, generation_config, **kwargs)
+                result = original(model, inputs, generation_config, **kwargs)
+            # A dict output carries the cache (return_dict_in_generate=True): it stays usable, as
+            # stock's does, and holds its pages until dropped or release()d.
+            returned = _compat.output_cache(result) is cache
+            if returned:
+                cache.returned_by_generate(_num_beams(model, settings, kwargs))
+            return result
         finally:
-            cache.release()
+            if not returned:
+                cache.release()
             # This call's own peaks (its page tables count them), whatever other calls hold: the page
             # ids all groups held at one instant (inside forwards), group_pages.py.
             runtime.last_peak_pages = cache.pages.peak_pool_pages

@@ -30,6 +30,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
     `cached_pages` it keeps between calls (a call's peaks count the pages its rows hold, cached
     ones they read included, not those only the cache holds), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
+    `returned_caches` counts the caches generate() returned in its output (`return_dict_in_generate=
+    True`) that are still open, and `returned_cache_pages` the page ids they hold: they keep their
+    pages, as stock's returned cache keeps its tensors, until dropped or `cache.release()`d.
+
     Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
     which holds this rank's KV heads; every rank's pool has the same pages.
     """
@@ -52,6 +56,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
         "tp_rank": runtime.tp.rank if runtime.tp is not None else 0,
         "tp_size": runtime.tp.size if runtime.tp is not None else 1,
     }
+    with blocks.lock:  # caches generate() returned (return_dict_in_generate=True), not yet dropped or released
+        returned = [cache for cache in list(pool.returned_caches) if not cache.is_released]
+        stats["returned_caches"] = len(returned)
+        stats["returned_cache_pages"] = len(set().union(*(cache.held_page_ids() for cache in returned)))
     if any(group.window is not None for group in runtime.groups):
         # Counted by the cache after each forward (a sliding group has let go of what it cannot see),
         # each group's pages at the bytes its layers use.
