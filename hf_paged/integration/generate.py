@@ -56,8 +56,10 @@ def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool
         return False
     # Stock's first step returns the hidden states of the whole prompt ([rows, prompt length, hidden]):
     # a prompt prefilled here would leave generate() only its last token's.
-    if kwargs.get("output_hidden_states") or getattr(config, "output_hidden_states", False):
-        return False
+    # The same for attention weights (`output_attentions`: every forward then runs dense, cache/dense.py).
+    for name in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(name) or getattr(config, name, False):
+            return False
     # Any other tensor input (embeddings, position ids, multimodal inputs) goes through generate() as is.
     extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")]
     if extra:

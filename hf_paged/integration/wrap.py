@@ -295,7 +295,7 @@ class _BeginForward:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
         batch_size, q_len = inputs.shape[:2]
         # Stock's attention weights come from a dense forward (cache/dense.py).
-        weights = arguments.get("output_attentions")
+        weights = kwargs.get("output_attentions", arguments.get("output_attentions"))  # (a `**kwargs` entry when bound)
         if weights is None:
             weights = getattr(getattr(module, "config", None), "output_attentions", False)
         begin = functools.partial(
