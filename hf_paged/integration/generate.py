@@ -11,6 +11,7 @@ from ..cache.runtime import stock_masks
 from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
 from .compile import generate_max_tokens, maybe_compiled_decode
+from .interface import follow_implementation_change
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
 
@@ -143,6 +144,7 @@ class PagedGenerate:
         model = self.model
         original = type(model).generate
         runtime = model.hf_paged_runtime
+        follow_implementation_change(runtime)  # config._attn_implementation changed after wrap()
         # Every setting read below is read as generate() reads it: passed config, else the model's, then kwargs.
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
         if _compat.user_cache(kwargs) is not None:

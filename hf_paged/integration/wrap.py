@@ -22,7 +22,7 @@ from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
 from ..errors import UnsupportedModelError
 from ..memory.groups import layer_groups
 from . import refusals
-from .interface import ATTN_NAME, _register_functions
+from .interface import ATTN_NAME, _register_functions, follow_implementation_change
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
@@ -120,7 +120,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     `config` (a PagedConfig or a mapping of its fields) and keyword overrides (`wrap(model,
     page_size=8)`) set the PagedConfig. Wrapping a wrapped model again with no settings, or the
     same ones, does nothing unless its attention implementation was changed since
-    (`model.set_attn_implementation`, which generate() then refuses): it re-wraps over the new one;
+    (`model.set_attn_implementation`, which the next forward also follows: the new one becomes the
+    fallback, interface.follow_implementation_change): it re-wraps over the new one;
     with other settings it re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
@@ -281,13 +282,8 @@ class _BeginForward:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
         implementation = _compat.attn_implementation(getattr(module, "config", None)) or ATTN_NAME
         if runtime.patch is None and implementation != ATTN_NAME:
-            # Its layers would call that implementation, which never reads the pages.
-            raise RuntimeError(
-                f"the model's attention implementation was changed to {implementation!r} after hf_paged.wrap() "
-                "(model.set_attn_implementation), so its layers no longer read hf_paged's pages; call "
-                "hf_paged.wrap(model) again to serve generate() from pages (stock attention then falls back "
-                f"to {implementation!r}), or hf_paged.unwrap(model) to run stock"
-            )
+            # Changed after wrap(): that implementation becomes the fallback, and the pages serve this forward.
+            follow_implementation_change(runtime)
         inputs = arguments.get("input_ids")
         if inputs is None:
             inputs = arguments.get("inputs_embeds")
