@@ -169,6 +169,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         cache_windows=cache_windows,
         patch=patch,
         tp=tp,
+        dense_only=dense_only(text_config),
     )
     registered = _register_functions()
     try:
@@ -196,6 +197,13 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         setattr(owner, RUNTIME_ATTR, runtime)
         owner.generate = make_generate(owner)
     return model
+
+
+def dense_only(text_config) -> bool:
+    """Whether every forward runs dense (cache/dense.py): Falcon with ALiBi, whose bias stock adds to
+    the mask rounded to bfloat16 at absolute positions, which no exact paged bias reproduces. Its
+    pages hold K/V as for any model; its layers run stock attention over them."""
+    return getattr(text_config, "model_type", None) == "falcon" and bool(getattr(text_config, "alibi", False))
 
 
 def model_objects(model: torch.nn.Module) -> list[torch.nn.Module]:
