@@ -233,8 +233,7 @@ class ForwardSteps:
         else:
             plan, meta = self._plan_for(state, layer_idx, pool, group, device, params)
             if meta is None:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
-                scales = self._quant.scales[layer_idx] if self._quant is not None else None
-                return inflight.attend(state, layer_idx, group, query, plan, pool, scales)
+                return inflight.attend(state, layer_idx, group, query, plan, pool, self._quant)
         batch, num_heads, q_len, head_dim = query.shape
         if meta.token_index is None:  # every input token is new: `[nnz, H_q, D]` is a view or a reshape
             q = query.view(batch, num_heads, head_dim) if q_len == 1 else query.transpose(1, 2).reshape(-1, num_heads, head_dim)

@@ -118,6 +118,15 @@ class KVQuant:
         count = self.clamped[layer]
         return quantize(key, k_scale, self.dtype, self.max, count[0]), quantize(value, v_scale, self.dtype, self.max, count[1])
 
+    def round_trip(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`key`, `value` as the pages return them (quantized and dequantized, in their dtype), for
+        attention from a forward's own K/V (cache/inflight.py); clamps are counted by the write only."""
+        scratch = torch.zeros((), dtype=torch.int64, device=key.device)
+        return tuple(
+            dequantize(quantize(x, scale, self.dtype, self.max, scratch), x.dtype, scale)
+            for x, scale in zip((key, value), self.scales[layer])
+        )
+
     def clamped_values(self) -> int:
         """Keys and values clamped so far over every layer (one host read per device)."""
         return sum(int(count.sum()) for count in self.clamped)
