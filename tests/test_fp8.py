@@ -231,3 +231,35 @@ def test_peak_pool_bytes_about_half_of_bf16_pages(case):
         tiny.generate(model, input_ids, mask, **kwargs)
         peaks[dtype] = hf_paged.memory_stats(model)["peak_pool_bytes"]
     assert 0 < peaks["fp8_e4m3"] <= 0.52 * peaks["auto"], peaks
+
+
+@pytest.mark.parametrize("head_dim", [128, 16])
+def test_flashinfer_executor_reads_fp8_pages_through_its_api(monkeypatch, head_dim):
+    """The FlashInfer executor on the stand-in (tests/stand_in.py: the installed FlashInfer's
+    signatures, its documented k_scale/v_scale semantics): plans with kv_data_type fp8 and runs with
+    the layer's scales, matching the torch executor; a head dim its kernels do not read from fp8
+    pages (16 here, 64 too: support.FP8_HEAD_DIMS) is planned and run by the torch executor."""
+    pytest.importorskip("flashinfer")
+    import sys
+
+    import transformers
+    from stand_in import Comparer, fake_flashinfer
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=head_dim, **tiny.COMMON,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
+    hf_paged.wrap(model, num_pages=256, page_size=4, backend="torch", kv_cache_dtype="fp8_e5m2")
+    comparer = model.hf_paged_runtime.executor = Comparer()
+    tiny.generate(model, input_ids, mask, num_beams=2, **fixed_length(5))
+    assert comparer.num_compared >= 2 * 5
+    wrappers = comparer.flashinfer._devices[torch.device("cpu")].wrappers if head_dim == 128 else {}
+    served = {"FlashInferPlan"} if head_dim == 128 else {"TorchPlan", "CascadePlan"}  # (the torch executor's)
+    assert comparer.plan_types and set(comparer.plan_types) <= served
+    for record in wrappers.values():
+        assert record.wrapper.planned["kv_data_type"] == torch.float8_e5m2
+        assert record.wrapper.planned["q_data_type"] == torch.float32

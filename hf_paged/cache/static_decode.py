@@ -75,9 +75,11 @@ class StaticDecodeCache(Cache):
     def __init__(
         self, pools: list[torch.Tensor], buffers: DecodeBuffers, backend: str,
         layer_window: Callable[[int], int | None] | None = None, kv_quant: KVQuant | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__(layers=[])
         self.pools = pools
+        self.dtype = dtype or pools[0].dtype  # the model's (queries'); the pools' with pages in the model's dtype
         self.kv_quant = kv_quant  # fp8 pages: scales (set by the eager prefill) and clamp counts
         self.buffers = buffers
         self.backend = backend

@@ -163,7 +163,7 @@ class CompiledDecode:
             pool = self.runtime.pool
             buffers = DecodeBuffers(meta.num_rows, self.pages_per_row, pool.page_size, pool.zero_page_id, self.device)
             static = self.caches[key] = StaticDecodeCache(
-                pool.pools, buffers, self.backend, self.runtime.layer_window, pool.kv_quant
+                pool.pools, buffers, self.backend, self.runtime.layer_window, pool.kv_quant, pool.specs[0].dtype
             )
         return static if static.buffers.fits(meta) else None
 
