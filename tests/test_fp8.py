@@ -105,6 +105,23 @@ def test_tokens_equal_stock_on_dequantized_kv(family, mode):
     assert (first[finite] - unquantized[finite]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_dense_forwards_read_dequantized_pages(family):
+    """Right padding and holes (a forward run dense over K/V read back from the pages, cache/dense.py)."""
+    model = tiny_model(family)
+    input_ids, mask = padded_prompts(batch=3, length=12, pads=(2, 0, 1))
+    mask[1, -3:] = 0  # right padding
+    mask[2, 5:7] = 0  # a hole
+    kwargs = dict(**fixed_length(8), output_scores=True, return_dict_in_generate=True)
+    expected = reference(model, input_ids, mask, **kwargs)
+    hf_paged.wrap(model, num_pages=128, page_size=4, kv_cache_dtype="fp8_e4m3", kv_scales=SCALES)
+    paged = tiny.generate(model, input_ids, mask, **kwargs)
+    assert torch.equal(paged.sequences, expected.sequences)
+    for got, want in zip(paged.scores, expected.scores):
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
 def test_prefix_cache_keeps_the_tokens():
     model = tiny_model("llama")
     input_ids, mask = padded_prompts(pads=(0, 0), length=20)

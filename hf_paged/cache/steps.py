@@ -233,7 +233,7 @@ class ForwardSteps:
             value_plane.index_copy_(0, slots, as_bytes(value))
         state.num_written += 1
         if state.dense is not None:  # stock's view of the cache: every padded position (dense.py)
-            return padded_kv(state.dense, layer_idx, group, pool, key_states, value_states)
+            return padded_kv(state.dense, layer_idx, group, pool, key_states, value_states, self._quant)
         if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
             state.stash[layer_idx] = (key_states, value_states)
         return key_states, value_states
