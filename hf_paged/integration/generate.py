@@ -11,6 +11,7 @@ from ..cache.runtime import stock_masks
 from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
 from ..padding import check_left_padding
+from . import seq2seq
 from .compile import generate_max_tokens, maybe_compiled_decode
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
@@ -149,6 +150,11 @@ class PagedGenerate:
             # Stock's masks in this thread only (other threads' paged calls keep theirs); attention
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
+                return original(model, inputs, generation_config, **kwargs)
+        if getattr(model.config, "is_encoder_decoder", False):
+            # The cache is made where stock makes it (seq2seq.PreparePagedCache), once per stock run.
+            seq2seq.check_source(inputs, kwargs)
+            with seq2seq.session(model, runtime):
                 return original(model, inputs, generation_config, **kwargs)
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:

@@ -6,12 +6,15 @@ import sys
 from collections.abc import Mapping
 
 import torch
+from transformers.cache_utils import EncoderDecoderCache
 
 from .. import _compat, patches
 from ..attention import select_executor
 from ..cache.paged_cache import PagedCache
 from ..cache.runtime import (
+    BIAS_ATTR,
     CACHE_KWARG,
+    CROSS_ATTR,
     RUNTIME_ATTR,
     Runtime,
     find_runtime,
@@ -21,7 +24,7 @@ from ..config import PagedConfig
 from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
 from ..errors import UnsupportedModelError
 from ..memory.groups import layer_groups
-from . import refusals
+from . import refusals, seq2seq
 from .interface import ATTN_NAME, _register_functions
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -55,8 +58,6 @@ def check_supported(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise UnsupportedModelError(name, "not a transformers generative model (no config or generate)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(name, "encoder-decoder models are not supported (decoder-only only)")
     text_config = config.get_text_config()
     if getattr(text_config, "kv_lora_rank", None):
         raise UnsupportedModelError(name, "multi-head latent attention (MLA) caches are not supported")
@@ -131,21 +132,35 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     changed = runtime is not None and runtime.patch is None and model.config._attn_implementation != ATTN_NAME
     if runtime is not None and runtime.config == config and not changed:
         return model
-    patch = patches.find_patch(model)  # families whose attention bypasses the interface
-    modules = patch.attention_modules(model) if patch else check_supported(model)
-    refusals.check(model, modules, patched=patch is not None)  # structures that would give other tokens
-    base = _find_decoder(model, modules)
     text_config = model.config.get_text_config()
-    attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
-    specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
     tp = tp_group(model)  # under tensor parallelism: this rank's pool holds its local KV heads
-    specs = local_specs(model, specs, tp)
-    executor = select_executor(config.backend, specs, config.exact)  # raises before anything is allocated or patched
-    # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
-    # compiled decode steps read one metadata for every layer.
-    cache_windows = _compat.layer_windows(text_config, len(specs))
-    grouped = [None] * len(specs) if config.compile else cache_windows
-    groups = layer_groups(grouped, config.page_size, config.window_page_size)
+    seq2seq_modules = None
+    if _is_encoder_decoder(model):  # integration/seq2seq.py: decoder self- then cross-attention layers
+        patch = None
+        seq2seq.check_config(model, config, tp)
+        seq2seq_modules = seq2seq.find_modules(model)
+        base = seq2seq_modules.decoder
+        attention_modules = seq2seq_modules.self_modules + seq2seq_modules.cross_modules
+        specs = seq2seq.layer_specs(attention_modules)
+        torch_only = seq2seq.TORCH_ONLY
+        cache_windows = [None] * len(specs)
+        groups = seq2seq.groups(len(seq2seq_modules.self_modules), config.page_size)
+    else:
+        patch = patches.find_patch(model)  # families whose attention bypasses the interface
+        modules = patch.attention_modules(model) if patch else check_supported(model)
+        refusals.check(model, modules, patched=patch is not None)  # structures that would give other tokens
+        base = _find_decoder(model, modules)
+        attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
+        specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
+        specs = local_specs(model, specs, tp)
+        torch_only = None
+        # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
+        # compiled decode steps read one metadata for every layer.
+        cache_windows = _compat.layer_windows(text_config, len(specs))
+        grouped = [None] * len(specs) if config.compile else cache_windows
+        groups = layer_groups(grouped, config.page_size, config.window_page_size)
+    # Raises before anything is allocated or patched.
+    executor = select_executor(config.backend, specs, config.exact, torch_only)
     # Raises (budget below one page, allocation failed) before anything is patched; on every rank under TP.
     pool = make_pool(config, specs, groups, tp)
     groups = list(pool.groups)  # with the page size each group got in the pool's layout
@@ -168,7 +183,11 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         cache_windows=cache_windows,
         patch=patch,
         tp=tp,
+        torch_only=torch_only,
     )
+    if seq2seq_modules is not None:
+        runtime.other_modules = seq2seq_modules.other_modules
+        runtime.position_bias = seq2seq_modules.position_bias
     registered = _register_functions()
     try:
         if patch is None:  # a patched family keeps its own implementation; its patch serves the pages
@@ -181,8 +200,15 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         for mapping in registered:
             del mapping[ATTN_NAME]
         raise
-    for module in attention_modules:
+    for module in attention_modules + runtime.other_modules:
         setattr(module, RUNTIME_ATTR, runtime)  # read only by forwards without a PagedCache
+    if seq2seq_modules is not None:
+        for layer, module in enumerate(seq2seq_modules.cross_modules):
+            setattr(module, CROSS_ATTR, layer)
+        if runtime.position_bias is not None:
+            for module in seq2seq_modules.self_modules:
+                setattr(module, BIAS_ATTR, True)
+        model._prepare_cache_for_generation = seq2seq.PreparePagedCache(model)
     if patch is not None:
         patches.install(patch, attention_modules)
     runtime.handles = [
@@ -195,6 +221,10 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         setattr(owner, RUNTIME_ATTR, runtime)
         owner.generate = make_generate(owner)
     return model
+
+
+def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and hasattr(model, "generate")
 
 
 def model_objects(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -242,8 +272,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for handle in runtime.handles:
         handle.remove()
     patches.remove(runtime.attention_modules)
-    for module in runtime.attention_modules:
+    for module in runtime.attention_modules + runtime.other_modules:
         delattr(module, RUNTIME_ATTR)
+        for name in (CROSS_ATTR, BIAS_ATTR):
+            if name in module.__dict__:
+                delattr(module, name)
+    if isinstance(model.__dict__.get("_prepare_cache_for_generation"), seq2seq.PreparePagedCache):
+        del model._prepare_cache_for_generation
     model.set_attn_implementation(runtime.original_attn_implementation)
     for owner, generate in runtime.owners or [(model, None)]:
         if owner.__dict__.get(RUNTIME_ATTR) is runtime:
@@ -275,8 +310,15 @@ class _BeginForward:
         # change nothing that find_cache or the lookups below read.
         arguments = kwargs if not args else runtime.forward_signature.bind_partial(*args, **kwargs).arguments
         cache = _compat.find_cache(arguments)
+        if isinstance(cache, EncoderDecoderCache) and isinstance(cache.self_attention_cache, PagedCache):
+            return self._begin_encoder_decoder(module, args, kwargs, arguments, cache.self_attention_cache)
         if not isinstance(cache, PagedCache):
             return None
+        if cache.cross is not None:
+            raise ValueError(
+                "an encoder-decoder model's forward takes a PagedCache inside an EncoderDecoderCache: let the "
+                "wrapped generate() make it, or pass PagedEncoderDecoderCache(cache, cache.cross)"
+            )
         if cache.runtime is not runtime and cache.pool is not runtime.pool:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
         implementation = _compat.attn_implementation(getattr(module, "config", None)) or ATTN_NAME
@@ -301,6 +343,29 @@ class _BeginForward:
             runtime.tp.run(begin, "placing a forward's tokens")
         runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
         return args, {**kwargs, CACHE_KWARG: cache}
+
+    def _begin_encoder_decoder(self, module, args, kwargs, arguments, cache: PagedCache):
+        """An encoder-decoder decoder's forward: its self-attention tokens placed as above; at the
+        call's first forward, the cross-attention pages of every input (cache/cross.py), and from then
+        on one row per input of the encoder output (its cross-attention projections run once per input)."""
+        inputs = arguments.get("input_ids")
+        if inputs is None:
+            inputs = arguments.get("inputs_embeds")
+        states = arguments.get("encoder_hidden_states")
+        if inputs is None or states is None:
+            raise ValueError("hf_paged needs the decoder's input_ids (or inputs_embeds) and encoder_hidden_states")
+        cache.begin_forward(inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device)
+        try:
+            if not cache.cross.prepared:
+                cache.cross.prepare(states, arguments.get("encoder_attention_mask"), [cache.pages])
+        except BaseException:
+            cache.end_forward(completed=False)
+            raise
+        self.runtime.set_forward_cache(cache)
+        kwargs = {**kwargs, CACHE_KWARG: cache}
+        if "encoder_hidden_states" in kwargs:
+            kwargs["encoder_hidden_states"] = cache.cross.input_states(states)
+        return args, kwargs
 
 
 class _EndForward:
