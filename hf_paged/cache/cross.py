@@ -38,7 +38,7 @@ class CrossPages(Cache):
         self.first_layer = group.layers[0]  # pool layer of decoder layer 0's cross-attention
         self.num_cross_layers = num_layers
         self.tables = PageTables(pool.blocks, group.page_size)
-        self.expand = 1  # rows per input, as generate() expands the encoder output (`prepare` checks it)
+        self.starts: torch.Tensor | None = None  # the first row of each input (None: every row is one)
         self.prepared = False
         self.row_input: torch.Tensor | None = None  # [rows] int64: each decoder row's input
         self.width = 0  # columns of the padded encoder output (stock's key length)
@@ -53,14 +53,19 @@ class CrossPages(Cache):
     def prepare(self, states: torch.Tensor, mask: torch.Tensor | None, shared_with: list) -> None:
         """Take pages for every input's source tokens (before any layer writes): `states` is the
         encoder output the decoder got `[rows, width, d]`, `mask` its `[rows, width]` padding
-        mask or None. Rows are `expand` copies of each input where generate() made them so."""
+        mask or None. Consecutive equal rows (generate()'s copies per beam or sample) are one input."""
         rows, width = states.shape[:2]
-        expand = self.expand
-        if expand > 1 and (rows % expand or not _repeats(states, expand) or (mask is not None and not _repeats(mask, expand))):
-            expand = 1  # not generate()'s expansion: every row is an input of its own
-        self.expand = expand
-        source = mask[::expand].bool() if mask is not None else None
-        inputs = rows // expand
+        # Consecutive equal rows are one input (generate() repeat_interleaves the encoder output).
+        differs = (states[1:] != states[:-1]).reshape(rows - 1, -1).any(dim=1)
+        if mask is not None:
+            differs |= (mask[1:] != mask[:-1]).any(dim=1)
+        starts = torch.cat([differs.new_ones(1), differs]).nonzero().squeeze(1)
+        self.row_input = torch.cumsum(torch.cat([differs.new_ones(1), differs]).long(), 0) - 1
+        self.starts = None if starts.numel() == rows else starts
+        source = mask.bool() if mask is not None else None
+        if source is not None and self.starts is not None:
+            source = source.index_select(0, self.starts)
+        inputs = starts.numel()
         if source is None or bool(source.all()):
             lengths, offsets, source = [width] * inputs, [0] * inputs, None
         else:
@@ -85,7 +90,6 @@ class CrossPages(Cache):
         ).to(states.device)
         self.write_slots = torch.tensor(slots, dtype=torch.int64, device=states.device)
         self.token_index = None if source is None else source.reshape(-1).nonzero().squeeze(1).to(states.device)
-        self.row_input = torch.arange(rows, device=states.device) // expand
         self.layers = [_LayerStub(states.new_empty((1, 1, width, 0)))] * self.num_cross_layers
         self.prepared = True
         for pages in shared_with:
@@ -94,7 +98,9 @@ class CrossPages(Cache):
     def input_states(self, states: torch.Tensor) -> torch.Tensor:
         """One row per input of the encoder output the decoder got (its cross-attention
         projections then run once per input, not once per row)."""
-        return states[:: self.expand] if self.expand > 1 and states.shape[0] == self.row_input.shape[0] else states
+        if self.starts is None or states.shape[0] != self.row_input.shape[0]:
+            return states
+        return states.index_select(0, self.starts)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write decoder layer `layer_idx`'s cross-attention K/V `[inputs or rows, H, width, D]` once."""
@@ -200,13 +206,6 @@ class PagedEncoderDecoderCache(EncoderDecoderCache):
 
     def release(self) -> None:
         self.self_attention_cache.release()
-
-
-def _repeats(tensor: torch.Tensor, expand: int) -> bool:
-    """Whether `tensor`'s rows are `expand` copies of each of its first rows' (repeat_interleave)."""
-    rows = tensor.shape[0]
-    grouped = tensor.reshape(rows // expand, expand, -1)
-    return bool((grouped == grouped[:, :1]).all())
 
 
 def _runs(mask: torch.Tensor) -> tuple[list[int], list[int]]:

@@ -129,6 +129,7 @@ class Runtime:
     other_modules: list = field(default_factory=list)
     position_bias: Any = None
     torch_only: str | None = None
+    cross_input_rows: bool = False  # the decoder may get one row per input of the encoder output
 
     # A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at
     # the copy's modules, and its pool and executor are made on first use (they never travel), so

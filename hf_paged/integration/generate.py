@@ -154,8 +154,11 @@ class PagedGenerate:
         if getattr(model.config, "is_encoder_decoder", False):
             # The cache is made where stock makes it (seq2seq.PreparePagedCache), once per stock run.
             seq2seq.check_source(inputs, kwargs)
-            with seq2seq.session(model, runtime):
-                return original(model, inputs, generation_config, **kwargs)
+            with seq2seq.session(model, runtime):  # (Whisper's generate names its first argument input_features)
+                args = (inputs,) if inputs is not None else ()
+                if generation_config is not None:
+                    kwargs["generation_config"] = generation_config
+                return original(model, *args, **kwargs)
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             check_left_padding(attention_mask)  # before any page is taken or any forward runs

@@ -41,6 +41,9 @@ class Seq2SeqModules:
     cross_modules: list[torch.nn.Module]
     other_modules: list[torch.nn.Module] = field(default_factory=list)
     position_bias: torch.nn.Module | None = None
+    # The cross-attention projections take the encoder output's own batch (BART, T5: K/V shaped from
+    # it), so the decoder may be given one row per input; Whisper's take the query's batch: every row.
+    input_rows: bool = True
 
 
 def find_modules(model: torch.nn.Module) -> Seq2SeqModules:
@@ -77,7 +80,11 @@ def find_modules(model: torch.nn.Module) -> Seq2SeqModules:
         m for m in model.modules()
         if "Attention" in type(m).__name__ and id(m) not in taken and hasattr(m, "forward")
     ]
-    return Seq2SeqModules(decoder, modules[:num_layers], modules[num_layers:], others, biased[0] if biased else None)
+    source = inspect.getsource(type(modules[num_layers]).forward)
+    input_rows = "current_states.shape[:-1]" in source
+    return Seq2SeqModules(
+        decoder, modules[:num_layers], modules[num_layers:], others, biased[0] if biased else None, input_rows
+    )
 
 
 def check_config(model: torch.nn.Module, config, tp) -> None:
@@ -133,8 +140,6 @@ class Session:
         self.release()
         cache = PagedCache(self.model)
         self.caches.append(cache)
-        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-        cache.cross.expand = expand
         return PagedEncoderDecoderCache(cache, cache.cross)
 
     def release(self) -> None:
@@ -213,3 +218,33 @@ def check_source(inputs, kwargs: dict) -> None:
             "an encoder-decoder generate() got an empty source (a row of attention_mask all zeros); give every "
             "input at least one token"
         )
+
+
+class EmptyOutputCache:
+    """`model._postprocess_outputs` of a wrapped Whisper model: Whisper's generate() splits the cache of
+    each stock run's output by batch row (reading its K/V tensors); a paged run's output carries an
+    EncoderDecoderCache with no tokens instead (its pages go back to the pool when the call ends)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, seek_outputs, *args, **kwargs):
+        model = self.model
+        if not isinstance(seek_outputs, torch.Tensor):
+            for key in ("cache", "past_key_values"):
+                cache = seek_outputs.get(key) if hasattr(seek_outputs, "get") else None
+                if isinstance(cache, PagedEncoderDecoderCache):
+                    seek_outputs[key] = _empty_cache(cache)
+        return type(model)._postprocess_outputs(model, seek_outputs, *args, **kwargs)
+
+
+def _empty_cache(cache: PagedEncoderDecoderCache) -> EncoderDecoderCache:
+    paged = cache.self_attention_cache
+    rows = max(paged.batch_size, 1)
+    layers = []
+    for layer in range(len(paged.cross)):
+        self_pool, cross_pool = paged.pool.pools[layer], paged.pool.pools[paged.cross.first_layer + layer]
+        empty_self = self_pool.new_empty((rows, self_pool.shape[3], 0, self_pool.shape[4]))
+        empty_cross = cross_pool.new_empty((rows, cross_pool.shape[3], 0, cross_pool.shape[4]))
+        layers.append((empty_self, empty_self, empty_cross, empty_cross))
+    return EncoderDecoderCache(tuple(layers))

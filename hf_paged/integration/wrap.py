@@ -188,6 +188,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     if seq2seq_modules is not None:
         runtime.other_modules = seq2seq_modules.other_modules
         runtime.position_bias = seq2seq_modules.position_bias
+        runtime.cross_input_rows = seq2seq_modules.input_rows
     registered = _register_functions()
     try:
         if patch is None:  # a patched family keeps its own implementation; its patch serves the pages
@@ -209,6 +210,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
             for module in seq2seq_modules.self_modules:
                 setattr(module, BIAS_ATTR, True)
         model._prepare_cache_for_generation = seq2seq.PreparePagedCache(model)
+        if hasattr(type(model), "_postprocess_outputs"):  # Whisper's generate() reads each run's cache
+            model._postprocess_outputs = seq2seq.EmptyOutputCache(model)
     if patch is not None:
         patches.install(patch, attention_modules)
     runtime.handles = [
@@ -277,8 +280,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         for name in (CROSS_ATTR, BIAS_ATTR):
             if name in module.__dict__:
                 delattr(module, name)
-    if isinstance(model.__dict__.get("_prepare_cache_for_generation"), seq2seq.PreparePagedCache):
-        del model._prepare_cache_for_generation
+    for name, kind in (("_prepare_cache_for_generation", seq2seq.PreparePagedCache),
+                       ("_postprocess_outputs", seq2seq.EmptyOutputCache)):
+        if isinstance(model.__dict__.get(name), kind):
+            delattr(model, name)
     model.set_attn_implementation(runtime.original_attn_implementation)
     for owner, generate in runtime.owners or [(model, None)]:
         if owner.__dict__.get(RUNTIME_ATTR) is runtime:
@@ -363,7 +368,7 @@ class _BeginForward:
             raise
         self.runtime.set_forward_cache(cache)
         kwargs = {**kwargs, CACHE_KWARG: cache}
-        if "encoder_hidden_states" in kwargs:
+        if "encoder_hidden_states" in kwargs and self.runtime.cross_input_rows:
             kwargs["encoder_hidden_states"] = cache.cross.input_states(states)
         return args, kwargs
 
