@@ -56,7 +56,7 @@ class CrossPages(Cache):
         mask or None. Consecutive equal rows (generate()'s copies per beam or sample) are one input."""
         rows, width = states.shape[:2]
         # Consecutive equal rows are one input (generate() repeat_interleaves the encoder output).
-        differs = (states[1:] != states[:-1]).reshape(rows - 1, -1).any(dim=1)
+        differs = (states[1:] != states[:-1]).flatten(1).any(dim=1)
         if mask is not None:
             differs |= (mask[1:] != mask[:-1]).any(dim=1)
         starts = torch.cat([differs.new_ones(1), differs]).nonzero().squeeze(1)

@@ -30,6 +30,11 @@ def memory_stats(model: torch.nn.Module) -> dict:
     `cached_pages` it keeps between calls (a call's peaks count the pages its rows hold, cached
     ones they read included, not those only the cache holds), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
+    An encoder-decoder model (docs/seq2seq.md) has two groups: the decoder's self-attention (its
+    rows' pages) and its cross-attention (`"cross_attention": True`: pages per input, written once);
+    `peak_self_attention_pages` and `peak_cross_attention_pages` are their peaks after a forward,
+    and `peak_pages_in_use` counts both.
+
     Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
     which holds this rank's KV heads; every rank's pool has the same pages.
     """
@@ -63,10 +68,14 @@ def memory_stats(model: torch.nn.Module) -> dict:
             "page_size": group.page_size,
             "page_bytes": pool.layer_bytes(group.layers),
             "peak_pages_in_use": peaks[index] if index < len(peaks) else 0,
+            **({"cross_attention": True} if group.cross else {}),
         }
         for index, group in enumerate(runtime.groups)
         for peaks in [runtime.last_peak_group_pages]
     ]
+    if any(group.cross for group in runtime.groups):  # an encoder-decoder model: the two kinds apart
+        stats["peak_cross_attention_pages"] = sum(g["peak_pages_in_use"] for g in stats["groups"] if g.get("cross_attention"))
+        stats["peak_self_attention_pages"] = sum(g["peak_pages_in_use"] for g in stats["groups"] if not g.get("cross_attention"))
     prefix = pool.prefix_cache
     if prefix is not None:  # PagedConfig(prefix_cache=True): counters since wrap()
         stats.update(
