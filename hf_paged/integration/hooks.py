@@ -57,10 +57,14 @@ class _BeginForward:
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
         batch_size, q_len = inputs.shape[:2]
+        # Stock's attention weights come from a dense forward (cache/dense.py).
+        begin = functools.partial(
+            cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device,
+            _wants_weights(module, arguments),
+        )
         if runtime.tp is None:
-            cache.begin_forward(batch_size, q_len, arguments.get("attention_mask"), inputs.device)
+            begin()
         else:  # a rank that cannot place its tokens must not leave the others waiting in the forward's collectives
-            begin = functools.partial(cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device)
             runtime.tp.run(begin, "placing a forward's tokens")
         runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
         return args, {**kwargs, CACHE_KWARG: cache}
@@ -75,8 +79,18 @@ class _BeginForward:
         states = arguments.get("encoder_hidden_states")
         if inputs is None or states is None:
             raise ValueError("hf_paged needs the decoder's input_ids (or inputs_embeds) and encoder_hidden_states")
+        if _wants_weights(module, arguments):
+            raise ValueError(
+                "output_attentions on a wrapped encoder-decoder model: its pages give no attention weights; "
+                "run this call on hf_paged.unwrap(model)"
+            )
         cache.begin_forward(inputs.shape[0], inputs.shape[1], arguments.get("attention_mask"), inputs.device)
         try:
+            if cache.dense_forward:  # (cache/dense.py) its cross-attention layers would read no K/V
+                raise ValueError(
+                    "a decoder attention_mask with pads paged attention cannot express, on an encoder-decoder "
+                    "model: pad decoder_input_ids on the left, or run this call on hf_paged.unwrap(model)"
+                )
             if not cache.cross.prepared:
                 cache.cross.prepare(states, arguments.get("encoder_attention_mask"), [cache.pages])
         except BaseException:
@@ -101,6 +115,13 @@ class _EndForward:
         if isinstance(cache, PagedCache):  # (a compiled step's dispatcher may have swapped in its own)
             cache.end_forward(completed=output is not None)
         return None
+
+
+def _wants_weights(module, arguments: dict) -> bool:
+    weights = arguments.get("output_attentions")
+    if weights is None:
+        weights = getattr(getattr(module, "config", None), "output_attentions", False)
+    return bool(weights)
 
 
 def _make_begin_hook(runtime: Runtime) -> _BeginForward:
