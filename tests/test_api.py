@@ -211,10 +211,11 @@ def test_user_cache_in_own_decode_loop_matches_dynamic_cache():
     assert torch.equal(fallback_tokens, expected_tokens) and torch.equal(fallback_logits, expected_logits)
 
 
-def test_returned_cache_is_released_and_says_so():
+def test_returned_cache_stays_open_until_released_and_then_says_so():
     model = hf_paged.wrap(tiny_model("llama"), num_pages=64)
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, return_dict_in_generate=True, pad_token_id=0)
-    assert out.past_key_values.is_released
+    assert not out.past_key_values.is_released and out.past_key_values.get_seq_length() == 4
+    out.past_key_values.release()
     with pytest.raises(RuntimeError, match="released"):
         out.past_key_values.reorder_cache(torch.tensor([0]))
 

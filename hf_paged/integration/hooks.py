@@ -8,7 +8,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from .. import _compat
 from ..cache.paged_cache import PagedCache
 from ..cache.runtime import CACHE_KWARG, Runtime
-from .interface import ATTN_NAME, _register_functions
+from .interface import ATTN_NAME, _register_functions, follow_implementation_change
 
 
 class _BeginForward:
@@ -44,13 +44,8 @@ class _BeginForward:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
         implementation = _compat.attn_implementation(getattr(module, "config", None)) or ATTN_NAME
         if runtime.patch is None and implementation != ATTN_NAME:
-            # Its layers would call that implementation, which never reads the pages.
-            raise RuntimeError(
-                f"the model's attention implementation was changed to {implementation!r} after hf_paged.wrap() "
-                "(model.set_attn_implementation), so its layers no longer read hf_paged's pages; call "
-                "hf_paged.wrap(model) again to serve generate() from pages (stock attention then falls back "
-                f"to {implementation!r}), or hf_paged.unwrap(model) to run stock"
-            )
+            # Changed after wrap(): that implementation becomes the fallback, and the pages serve this forward.
+            follow_implementation_change(runtime)
         inputs = arguments.get("input_ids")
         if inputs is None:
             inputs = arguments.get("inputs_embeds")
@@ -119,6 +114,8 @@ class _EndForward:
 
 def _wants_weights(module, arguments: dict) -> bool:
     weights = arguments.get("output_attentions")
+    if weights is None and isinstance(arguments.get("kwargs"), dict):  # (a `**kwargs` entry when bound)
+        weights = arguments["kwargs"].get("output_attentions")
     if weights is None:
         weights = getattr(getattr(module, "config", None), "output_attentions", False)
     return bool(weights)

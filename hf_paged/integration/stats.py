@@ -35,6 +35,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
     `peak_self_attention_pages` and `peak_cross_attention_pages` are their peaks after a forward,
     and `peak_pages_in_use` counts both.
 
+    `returned_caches` counts the caches generate() returned in its output (`return_dict_in_generate=
+    True`) that are still open, and `returned_cache_pages` the page ids they hold: they keep their
+    pages, as stock's returned cache keeps its tensors, until dropped or `cache.release()`d.
+
     `kv_cache_dtype` is what pages store (PagedConfig's: "auto", "fp8_e4m3", "fp8_e5m2") and
     `kv_dtype` that dtype's torch name. With fp8 pages, `kv_scales` lists each layer's (k_scale,
     v_scale) (None until its first forward sets it) and `kv_clamped_values` the keys and values
@@ -64,6 +68,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
         "tp_rank": runtime.tp.rank if runtime.tp is not None else 0,
         "tp_size": runtime.tp.size if runtime.tp is not None else 1,
     }
+    with blocks.lock:  # caches generate() returned (return_dict_in_generate=True), not yet dropped or released
+        returned = [cache for cache in list(pool.returned_caches) if not cache.is_released]
+        stats["returned_caches"] = len(returned)
+        stats["returned_cache_pages"] = len(set().union(*(cache.held_page_ids() for cache in returned)))
     if any(group.window is not None for group in runtime.groups):
         # Counted by the cache after each forward (a sliding group has let go of what it cannot see),
         # each group's pages at the bytes its layers use.
