@@ -55,7 +55,7 @@ class _BeginForward:
         # Stock's attention weights come from a dense forward (cache/dense.py).
         begin = functools.partial(
             cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device,
-            _wants_weights(module, arguments),
+            _wants_weights(module, kwargs, arguments),
         )
         if runtime.tp is None:
             begin()
@@ -74,7 +74,7 @@ class _BeginForward:
         states = arguments.get("encoder_hidden_states")
         if inputs is None or states is None:
             raise ValueError("hf_paged needs the decoder's input_ids (or inputs_embeds) and encoder_hidden_states")
-        if _wants_weights(module, arguments):
+        if _wants_weights(module, kwargs, arguments):
             raise ValueError(
                 "output_attentions on a wrapped encoder-decoder model: its pages give no attention weights; "
                 "run this call on hf_paged.unwrap(model)"
@@ -112,10 +112,9 @@ class _EndForward:
         return None
 
 
-def _wants_weights(module, arguments: dict) -> bool:
-    weights = arguments.get("output_attentions")
-    if weights is None and isinstance(arguments.get("kwargs"), dict):  # (a `**kwargs` entry when bound)
-        weights = arguments["kwargs"].get("output_attentions")
+def _wants_weights(module, kwargs: dict, arguments: dict) -> bool:
+    """Whether the forward asks for attention weights (stock's come from a dense forward, cache/dense.py)."""
+    weights = kwargs.get("output_attentions", arguments.get("output_attentions"))  # (a `**kwargs` entry when bound)
     if weights is None:
         weights = getattr(getattr(module, "config", None), "output_attentions", False)
     return bool(weights)
