@@ -76,9 +76,6 @@ def test_pool_sizing_from_a_byte_budget():
 
 
 def unsupported_models():
-    yield "t5", lambda: transformers.T5ForConditionalGeneration(
-        transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
-    ), "encoder-decoder"
     yield "roformer", lambda: AutoModelForCausalLM.from_config(  # bypasses the interface; no patch
         transformers.RoFormerConfig(
             vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
