@@ -194,3 +194,16 @@ def test_your_own_forward_on_a_paged_encoder_decoder_cache():
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], dim=1), expected)
     cache.release()
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_copies_of_a_wrapped_model_generate_on_their_own_pools():
+    import copy
+    import pickle
+
+    model, batch = make("t5"), sources()
+    expected = run(model, batch, num_beams=3)
+    hf_paged.wrap(model, page_size=PAGE)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert_same(run(twin, batch, num_beams=3), expected)
+        assert twin.hf_paged_runtime.pool is not model.hf_paged_runtime.pool
+    assert_same(run(model, batch, num_beams=3), expected)
