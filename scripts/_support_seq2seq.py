@@ -34,8 +34,8 @@ HEADING = "## Encoder-decoder models"
 POSITIONS = {"max_source_positions": 32, "max_target_positions": 64}
 # A tiny config that shrinking leaves big (a vocabulary or width it does not reach) is not built: more
 # parameters than this would take gigabytes on a machine the table shares.
-MAX_PARAMETERS = 20_000_000
-SOURCE_LENGTHS = (9, 5)  # the two sources; the second is right-padded to the first's length
+MAX_PARAMETERS = 60_000_000
+SOURCE_LENGTHS = (9, 5)  # the two sources; the second is padded to the first's length
 
 
 def rows_of(mapping: str, types: list[str] | None = None) -> list[str]:
@@ -72,7 +72,10 @@ def sources(model, vocab: int) -> dict[str, torch.Tensor]:
     if name == "input_ids":
         input_ids = torch.randint(3, vocab, (2, longest), generator=generator)
         mask = torch.ones_like(input_ids)
-        input_ids[1, short:], mask[1, short:] = config.pad_token_id or 0, 0  # right-padded, as seq2seq tokenizers pad
+        # Right-padded, as seq2seq tokenizers pad sources; left-padded prompts for the decoder-only models
+        # (audio LMs) these mappings also list.
+        padding = slice(short, None) if getattr(config, "is_encoder_decoder", False) else slice(None, longest - short)
+        input_ids[1, padding], mask[1, padding] = getattr(config, "pad_token_id", None) or 0, 0
         return {"input_ids": input_ids, "attention_mask": mask}
     if name == "input_features" and getattr(config, "num_mel_bins", None) and getattr(config, "max_source_positions", None):
         # Whisper-style: [batch, mel bins, frames], every input the same number of frames (padded audio)
@@ -158,7 +161,7 @@ def table(matrix, rows: list[tuple[str, str, str, str]]) -> str:
         "do not edit by hand. Every model type of transformers' seq2seq (`text`) and speech-seq2seq (`speech`) auto "
         "mappings, as a tiny random model (the config class's defaults, sizes shrunk as above, 32 encoder positions), "
         "fp32 on CPU: greedy, beam search (4 beams, 2 returned) and sampling (2 returned) from two sources of unequal "
-        "length (right-padded token ids; for speech models, random features or samples of the shape their main input "
+        "length (token ids, right-padded; left-padded for the decoder-only models these mappings list; for speech models, random features or samples of the shape their main input "
         "takes), unwrapped and wrapped. The results mean what they mean above; a type in both mappings has a row in each "
         f"(their classes differ). A shrunk config with more than {MAX_PARAMETERS // 10**6}M parameters is `not built`.",
         "",
