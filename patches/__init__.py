@@ -78,7 +78,9 @@ def _dispatch(self: torch.nn.Module, *args, **kwargs):
     runtime = self.hf_paged_runtime
     kwargs.pop(CACHE_KWARG, None)  # families that pass keywords down: the same cache as below
     cache = runtime.forward_cache()
-    if cache is None:  # no PagedCache in this forward (training, a DynamicCache): stock
+    # No PagedCache in this forward (training, a DynamicCache), or a dense one (hf_paged/cache/dense.py:
+    # the cache's update returns stock's padded K/V): stock
+    if cache is None or cache.dense_forward:
         return getattr(type(self), method_name(runtime.patch))(self, *args, **kwargs)
     return runtime.patch.paged_forward(self, cache, *args, **kwargs)
 

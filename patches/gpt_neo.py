@@ -16,6 +16,11 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return modules_by_layer(model, ("GPTNeoSelfAttention",), "layer_id", model.config.num_layers)
 
 
+def padded_windows(config) -> list[int]:
+    """The window its local layers count over padded positions (a hole inside it: a dense forward)."""
+    return [config.window_size]
+
+
 def kv_shape(module: torch.nn.Module) -> tuple[int, int]:
     return module.num_heads, module.head_dim
 

@@ -15,6 +15,9 @@ from . import cached_slopes, modules_by_layer
 # No position but ALiBi's, which the paged attention counts over each row's stored tokens: a row
 # continued from the prefix cache's pages needs no `position_ids` (MPT's forward takes none).
 POSITIONS_FROM_STORED_TOKENS = True
+# But stock's bias counts padded positions: once a row has a hole (right padding, pads between real
+# tokens) they differ by more than a constant, and those forwards run dense (hf_paged/cache/dense.py).
+ALIBI_OVER_PADDED_POSITIONS = True
 
 
 def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:

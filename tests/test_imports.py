@@ -84,7 +84,7 @@ def test_prefix_is_a_leaf_of_the_attention_package():
 
 
 # The layers, highest first: a module imports only from its own layer or the ones below it. The
-# root modules (_compat, config, errors, padding, model_state) are the bottom; hf_paged/__init__.py,
+# root modules (_compat, config, errors, model_state) are the bottom; hf_paged/__init__.py,
 # the public API, imports from any layer.
 LAYERS = ["evaluation", "integration", "cache", "attention", "distributed", "memory"]
 

@@ -66,49 +66,6 @@ def test_a_dtype_change_between_forwards_of_an_open_cache_is_refused_before_the_
         assert cache.tables.num_tokens == held  # refused before it placed a token
 
 
-# -- padding -----------------------------------------------------------------------------------
-
-
-def _right_padded():
-    input_ids, mask = padded_prompts(pads=(0, 0))
-    input_ids[1, -3:], mask[1, -3:] = 0, 0
-    return input_ids, mask
-
-
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3), dict(do_sample=True, num_return_sequences=2)])
-def test_right_padding_in_generate_is_refused_before_anything_runs(kwargs):
-    model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4)
-    input_ids, mask = _right_padded()
-    forwards = []
-    handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
-    with pytest.raises(ValueError, match=r'row 1 .*padding_side = "left"'):
-        _generate(model, input_ids, mask, **kwargs)
-    handle.remove()
-    assert not forwards and hf_paged.memory_stats(model)["pages_in_use"] == 0
-
-
-def test_right_padding_inferred_from_pad_tokens_is_refused():
-    """No attention_mask: generate() infers one from pad tokens; the first forward refuses it."""
-    model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4)
-    input_ids, _ = _right_padded()
-    with pytest.raises(ValueError, match="padding_side"):
-        model.generate(input_ids, max_new_tokens=3, pad_token_id=0)
-    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
-
-
-def test_a_hole_in_the_mask_of_a_users_forward_is_refused_before_any_page_is_taken():
-    model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4)
-    input_ids, mask = padded_prompts(pads=(0, 2))
-    mask[0, 5] = 0  # a hole between real tokens
-    with PagedCache(model) as cache, torch.no_grad():
-        with pytest.raises(ValueError, match="row 0 .*after a real token"):
-            model(input_ids, attention_mask=mask, past_key_values=cache)
-        assert cache.tables.num_rows == 0 and hf_paged.memory_stats(model)["pages_in_use"] == 0
-        mask[0, 5] = 1
-        model(input_ids, attention_mask=mask, past_key_values=cache)  # the cache is still usable
-        assert cache.tables.num_tokens == [13, 11]
-
-
 # -- interruptions -----------------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import torch
 
 from ..attention import LayerParams
 from ..attention.metadata import ForwardMetadata
-from ..padding import padding_holes, raise_padding_error
+from .dense import DenseForward
 
 
 @dataclass(slots=True)
@@ -47,6 +47,10 @@ class ForwardState:
     last_device: torch.device | None = None
     last_plan: object = None
     last_meta: ForwardMetadata | None = None
+    # A dense forward (dense.py): each layer's update returns stock's padded K/V and its layers run
+    # the original attention implementation; `masks_before`: this thread's mask setting to restore.
+    dense: DenseForward | None = None
+    masks_before: str | None = None
 
     @property
     def meta(self) -> ForwardMetadata:
@@ -55,15 +59,14 @@ class ForwardState:
 
 
 def new_tokens(
-    attention_mask: torch.Tensor | None, batch_size: int, q_len: int, device: torch.device, ragged: bool
+    attention_mask: torch.Tensor | None, batch_size: int, q_len: int, device: torch.device
 ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
     """The new (non-pad) tokens of each row, their positions in the `batch * q_len` flattening
     of the layer inputs, and the `[batch, q_len]` bool mask of them (both None when every input
     token is new).
 
     attention_mask: the 2-D padding mask `[batch, past + q_len]` generate() passes (1 = token,
-    0 = pad), or None. `ragged`: a mask with pads between a row's past and its new tokens is
-    expected (prefill.prefill_with_prefix_cache); otherwise it raises.
+    0 = pad, anywhere: left, right or holes), or None.
     """
     if attention_mask is None:
         return [q_len] * batch_size, None, None
@@ -74,12 +77,8 @@ def new_tokens(
         )
     if bool(attention_mask.all()):  # no pad at all (the common case): one call, not nine
         return [q_len] * batch_size, None, None
-    holes = padding_holes(attention_mask)
     new_mask = attention_mask[:, -q_len:].to(torch.bool)
-    any_hole, all_new = torch.stack([holes.any(), new_mask.all()]).tolist()  # one host sync
-    if any_hole and not ragged:
-        raise_padding_error(holes)
-    if all_new:
+    if bool(new_mask.all()):
         return [q_len] * batch_size, None, None
     return new_mask.sum(dim=1).tolist(), new_mask.reshape(-1).nonzero().squeeze(1).to(device), new_mask
 

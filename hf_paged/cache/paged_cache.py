@@ -99,7 +99,16 @@ class PagedCache(ForwardSteps, Cache):
             return self.seq_length - self._forward.meta.q_len
         return self.seq_length
 
+    @property
+    def dense_forward(self) -> bool:
+        """Whether the running forward is dense (dense.py): its layers run stock attention on the
+        padded K/V `update` returns."""
+        return self._forward is not None and self._forward.dense is not None
+
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if self.dense_forward:  # stock's sizes: a sliding layer's cache keeps its window (dense.py)
+            start = self._forward.dense.kept(layer_idx)
+            return self.get_seq_length() - start + query_length, start
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
@@ -219,6 +228,8 @@ class PagedCache(ForwardSteps, Cache):
 
     @property
     def is_sliding(self) -> list[bool]:
+        if self.dense_forward:  # stock's answer, which picks the layer each mask is sized for (dense.py)
+            return [window is not None for window in self._forward.dense.windows]
         return [False] * self.pool.num_layers
 
     @property

@@ -53,6 +53,14 @@ def stock_masks(implementation: str) -> Iterator[None]:
         _STOCK_MASKS.implementation = previous
 
 
+def set_stock_masks(implementation: str | None) -> str | None:
+    """Make this thread's mask function return `implementation`'s masks (None: the lazy paged
+    mask) until set again; returns the setting it replaced (a dense forward, cache/dense.py)."""
+    previous = getattr(_STOCK_MASKS, "implementation", None)
+    _STOCK_MASKS.implementation = implementation
+    return previous
+
+
 def stock_mask_implementation() -> str | None:
     """The implementation whose masks this thread builds now (`stock_masks`), or None."""
     return getattr(_STOCK_MASKS, "implementation", None)
@@ -117,6 +125,9 @@ class Runtime:
     # the ranks' pools then agree on their page count, and errors before collectives reach all ranks.
     tp: TPGroup | None = None
     last_peak_group_pages: list[int] = field(default_factory=list)
+    # Every forward runs dense (cache/dense.py): Falcon's ALiBi, which stock adds to its mask rounded
+    # to bfloat16 at absolute positions, which no exact paged bias reproduces.
+    dense_only: bool = False
 
     # A deepcopy or pickle of a wrapped model is a wrapped model of its own: its runtime points at
     # the copy's modules, and its pool and executor are made on first use (they never travel), so

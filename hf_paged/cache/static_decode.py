@@ -71,6 +71,8 @@ class StaticDecodeCache(Cache):
     hf_paged's attention function call inside the compiled region.
     """
 
+    dense_forward = False  # a compiled step is never dense (PagedCache.dense_forward)
+
     def __init__(
         self, pools: list[torch.Tensor], buffers: DecodeBuffers, backend: str,
         layer_window: Callable[[int], int | None] | None = None,

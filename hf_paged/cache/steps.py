@@ -17,7 +17,9 @@ from ..attention import LayerParams, ops
 from ..attention.metadata import ForwardMetadata, advance_metadata, build_metadata
 from ..attention.torch import reads
 from ..memory.pool import copy_pages
+from .runtime import set_stock_masks
 from . import inflight
+from .dense import needs_dense, padded_kv, plan_dense
 from .forward import (
     ForwardState,
     NoGradThroughPages,
@@ -57,11 +59,13 @@ class ForwardSteps:
         self._last_plans.clear()
         self._layers_checked = False
 
-    def begin_forward(self, batch_size: int, q_len: int, attention_mask: torch.Tensor | None, device: torch.device) -> None:
+    def begin_forward(self, batch_size: int, q_len: int, attention_mask: torch.Tensor | None, device: torch.device,
+                      output_attentions: bool = False) -> None:
         """Place this forward's new tokens and build its metadata. Called once per forward, before any layer.
 
         attention_mask: the 2-D padding mask `[batch, past + q_len]` generate() passes (1 = token,
-        0 = pad), or None. Pad tokens among the new ones are not stored.
+        0 = pad, anywhere), or None. Pad tokens among the new ones are not stored. The forward runs
+        dense (dense.py) for `output_attentions` and for padding paged attention cannot express.
         """
         self._check_usable()
         # Every layer at a cache's first forward; then the first layer's, per forward (`model.to()`
@@ -74,7 +78,7 @@ class ForwardSteps:
                     "release() it and create a new PagedCache(model), which gets a pool that matches"
                 )
         self._layers_checked = True
-        qo_lens, token_index, new_mask = new_tokens(attention_mask, batch_size, q_len, device, self.ragged_prefill)
+        qo_lens, token_index, new_mask = new_tokens(attention_mask, batch_size, q_len, device)
         tables = self.group_tables[0]
         if tables.num_rows == 0 and self.seq_length == 0:
             self.add_rows(batch_size)
@@ -84,10 +88,19 @@ class ForwardSteps:
                 f"this PagedCache holds {tables.num_rows} rows but the forward has batch size {batch_size}; "
                 "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
             )
+        runtime = self.runtime
+        dense = runtime.dense_only or output_attentions or (
+            not self.ragged_prefill and needs_dense(runtime, self.groups, attention_mask, q_len)
+        )
         skips = pasts = None
         with self.pool.blocks.lock:  # other caches share the pool: drop and take at once
             if self._has_windows:
                 self._drop_out_of_window()
+            if dense:  # where each stored past token goes in stock's padded layout, before placing new ones
+                # The last token of a split prompt sees the whole prompt, as in stock's one forward (prompt_phase).
+                windows = runtime.cache_windows if self.prompt_phase != "last" else [None] * len(runtime.cache_windows)
+                dense = plan_dense(self.group_tables, attention_mask, batch_size, q_len, self.seq_length, device, windows)
+            elif self._has_windows:
                 # A prompt's sliding layers store only what later queries see (inflight.py).
                 skips = inflight.forward_skips(
                     self.groups, self.group_tables, self.applies_window, qo_lens, self.recording,
@@ -107,7 +120,7 @@ class ForwardSteps:
         self.seq_length += q_len
         # Metadata built where every layer is (the common case) is read as is; else per device (_meta_on).
         direct = self._one_device and device == self._layers[0][2]
-        self._forward = state = ForwardState(metas, prompt_last=self.prompt_phase == "last", direct=direct)
+        self._forward = state = ForwardState(metas, prompt_last=self.prompt_phase == "last", direct=direct, dense=dense or None)
         if skips is not None:
             inflight.start(state, skips, [deferred for _, _, deferred in appended], new_mask, qo_lens, q_len, device, pasts)
         for group, meta in enumerate(metas):
@@ -119,6 +132,8 @@ class ForwardSteps:
                         pool, _, layer_device = self._layers[layer]
                         layer_meta = meta if direct else self._meta_on(layer_device, group)
                         copy_pages(pool, layer_meta.copy_src, layer_meta.copy_dst)
+        if dense and runtime.patch is None:  # the model builds stock's masks for its stock attention
+            state.masks_before = set_stock_masks(runtime.original_attn_implementation)
 
     def _drop_out_of_window(self) -> None:
         """Windows let go of what the next queries cannot see (not while recording, nor a cache-only
@@ -134,6 +149,8 @@ class ForwardSteps:
         """
         state, self._forward = self._forward, None
         if state is not None:
+            if state.dense is not None and self.runtime.patch is None:
+                set_stock_masks(state.masks_before)
             if state.deferred:
                 self.pages.release_deferred(state.deferred)
             if state.prompt_last:
@@ -141,7 +158,7 @@ class ForwardSteps:
             if self._has_windows:
                 self._drop_out_of_window()
             self.pages.note_peaks()
-        if completed and state is not None and state.num_written != state.num_attended:
+        if completed and state is not None and state.dense is None and state.num_written != state.num_attended:
             raise RuntimeError(
                 f"{state.num_written} layers wrote K/V to this PagedCache but {state.num_attended} attended "
                 "through it: this model does not pass keyword arguments down to its attention function, "
@@ -204,6 +221,8 @@ class ForwardSteps:
             key_plane.index_copy_(0, slots, key)
             value_plane.index_copy_(0, slots, value)
         state.num_written += 1
+        if state.dense is not None:  # stock's view of the cache: every padded position (dense.py)
+            return padded_kv(state.dense, layer_idx, group, pool, key_states, value_states)
         if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
             state.stash[layer_idx] = (key_states, value_states)
         return key_states, value_states

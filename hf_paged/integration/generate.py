@@ -10,7 +10,6 @@ from ..cache.paged_cache import PagedCache
 from ..cache.runtime import stock_masks
 from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
-from ..padding import check_left_padding
 from .compile import generate_max_tokens, maybe_compiled_decode
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
@@ -150,9 +149,6 @@ class PagedGenerate:
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
                 return original(model, inputs, generation_config, **kwargs)
-        attention_mask = kwargs.get("attention_mask")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-            check_left_padding(attention_mask)  # before any page is taken or any forward runs
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
         use_prefix_cache = _can_use_prefix_cache(model, input_ids, settings, kwargs)

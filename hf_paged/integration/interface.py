@@ -56,7 +56,7 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if cache is None:  # a family that passes no keywords down: this thread's forward, if any
         runtime = find_runtime(module)
         cache = runtime.forward_cache() if runtime is not None else None
-    if cache is None:
+    if cache is None or getattr(cache, "dense_forward", False):  # no PagedCache, or a dense forward (cache/dense.py)
         return _original_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:  # wrap() refuses these; never ignore them
         raise UnsupportedModelError(type(module).__name__, "attention sinks are not supported")

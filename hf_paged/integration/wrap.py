@@ -294,10 +294,16 @@ class _BeginForward:
         if inputs is None:
             raise ValueError("hf_paged needs input_ids or inputs_embeds")
         batch_size, q_len = inputs.shape[:2]
+        # Stock's attention weights come from a dense forward (cache/dense.py).
+        weights = arguments.get("output_attentions")
+        if weights is None:
+            weights = getattr(getattr(module, "config", None), "output_attentions", False)
+        begin = functools.partial(
+            cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device, bool(weights)
+        )
         if runtime.tp is None:
-            cache.begin_forward(batch_size, q_len, arguments.get("attention_mask"), inputs.device)
+            begin()
         else:  # a rank that cannot place its tokens must not leave the others waiting in the forward's collectives
-            begin = functools.partial(cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device)
             runtime.tp.run(begin, "placing a forward's tokens")
         runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
         return args, {**kwargs, CACHE_KWARG: cache}
