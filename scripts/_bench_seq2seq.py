@@ -163,7 +163,11 @@ def measure_seq2seq(workload: Seq2SeqWorkload, args, is_quick: bool, apply_targe
         "pool_ratio": pool_ratio,
         "limit": workload.limit,
         "page_size": stats["page_size"],
-        "memory_stats": {key: value for key, value in stats.items() if key != "groups"},
+        # memory_stats() counts the two kinds apart (None where a release of hf_paged does not)
+        "peak_self_attention_pages": stats.get("peak_self_attention_pages"),
+        "peak_cross_attention_pages": stats.get("peak_cross_attention_pages"),
+        "page_bytes": stats["page_bytes"],
+        "memory_stats": stats,
         "seconds": seconds,
         "times_s": times,
         "time_ratio": seconds["paged"] / seconds["stock"],
@@ -185,5 +189,9 @@ def print_seq2seq(results: list[dict]) -> None:
         print(f"{w['name']:<14}{shape:<32}{r['stock_kv_bytes'] / 2**20:>9.2f}M{r['paged_pool_bytes'] / 2**20:>10.2f}M"
               f"{r['pool_ratio']:>11.3f}{r['limit']:>7.3f}{r['seconds']['stock']:>9.3f}{r['seconds']['paged']:>9.3f}"
               f"{r['time_ratio']:>8.2f}  {str(r['tokens_match']):<6} {ok}")
+    for r in results:
+        if r["peak_cross_attention_pages"] is not None:
+            print(f"{r['workload']['name']}: peak {r['peak_self_attention_pages']} self-attention + "
+                  f"{r['peak_cross_attention_pages']} cross-attention pages of {r['page_size']} tokens ({r['page_bytes']} B)")
     print(f"(limit: (rows x target + inputs x source) / (rows x (source + target)); target: pool/stock at most "
           f"{TOLERANCE} above it, time below stock's, same tokens)")

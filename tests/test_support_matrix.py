@@ -14,6 +14,8 @@ spec.loader.exec_module(matrix)
 
 TEXT = (ROOT / "docs" / "support.md").read_text()
 ROWS = matrix.parse_table(TEXT)
+seq2seq = matrix.seq2seq
+SEQ2SEQ_ROWS = seq2seq.parse_table(matrix.shared(), TEXT)
 SAME_RELEASE = matrix.generated_with(TEXT) == transformers.__version__
 # Families of every kind of row (through the interface, patched: ALiBi, local layers; refused) and the
 # verdict each gets on every release CI runs, written down by hand (not read off the committed table).
@@ -55,3 +57,32 @@ def test_regenerating_a_sample_gives_the_committed_rows_and_never_a_mismatch():
         assert verdict is None or row[0] == verdict, (model_type, row)
         if SAME_RELEASE:  # the committed table was generated with this release: the same verdicts
             assert row == ROWS[model_type], model_type
+
+
+# The encoder-decoder table: issue 29's families (through the interface), a decoder-only audio LM the
+# seq2seq mapping lists (left-padded prompts), a refusal and a config the shrinking cannot make tiny.
+SEQ2SEQ_SAMPLE = {
+    ("bart", "text"): "pass", ("marian", "text"): "pass", ("t5", "text"): "pass", ("m2m_100", "text"): "pass",
+    ("whisper", "speech"): "pass", ("qwen2_audio", "text"): "pass",
+    ("granite_speech", "speech"): "refused", ("vibevoice", "speech"): "not built",
+}
+
+
+def test_the_encoder_decoder_table_has_no_error_or_mismatch_and_its_counts_add_up():
+    assert SEQ2SEQ_ROWS and not [key for key, (result, _) in SEQ2SEQ_ROWS.items() if result in ("MISMATCH", "error")]
+    counts = ", ".join(f"{sum(r == result for r, _ in SEQ2SEQ_ROWS.values())} {result}" for result in matrix.RESULTS)
+    assert f"**{len(SEQ2SEQ_ROWS)} rows: {counts}.**" in TEXT
+    assert all(reason for _, reason in SEQ2SEQ_ROWS.values())
+    assert {key: SEQ2SEQ_ROWS[key][0] for key in SEQ2SEQ_SAMPLE} == SEQ2SEQ_SAMPLE
+    if SAME_RELEASE:  # every type of both mappings, once per mapping that lists it
+        assert sorted(SEQ2SEQ_ROWS) == sorted((t, m) for m in seq2seq.MAPPINGS for t in seq2seq.rows_of(m))
+    assert TEXT.index(seq2seq.HEADING) > TEXT.index("| model type | result | reason |")  # the second table
+
+
+@pytest.mark.slow
+def test_regenerating_an_encoder_decoder_sample_gives_the_committed_rows():
+    for (model_type, mapping), verdict in SEQ2SEQ_SAMPLE.items():
+        row = seq2seq.check_with_timeout(matrix.shared(), mapping, model_type, 300)
+        assert row[0] == verdict, (model_type, mapping, row)
+        if SAME_RELEASE:
+            assert row == SEQ2SEQ_ROWS[(model_type, mapping)], (model_type, mapping)
