@@ -3,6 +3,7 @@
 from dataclasses import dataclass, fields, replace
 
 BACKENDS = ("auto", "torch", "flashinfer")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")  # vLLM's names (memory/kv_quant.py)
 
 # Defaults for the pool when neither num_pages nor max_memory is given. On CPU the pool is
 # allocated with torch.empty, so pages cost resident memory only once a request writes them;
@@ -77,6 +78,8 @@ class PagedConfig:
     compile: bool = False
     prefix_cache: bool = False
     exact: bool = False
+    kv_cache_dtype: str = "auto"
+    kv_scales: tuple | list | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
@@ -113,6 +116,14 @@ class PagedConfig:
             raise ValueError(f"expected prefix_cache to be True or False, got {self.prefix_cache!r}")
         if not isinstance(self.exact, bool):
             raise ValueError(f"expected exact to be True or False, got {self.exact!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"expected kv_cache_dtype to be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_scales is not None:
+            if self.kv_cache_dtype == "auto":
+                raise ValueError(
+                    "kv_scales needs fp8 pages: pass kv_cache_dtype='fp8_e4m3' or 'fp8_e5m2' with it, or drop kv_scales"
+                )
+            self.kv_scales = _check_scales(self.kv_scales)
         if self.exact:
             conflicts = [
                 text for text, on in (
@@ -120,6 +131,8 @@ class PagedConfig:
                     ("prefix_cache=True (reused K/V were computed in another batch shape)", self.prefix_cache),
                     ("backend='flashinfer' (its kernels add in another order than stock's SDPA)", self.backend == "flashinfer"),
                     ("compile=True (a compiled decode step fuses stock's operations)", self.compile),
+                    (f"kv_cache_dtype={self.kv_cache_dtype!r} (fp8 pages round every key and value)",
+                     self.kv_cache_dtype != "auto"),
                 ) if on
             ]
             if conflicts:
@@ -135,3 +148,25 @@ class PagedConfig:
         if unknown:
             raise TypeError(f"unknown PagedConfig field(s) {unknown}; expected some of {sorted(valid)}")
         return replace(self, **overrides)
+
+
+def _check_scales(scales) -> tuple:
+    """PagedConfig.kv_scales as a tuple: one (k, v) pair of floats, or a tuple of such pairs (one per layer)."""
+
+    def pair(item) -> tuple[float, float] | None:
+        if isinstance(item, (tuple, list)) and len(item) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < float("inf") for x in item
+        ):
+            return float(item[0]), float(item[1])
+        return None
+
+    one = pair(scales)
+    if one is not None:
+        return one
+    many = [pair(item) for item in scales] if isinstance(scales, (tuple, list)) and scales else [None]
+    if any(item is None for item in many):
+        raise ValueError(
+            "expected kv_scales to be a (k_scale, v_scale) pair of positive finite numbers, or a list of one "
+            f"such pair per layer, got {scales!r}"
+        )
+    return tuple(many)

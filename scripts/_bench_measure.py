@@ -77,7 +77,8 @@ def wrap_for(model, workload: Workload, args) -> None:
     """(Re-)wrap `model` with a pool big enough for `workload` without any sharing."""
     num_pages = args.num_pages or pages_needed(workload, args.page_size)
     cascade = False if args.no_cascade else None
-    hf_paged.wrap(model, page_size=args.page_size, num_pages=num_pages, cascade=cascade, exact=args.exact)
+    hf_paged.wrap(model, page_size=args.page_size, num_pages=num_pages, cascade=cascade, exact=args.exact,
+                  kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
 
 
 def alternate(runs: dict, reps: int, progress) -> dict[str, list[float]]:

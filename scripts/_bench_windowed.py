@@ -71,7 +71,8 @@ def measure_windowed(case: Windowed, args, device: torch.device, quick: bool) ->
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=PAD_TOKEN_ID, eos_token_id=None,
                   num_beams=4 if case.decoding == "beam4" else 1)
     stock_tokens, stock_kv = stock_kv_bytes(stock, inputs, kwargs, args.seed)
-    hf_paged.wrap(paged, page_size=args.page_size, num_pages=args.num_pages or 4 * (prompt_len + new_tokens))
+    hf_paged.wrap(paged, page_size=args.page_size, num_pages=args.num_pages or 4 * (prompt_len + new_tokens),
+                  kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))
     runtime = paged.hf_paged_runtime
     grouped = runtime.groups
     paged_tokens, _ = timed_generate(paged, inputs, kwargs, args.seed, device)

@@ -11,6 +11,7 @@ each side once more in its own subprocess (see scripts/_bench_measure.py for wha
     python scripts/bench.py --workload none --windowed       # the sliding-window workloads only
     python scripts/bench.py --workload none --seq2seq        # translation, summarization, speech (encoder-decoder)
     python scripts/bench.py --workload overhead              # host time added per layer and token
+    python scripts/bench.py --workload summarize,wide-beam --dtype bfloat16 --kv-cache-dtype fp8_e4m3 --no-memory
 """
 
 import argparse
@@ -28,6 +29,7 @@ import hf_paged
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _bench_fp8 import compare_kv_dtypes, print_kv_dtypes  # noqa: E402
 from _bench_measure import child_peak_memory, measure  # noqa: E402
 from _bench_overhead import measure_overhead, print_overhead  # noqa: E402
 from _bench_prefix import few_shot, print_few_shot  # noqa: E402
@@ -82,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     paged.add_argument("--no-cascade", action="store_true", help="PagedConfig(cascade=False)")
     paged.add_argument("--exact", action="store_true",
                        help="PagedConfig(exact=True): stock's arithmetic, fp32 logits bit for bit (docs/numerics.md)")
+    paged.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3", "fp8_e5m2"),
+                       help="PagedConfig(kv_cache_dtype=...); fp8 also times each workload with auto pages "
+                       "and reports time and peak pool bytes fp8 / auto (docs/fp8.md)")
     out = parser.add_argument_group("output")
     out.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     out.add_argument("--json", metavar="PATH", help="write every number as JSON")
@@ -123,6 +128,7 @@ def targets_skipped(args: argparse.Namespace) -> str | None:
     defaults = parse_args([])
     reasons = ["--quick"] if args.quick else []
     reasons += ["--exact"] if args.exact else []  # no prompt sharing: the beam targets were set without it
+    reasons += ["--kv-cache-dtype"] if args.kv_cache_dtype != "auto" else []  # rounded K/V: other tokens than stock's
     reasons += [f"--{name.replace('_', '-')}" for name in ("batch_size", "prompt_len", "new_tokens", "num_beams", "num_return_sequences")
                 if getattr(args, name) is not None]
     reasons += [f"--{name.replace('_', '-')}" for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "dtype", "device")
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         overhead = measure_overhead(args, args.quick) if with_overhead else None
         windowed = [measure_windowed(case, args, device, args.quick) for case in WINDOWED] if args.windowed else None
         seq2seq = [measure_seq2seq(case, args, args.quick, skipped is None) for case in SEQ2SEQ] if args.seq2seq else None
+        kv_dtypes = compare_kv_dtypes(workloads, paged, args, device) if workloads and args.kv_cache_dtype != "auto" else None
         few = None
         if args.prefix_cache:
             shape = dict(prefix_len=64, num_questions=8) if args.quick else {}
@@ -289,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     document = {
         "machine": machine_info(device),
         "model": model_info,
-        "config": {"page_size": args.page_size, "cascade": cascade, "exact": args.exact, "reps": args.reps, "seed": args.seed},
+        "config": {"page_size": args.page_size, "cascade": cascade, "exact": args.exact, "reps": args.reps, "seed": args.seed,
+                   "kv_cache_dtype": args.kv_cache_dtype},
         "targets_skipped": skipped,
         "elapsed_s": time.time() - started,
         "results": results,
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "windowed": windowed,
         "seq2seq": seq2seq,
         "overhead": overhead,
+        "kv_dtypes": kv_dtypes,
     }
     print(f"\nmodel {model_info}, page_size {args.page_size}, cascade {cascade}, exact {args.exact}, "
           f"{args.reps} reps, {document['machine']['processor']} x{os.cpu_count()}, load {document['machine']['load_avg']}")
@@ -305,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print_table(results)
     if skipped:
         print(f"({skipped})")
+    if kv_dtypes:
+        print_kv_dtypes(kv_dtypes)
     if points:
         print("\nnum_beams sweep (wide-beam shape)")
         print_table(points)

@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-cache", action="store_true",
         help="keep prompt pages across batches and reuse shared prefixes (PagedConfig(prefix_cache=True))",
     )
+    paging.add_argument(
+        "--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3", "fp8_e5m2"),
+        help="what pages store K/V in (PagedConfig.kv_cache_dtype): auto (the model's dtype) or fp8, half the "
+        "bytes of bf16 pages (docs/fp8.md)",
+    )
     report = parser.add_argument_group("report")
     report.add_argument(
         "--compare", action="store_true",
@@ -260,11 +265,11 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         config = hf_paged.PagedConfig(
             page_size=args.page_size, window_page_size=args.window_page_size, num_pages=args.num_pages, max_memory=parse_memory(args.max_memory),
             backend=args.backend, cascade=False if args.no_cascade else None, compile=args.compile,
-            prefix_cache=args.prefix_cache,
+            prefix_cache=args.prefix_cache, kv_cache_dtype=args.kv_cache_dtype,
         )
     except ValueError as error:
         raise EvalError(
-            f"bad paging flag (--page-size, --window-page-size, --num-pages, --max-memory, --backend): {error}"
+            f"bad paging flag (--page-size, --window-page-size, --num-pages, --max-memory, --backend, --kv-cache-dtype): {error}"
         ) from error
     data_files = args.data_files or (None if args.dataset else bundled_data_files(args.task))
     with state.main_process_first():
@@ -363,7 +368,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         data={"task": args.task, "dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split, "data_files": data_files},
         num_processes=state.num_processes,
         generation=kwargs,
-        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes")}
+        paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes", "kv_cache_dtype")}
         | {"backend": executor, "requested_backend": args.backend, "compile": args.compile}
         | {"groups": [{key: group[key] for key in ("window", "num_layers", "page_size")} for group in geometry["groups"]]},
         pool_placement=placement,

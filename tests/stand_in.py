@@ -35,8 +35,9 @@ def bind(cls, method: str, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return bound
 
 
-def reference_paged_attention(q, cache, plan) -> torch.Tensor:
-    """FlashInfer's paged attention, spelled out per row (fp32).
+def reference_paged_attention(q, cache, plan, k_scale=None, v_scale=None) -> torch.Tensor:
+    """FlashInfer's paged attention, spelled out per row (fp32); fp8 pages read as stored x k_scale
+    (v_scale), which is what folding k_scale into sm_scale and v_scale into the output computes.
 
     KV length of a row: 0 with no pages, else `(pages - 1) * page_size + last_page_len`
     (page.cuh `get_length`). Query i of a row with qo_len new tokens sits at
@@ -57,10 +58,10 @@ def reference_paged_attention(q, cache, plan) -> torch.Tensor:
         if q_end == q_start:
             continue
         k_cache, v_cache = cache  # (k_cache, v_cache), each [pages, page_size, H, D]
-        kv = torch.stack([k_cache[pages], v_cache[pages]]).float()
+        kv = torch.stack([k_cache[pages].float(), v_cache[pages].float()])
         kv = kv.reshape(2, -1, *k_cache.shape[-2:])[:, :kv_len]  # (2, M, H, D)
-        k = kv[0].repeat_interleave(group, dim=1)
-        v = kv[1].repeat_interleave(group, dim=1)
+        k = kv[0].repeat_interleave(group, dim=1) * (1.0 if k_scale is None else k_scale)
+        v = kv[1].repeat_interleave(group, dim=1) * (1.0 if v_scale is None else v_scale)
         scores = torch.einsum("qhd,khd->hqk", q[q_start:q_end].float(), k) * plan["sm_scale"]
         pos = kv_len - (q_end - q_start) + torch.arange(q_end - q_start)[:, None]
         keys = torch.arange(kv_len)[None]
@@ -107,7 +108,7 @@ class FakeWrapper:
         assert isinstance(cache, tuple) and all(c.dtype == self.planned["kv_data_type"] for c in cache)
         assert q.dtype == self.planned["q_data_type"]
         assert q.shape == (int(self.planned["qo_indptr"][-1]), self.planned["num_qo_heads"], self.planned["head_dim"])
-        out, lse = reference_paged_attention(q, cache, self.planned)
+        out, lse = reference_paged_attention(q, cache, self.planned, bound.get("k_scale"), bound.get("v_scale"))
         return (out.to(q.dtype), lse) if bound.get("return_lse") else out.to(q.dtype)
 
 
@@ -143,10 +144,10 @@ class Comparer(TorchExecutor):
         self.plan_types.append(type(plan).__name__)
         return super().plan(meta, params, pool), plan
 
-    def run(self, q, layer_pool, plan):
+    def run(self, q, layer_pool, plan, scales=None):
         torch_plan, flashinfer_plan = plan
-        expected = super().run(q, layer_pool, torch_plan)
-        actual = self.flashinfer.run(q, layer_pool, flashinfer_plan)
+        expected = super().run(q, layer_pool, torch_plan, scales)
+        actual = self.flashinfer.run(q, layer_pool, flashinfer_plan, scales)
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         self.num_compared += 1
         return expected

@@ -22,7 +22,7 @@ import hf_paged
 from hf_paged.distributed.tensor_parallel import TPGroup, local_specs, make_pool, tp_group
 from threads import run_threads
 from tiny import COMMON, SMALL, tiny_model
-from tp_cases import CASES, FAMILIES, NUM_PAGES, PAGE_SIZE, run_case
+from tp_cases import CASES, FAMILIES, FP8_SCALES, NUM_PAGES, PAGE_SIZE, run_case
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -46,6 +46,11 @@ def _single_process(family: str) -> dict:
         stats = hf_paged.memory_stats(model)
         expected["peak_kv_bytes"][name] = stats["peak_kv_bytes"]
     expected["pool_bytes"] = stats["pool_bytes"]
+    hf_paged.wrap(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3", kv_scales=FP8_SCALES)
+    expected["fp8"] = run_case(model, "greedy")
+    hf_paged.wrap(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3")
+    run_case(model, "greedy")
+    expected["fp8_scales"] = hf_paged.memory_stats(model)["kv_scales"]
     # What one rank's pool must hold, from the config: half the KV heads, a page of PAGE_SIZE tokens
     # per full-attention layer (these families have at most one sliding layer per full one, and a
     # page id's sliding pages are packed into its full layers' pages: hf_paged/memory/layout.py).
@@ -94,6 +99,14 @@ def test_tp2_gives_single_process_tokens_with_half_the_kv_bytes_per_rank(tp_run)
             assert stats["pool_bytes"] == expected["local_pool_bytes"], family
             assert seen["prefix_cache"] == [expected["tokens"]["greedy"]] * 2, family
             assert seen["prefix_hits"] > 0, family
+            # fp8 pages: a quarter of the fp32 pool; with the same scales, one process's tokens.
+            assert 4 * seen["fp8_pool_bytes"] == stats["pool_bytes"], family
+            assert seen["fp8"] == expected["fp8"], family
+        # Each rank's scales are its own heads' (layer 0's K/V come from the embeddings alone:
+        # the largest over the ranks is one process's over all heads).
+        ranks = [report["families"][family]["fp8_scales"][0] for report in tp_run]
+        assert ranks[0] != ranks[1], family
+        assert [max(pair) for pair in zip(*ranks)] == pytest.approx(expected["fp8_scales"][0], rel=1e-6), family
 
 
 @pytest.mark.slow

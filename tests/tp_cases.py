@@ -14,6 +14,9 @@ PAGE_SIZE = 4
 # Ragged left padding; 12 new tokens take every row past the sliding windows (5 and 6).
 PROMPT = dict(batch=3, length=9, pads=(0, 3, 6), seed=3)
 
+# fp8 pages: given scales (every rank the same; the tiny models' |K|, |V| stay below 448 x these).
+FP8_SCALES = (0.02, 0.015)
+
 CASES = {
     "greedy": dict(max_new_tokens=12, do_sample=False),
     "beams": dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False),

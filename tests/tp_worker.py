@@ -22,7 +22,7 @@ import hf_paged  # noqa: E402
 from hf_paged.memory import pool as pool_module  # noqa: E402
 from hf_paged.distributed import tensor_parallel  # noqa: E402
 from hf_paged.cache.paged_cache import PagedCache  # noqa: E402
-from tp_cases import CASES, FAMILIES, NUM_PAGES, PAGE_SIZE, run_case  # noqa: E402
+from tp_cases import CASES, FAMILIES, FP8_SCALES, NUM_PAGES, PAGE_SIZE, run_case  # noqa: E402
 
 
 def load(path: Path) -> torch.nn.Module:
@@ -48,6 +48,13 @@ def run_family(model: torch.nn.Module) -> dict:
     hf_paged.wrap(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE, prefix_cache=True)
     result["prefix_cache"] = [run_case(model, "greedy") for _ in range(2)]  # the second call hits
     result["prefix_hits"] = hf_paged.memory_stats(model)["prefix_hits"]
+    # fp8 pages: given scales, then each rank's own from its heads' first forward.
+    hf_paged.wrap(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3", kv_scales=FP8_SCALES)
+    result["fp8"] = run_case(model, "greedy")
+    result["fp8_pool_bytes"] = hf_paged.memory_stats(model)["pool_bytes"]
+    hf_paged.wrap(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE, kv_cache_dtype="fp8_e4m3")
+    run_case(model, "greedy")
+    result["fp8_scales"] = hf_paged.memory_stats(model)["kv_scales"]
     hf_paged.unwrap(model)
     return result
 

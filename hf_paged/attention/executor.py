@@ -1,7 +1,8 @@
 """The contract every attention executor meets, and the capabilities it declares.
 
 An executor has `plan(meta, params, pool) -> plan` (once per forward and distinct layer setting)
-and `run(q [nnz, H_q, D], layer_pool, plan) -> [nnz, H_q, D]` (once per layer). Both read
+and `run(q [nnz, H_q, D], layer_pool, plan, scales=None) -> [nnz, H_q, D]` (once per layer; `scales`:
+the layer's (k_scale, v_scale) when its pages hold fp8, memory/kv_quant.py). Both read
 exactly the ForwardMetadata; neither gets information the other lacks. Whether a forward takes
 the plain or the shared-prefix (cascade) path is the executor's own choice inside `plan`.
 
@@ -38,7 +39,8 @@ class Executor(Protocol):
         executor whose plan reads the lengths on the host anyway (FlashInfer's) answers None."""
         ...
 
-    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: object) -> torch.Tensor: ...
+    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: object,
+            scales: tuple[float, float] | None = None) -> torch.Tensor: ...
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Before every compiled decode step, outside the compiled region: prepare what `op_runner`

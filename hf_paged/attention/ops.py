@@ -4,7 +4,7 @@ Two ops, both opaque to torch.compile (dynamo records a call, never traces insid
 
 * `torch.ops.hf_paged.paged_attention(q, kv_pool, qo_indptr, kv_indptr, kv_indices,
   kv_last_page_len, max_q, max_kv, sm_scale, window_left, logits_soft_cap, backend,
-  alibi_slopes=None) -> out`
+  alibi_slopes=None, k_scale=1.0, v_scale=1.0) -> out` (the scales: fp8 pages, memory/kv_quant.py)
 * `torch.ops.hf_paged.write_kv(kv_pool, key, value, slot_mapping) -> None` (mutates `kv_pool`)
 
 They take tensors in FlashInfer's paged format and plain scalars; nothing else. `max_q` and `max_kv`
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory.kv_quant import as_bytes
 from .params import LayerParams
 from .torch import dense, masks, reads
 
@@ -41,9 +42,12 @@ class PagedIndex:
     page_size: int
 
 
-# A runner gets the op's query and layer pool, its index tensors, the bounds and the layer
-# setting, and returns `[nnz, H_q, D]` in q's dtype.
-Runner = Callable[[torch.Tensor, torch.Tensor, PagedIndex, int, int, LayerParams], torch.Tensor]
+# A runner gets the op's query and layer pool, its index tensors, the bounds, the layer setting
+# and the pool's (k_scale, v_scale) (None for pages in the model's dtype), and returns `[nnz, H_q, D]`
+# in q's dtype.
+Runner = Callable[
+    [torch.Tensor, torch.Tensor, PagedIndex, int, int, LayerParams, tuple[float, float] | None], torch.Tensor
+]
 
 
 class RunnerRegistry:
@@ -94,6 +98,8 @@ def paged_attention(
     logits_soft_cap: float,
     backend: str,
     alibi_slopes: list[float] | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged attention of the new tokens of every row; returns `[nnz, H_q, D]` in q's dtype.
 
@@ -107,23 +113,26 @@ def paged_attention(
     kv_last_page_len: [rows] int32 used slots of each row's last page (0 for an empty row).
     max_q, max_kv:    upper bounds of the new tokens and of the KV length of any row.
     sm_scale, window_left, logits_soft_cap, alibi_slopes: as in LayerParams (-1 / 0.0 / None for none).
+    k_scale, v_scale: the layer's scales when `kv_pool` holds fp8 (read = stored * scale); else unused.
     Causal attention is bottom-right aligned: a row's new tokens are the last tokens of its KV.
     """
     runner = RUNNERS.get(backend)
     index = PagedIndex(qo_indptr, kv_indptr, kv_indices, kv_last_page_len, page_size=kv_pool.shape[2])
     slopes = tuple(alibi_slopes) if alibi_slopes else None
     params = LayerParams(q.shape[1], kv_pool.shape[3], q.shape[2], sm_scale, window_left, logits_soft_cap, slopes)
-    return runner(q, kv_pool, index, max_q, max_kv, params)
+    scales = (k_scale, v_scale) if kv_pool.element_size() == 1 else None
+    return runner(q, kv_pool, index, max_q, max_kv, params, scales)
 
 
 @paged_attention.register_fake
 def _(q, kv_pool, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, max_q, max_kv, sm_scale,
-      window_left, logits_soft_cap, backend, alibi_slopes=None):
+      window_left, logits_soft_cap, backend, alibi_slopes=None, k_scale=1.0, v_scale=1.0):
     return q.new_empty(q.shape)
 
 
 def run_torch(
-    q: torch.Tensor, kv_pool: torch.Tensor, index: PagedIndex, max_q: int, max_kv: int, params: LayerParams
+    q: torch.Tensor, kv_pool: torch.Tensor, index: PagedIndex, max_q: int, max_kv: int, params: LayerParams,
+    scales: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The "torch" runner: the plain torch path on index tensors alone (no host sync, shapes from
     the bounds only)."""
@@ -137,7 +146,7 @@ def run_torch(
     else:
         mask = masks.packed_mask(index, max_q, max_kv, params, packed)
     plan = dense.TorchPlan(kv_slots, mask, q_positions, rows, max_q, max_kv, params, packed=packed)
-    return dense.run(q, kv_pool, plan).to(q.dtype)
+    return dense.run(q, kv_pool, plan, scales).to(q.dtype)
 
 
 RUNNERS = RunnerRegistry()
@@ -156,6 +165,8 @@ def write_kv_auto(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def write_kv_eager(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if kv_pool.element_size() == 1 and key.dtype == kv_pool.dtype:  # fp8, quantized by the caller: as bytes
+        kv_pool, key, value = as_bytes(kv_pool), as_bytes(key), as_bytes(value)
     if not kv_pool.is_contiguous():  # a layer packed into a wider slice (layout.py)
         page_size = kv_pool.shape[2]
         found = reads.token_rows(kv_pool)
@@ -179,7 +190,7 @@ def write_kv(kv_pool: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot
     """Write new tokens' K/V into their slots of one layer's pool.
 
     kv_pool:      [2, num_pages + 1, page_size, H_kv, D], written in place.
-    key, value:   [nnz, H_kv, D], cast to the pool's dtype.
+    key, value:   [nnz, H_kv, D], cast to the pool's dtype (fp8 pages: quantized by the caller, kv_quant.py).
     slot_mapping: [nnz] int64 `page_id * page_size + offset` of each token.
     """
     write_kv_eager(kv_pool, key, value, slot_mapping)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.torch.reads import token_rows
+from ..memory.kv_quant import KVQuant, dequantize
 
 
 @dataclass(slots=True)
@@ -112,11 +113,12 @@ def plan_dense(group_tables, attention_mask: torch.Tensor | None, batch_size: in
 
 
 def padded_kv(dense: DenseForward, layer_idx: int, group: int, pool: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor):
+              value: torch.Tensor, quant: KVQuant | None = None):
     """Stock's cache view of one layer: `[batch, H_kv, past + q_len, D]` keys and values (from
     `dense.kept(layer_idx)` on for a sliding layer, as stock's cache), the past read from `pool`
     (the layer's `[2, pages, page_size, H_kv, D]`), this forward's `key`/`value` (`[batch, H_kv,
-    q_len, D]`) at the end, zeros at the padded positions never stored (which the mask drops)."""
+    q_len, D]`) at the end, zeros at the padded positions never stored (which the mask drops).
+    fp8 pages (`quant`): the past dequantized, this forward's K/V rounded as the pages hold them."""
     past = dense.pasts[group]
     start = dense.kept(layer_idx)
     if start:
@@ -135,7 +137,12 @@ def padded_kv(dense: DenseForward, layer_idx: int, group: int, pool: torch.Tenso
         else:
             page_size = pool.shape[2]
             stored = pool[:, past.slots // page_size, past.slots % page_size]
+        if quant is not None:
+            k_scale, v_scale = quant.scales[layer_idx]
+            stored = torch.stack([dequantize(stored[0], key.dtype, k_scale), dequantize(stored[1], key.dtype, v_scale)])
         out[:, past.rows, past.positions] = stored.to(key.dtype)
+    if quant is not None:
+        key, value = quant.round_trip(layer_idx, key, value)
     out[0, :, past_length:] = key.transpose(1, 2)
     out[1, :, past_length:] = value.transpose(1, 2)
     out = out.transpose(2, 3)

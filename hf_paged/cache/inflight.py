@@ -22,6 +22,7 @@ import torch
 
 from ..attention import LayerParams
 from ..attention.torch import dense
+from ..memory.kv_quant import KVQuant, dequantize
 
 
 def skipped_tokens(qo_lens: list[int], window: int, page_size: int, past: list[int] | None = None) -> list[int]:
@@ -220,11 +221,15 @@ def start(state, skips: list[list[int] | None], deferred: list[list[int]], new_m
 
 
 def attend(state, layer_idx: int, group: int, query: torch.Tensor, params: LayerParams,
-           pool: torch.Tensor | None = None) -> torch.Tensor:
+           pool: torch.Tensor | None = None, quant: KVQuant | None = None) -> torch.Tensor:
     """PagedCache.attend for a layer of a group in `state.inflight` (a forward.ForwardState): its
     K/V were stashed by PagedCache.update, its rows' past is read from the layer's `pool`
-    `[2, pages + 1, page_size, H_kv, D]`; one plan per forward, group and layer setting."""
+    `[2, pages + 1, page_size, H_kv, D]`; one plan per forward, group and layer setting. fp8 pages
+    (`quant`): the past is dequantized, and the forward's own K/V rounded as the pages hold them, so
+    every layer attends to the values a later step reads back."""
     key, value = state.stash.pop(layer_idx)
+    if quant is not None:
+        key, value = quant.round_trip(layer_idx, key, value)
     plan_key = ("inflight", query.device, params, group)
     found = state.plans.get(plan_key)
     if found is None:
@@ -236,6 +241,9 @@ def attend(state, layer_idx: int, group: int, query: torch.Tensor, params: Layer
     if found.past_pages is not None:
         past_key, past_value = _past_kv(pool, found.past_pages.to(pool.device), query.shape[0], found.past_len)
         stored = found.past_stored.to(pool.device)  # a masked key is still multiplied: no stale NaN may pass
+        if quant is not None:  # fp8 pages (memory/kv_quant.py)
+            k_scale, v_scale = quant.scales[layer_idx]
+            past_key, past_value = dequantize(past_key, key.dtype, k_scale), dequantize(past_value, key.dtype, v_scale)
         past_key, past_value = past_key.where(stored, 0.0), past_value.where(stored, 0.0)
         key = torch.cat([past_key.to(key.device, key.dtype), key], dim=2)
         value = torch.cat([past_value.to(value.device, value.dtype), value], dim=2)

@@ -14,6 +14,7 @@ from transformers.cache_utils import Cache
 from ..attention import ops  # noqa: F401  (registers torch.ops.hf_paged.*)
 from ..attention.metadata import ForwardMetadata
 from ..attention.params import LayerParams
+from ..memory.kv_quant import KVQuant
 
 
 class DecodeBuffers:
@@ -75,10 +76,13 @@ class StaticDecodeCache(Cache):
 
     def __init__(
         self, pools: list[torch.Tensor], buffers: DecodeBuffers, backend: str,
-        layer_window: Callable[[int], int | None] | None = None,
+        layer_window: Callable[[int], int | None] | None = None, kv_quant: KVQuant | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__(layers=[])
         self.pools = pools
+        self.dtype = dtype or pools[0].dtype  # the model's (queries'); the pools' with pages in the model's dtype
+        self.kv_quant = kv_quant  # fp8 pages: scales (set by the eager prefill) and clamp counts
         self.buffers = buffers
         self.backend = backend
         self.num_layers = len(pools)
@@ -93,6 +97,8 @@ class StaticDecodeCache(Cache):
         rows, num_kv_heads, q_len, head_dim = key_states.shape
         key = key_states.transpose(1, 2).reshape(rows * q_len, num_kv_heads, head_dim)
         value = value_states.transpose(1, 2).reshape(rows * q_len, num_kv_heads, head_dim)
+        if self.kv_quant is not None:
+            key, value = self.kv_quant.quantize(layer_idx, key, value)
         torch.ops.hf_paged.write_kv(self.pools[layer_idx], key, value, self.buffers.slot_mapping)
         return key_states, value_states
 
@@ -104,9 +110,12 @@ class StaticDecodeCache(Cache):
         out = torch.ops.hf_paged.paged_attention(
             q, self.pools[layer_idx], b.qo_indptr, b.kv_indptr, b.kv_indices, b.kv_last_page_len,
             1, b.max_kv, params.sm_scale, params.window_left, params.logits_soft_cap, self.backend,
-            list(params.alibi_slopes) if params.alibi_slopes else None,
+            list(params.alibi_slopes) if params.alibi_slopes else None, *self._scales(layer_idx),
         )
         return out.view(rows, q_len, num_heads, head_dim)
+
+    def _scales(self, layer_idx: int) -> tuple[float, float]:
+        return self.kv_quant.scales[layer_idx] if self.kv_quant is not None else (1.0, 1.0)
 
     def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
         return self.buffers.seq_length

@@ -16,6 +16,7 @@ import torch
 from ..attention import LayerParams, ops
 from ..attention.metadata import ForwardMetadata, advance_metadata, build_metadata
 from ..attention.torch import reads
+from ..memory.kv_quant import as_bytes
 from ..memory.pool import copy_pages
 from .runtime import set_stock_masks
 from . import inflight
@@ -38,9 +39,13 @@ class ForwardSteps:
         its window; whether every layer is on one device."""
         pools = self.pool.pools
         self._layers = [(layer_pool, self.layer_group[layer], layer_pool.device) for layer, layer_pool in enumerate(pools)]
-        # (heads, head dim, dtype, page size, planes) per layer: what update() checks and writes to.
+        # fp8 pages: scales and clamp counts (memory/kv_quant.py); None for pages in the model's dtype.
+        self._quant = self.pool.kv_quant
+        # (heads, head dim, dtype, page size, planes) per layer: what update() checks and writes to
+        # (fp8 pages: dtype None, K/V are quantized from the model's dtype, planes are bytes).
         self._writes = [
-            (layer_pool.shape[3], layer_pool.shape[4], layer_pool.dtype, layer_pool.shape[2], token_planes(layer_pool))
+            (layer_pool.shape[3], layer_pool.shape[4], None if self._quant else layer_pool.dtype, layer_pool.shape[2],
+             token_planes(layer_pool))
             for layer_pool in pools
         ]
         self._layer_windows = [self.runtime.layer_window(layer) for layer in range(len(pools))]
@@ -200,6 +205,7 @@ class ForwardSteps:
                 f"holds {(pool_heads, pool_head_dim)}; this model's attention is not supported by hf_paged"
             )
         index = meta.token_index if meta.write_index is None else meta.write_index
+        dtype = dtype or key_states.dtype
         if q_len == 1 and index is None:  # decode: dropping the length-1 dim is a view
             key, value = key_states.view(batch, num_heads, head_dim), value_states.view(batch, num_heads, head_dim)
             if key.dtype != dtype:
@@ -209,6 +215,11 @@ class ForwardSteps:
         if key.requires_grad or value.requires_grad:  # your own forward in grad mode: pages need no graph
             key, value = key.detach(), value.detach()
             state.graph_kv[layer_idx] = (key_states, value_states)  # attend refuses a backward through them
+        quant = self._quant
+        if quant is not None:  # fp8 pages: the layer's scales are set by its first write
+            if quant.scales[layer_idx] is None:
+                quant.set_scales(layer_idx, key, value, self.runtime.attention_modules[layer_idx])
+            key, value = quant.quantize(layer_idx, key, value)
         if planes is None or torch.compiler.is_compiling():  # the hf_paged::write_kv op when compiling
             ops.write_kv_auto(pool, key, value, meta.slot_mapping)
         else:  # the same copy on planes viewed once per pool (two tensor calls per layer)
@@ -218,11 +229,11 @@ class ForwardSteps:
                 slots = state.packed_slots.get((group, per_page))
                 if slots is None:
                     slots = state.packed_slots[(group, per_page)] = reads.packed_slots(meta.slot_mapping, page_size, per_page)
-            key_plane.index_copy_(0, slots, key)
-            value_plane.index_copy_(0, slots, value)
+            key_plane.index_copy_(0, slots, as_bytes(key))  # (fp8 pages: planes and K/V as bytes)
+            value_plane.index_copy_(0, slots, as_bytes(value))
         state.num_written += 1
         if state.dense is not None:  # stock's view of the cache: every padded position (dense.py)
-            return padded_kv(state.dense, layer_idx, group, pool, key_states, value_states)
+            return padded_kv(state.dense, layer_idx, group, pool, key_states, value_states, self._quant)
         if meta.write_index is not None:  # this layer attends from these K/V (inflight.py)
             state.stash[layer_idx] = (key_states, value_states)
         return key_states, value_states
@@ -241,12 +252,15 @@ class ForwardSteps:
         else:
             plan, meta = self._plan_for(state, layer_idx, pool, group, device, params)
             if meta is None:  # a prompt's sliding layer: from the forward's own K/V (inflight.py)
-                return inflight.attend(state, layer_idx, group, query, plan, pool)
+                return inflight.attend(state, layer_idx, group, query, plan, pool, self._quant)
         batch, num_heads, q_len, head_dim = query.shape
         if meta.token_index is None:  # every input token is new: `[nnz, H_q, D]` is a view or a reshape
             q = query.view(batch, num_heads, head_dim) if q_len == 1 else query.transpose(1, 2).reshape(-1, num_heads, head_dim)
-            return self.executor.run(q, pool, plan).view(batch, q_len, num_heads, head_dim)
-        out = self.executor.run(pack(query, meta.token_index, query.dtype), pool, plan)  # (nnz, H_q, D)
+            if self._quant is None:
+                return self.executor.run(q, pool, plan).view(batch, q_len, num_heads, head_dim)
+            return self.executor.run(q, pool, plan, self._quant.scales[layer_idx]).view(batch, q_len, num_heads, head_dim)
+        scales = self._quant.scales[layer_idx] if self._quant is not None else None
+        out = self.executor.run(pack(query, meta.token_index, query.dtype), pool, plan, scales)  # (nnz, H_q, D)
         full = out.new_zeros(batch * q_len, num_heads, head_dim)
         return full.index_copy_(0, meta.token_index, out).view(batch, q_len, num_heads, head_dim)
 
@@ -311,7 +325,7 @@ def token_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     views, and the rows from one page to the next (`reads.token_rows`: page_size for a contiguous
     pool, where a row is a `slot_mapping` slot; the slice's page stride for a layer packed into a
     wider slice, layout.py); None for a layout they cannot view, which ops.write_kv_eager writes by page."""
-    found = reads.token_rows(layer_pool)
+    found = reads.token_rows(as_bytes(layer_pool))
     if found is None:
         return None
     rows, per_page = found

@@ -162,7 +162,9 @@ class CompiledDecode:
         if static is None:
             pool = self.runtime.pool
             buffers = DecodeBuffers(meta.num_rows, self.pages_per_row, pool.page_size, pool.zero_page_id, self.device)
-            static = self.caches[key] = StaticDecodeCache(pool.pools, buffers, self.backend, self.runtime.layer_window)
+            static = self.caches[key] = StaticDecodeCache(
+                pool.pools, buffers, self.backend, self.runtime.layer_window, pool.kv_quant, pool.specs[0].dtype
+            )
         return static if static.buffers.fits(meta) else None
 
     def size_for(self, max_tokens: int) -> None:

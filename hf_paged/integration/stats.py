@@ -30,6 +30,11 @@ def memory_stats(model: torch.nn.Module) -> dict:
     `cached_pages` it keeps between calls (a call's peaks count the pages its rows hold, cached
     ones they read included, not those only the cache holds), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
+    `kv_cache_dtype` is what pages store (PagedConfig's: "auto", "fp8_e4m3", "fp8_e5m2") and
+    `kv_dtype` that dtype's torch name. With fp8 pages, `kv_scales` lists each layer's (k_scale,
+    v_scale) (None until its first forward sets it) and `kv_clamped_values` the keys and values
+    clamped to the fp8 range since wrap() (docs/fp8.md).
+
     Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
     which holds this rank's KV heads; every rank's pool has the same pages.
     """
@@ -48,6 +53,8 @@ def memory_stats(model: torch.nn.Module) -> dict:
         "peak_shared_pages": runtime.last_peak_shared_pages,
         "peak_pool_bytes": runtime.last_peak_pages * pool.page_bytes,
         "peak_kv_bytes": runtime.last_peak_pages * pool.page_bytes,
+        "kv_cache_dtype": runtime.config.kv_cache_dtype,
+        "kv_dtype": str(pool.specs[0].storage_dtype).removeprefix("torch.") if pool.specs else None,
         # Under tensor parallelism every figure is this rank's pool (its local KV heads); each rank has one.
         "tp_rank": runtime.tp.rank if runtime.tp is not None else 0,
         "tp_size": runtime.tp.size if runtime.tp is not None else 1,
@@ -67,6 +74,8 @@ def memory_stats(model: torch.nn.Module) -> dict:
         for index, group in enumerate(runtime.groups)
         for peaks in [runtime.last_peak_group_pages]
     ]
+    if pool.kv_quant is not None:  # fp8 pages (memory/kv_quant.py)
+        stats.update(kv_scales=list(pool.kv_quant.scales), kv_clamped_values=pool.kv_quant.clamped_values())
     prefix = pool.prefix_cache
     if prefix is not None:  # PagedConfig(prefix_cache=True): counters since wrap()
         stats.update(

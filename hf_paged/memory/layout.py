@@ -34,11 +34,16 @@ class LayerSpec:
     num_kv_heads: int
     head_dim: int
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the layer's (its weights')
+    kv_dtype: torch.dtype | None = None  # what its pages store (PagedConfig.kv_cache_dtype); None: `dtype`
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     @property
     def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return torch.empty((), dtype=self.storage_dtype).element_size()
 
     @property
     def bytes_per_token(self) -> int:
@@ -159,7 +164,7 @@ def _pack(specs: list[LayerSpec], layers: tuple[int, ...], page_size: int, slice
 
 
 def layer_views(slices: list[torch.Tensor], specs: list[LayerSpec], layout: Layout) -> list[torch.Tensor]:
-    """Each layer's pool `[2, num_pages + 1, page_size, H_kv, D]` in its dtype: a view of its slice
+    """Each layer's pool `[2, num_pages + 1, page_size, H_kv, D]` in its storage dtype: a view of its slice
     (contiguous when the layer fills the slice, else with the slice's page stride)."""
     sizes = {layer: group.page_size for group in layout.groups for layer in group.layers}
     views = []
@@ -167,6 +172,6 @@ def layer_views(slices: list[torch.Tensor], specs: list[LayerSpec], layout: Layo
         piece = slices[placement.slice]
         size = sizes[layer]
         nbytes = spec.plane_bytes(size)
-        view = piece[:, :, placement.offset : placement.offset + nbytes].view(spec.dtype)
+        view = piece[:, :, placement.offset : placement.offset + nbytes].view(spec.storage_dtype)
         views.append(view.view(2, piece.shape[1], size, spec.num_kv_heads, spec.head_dim))
     return views

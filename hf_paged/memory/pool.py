@@ -11,12 +11,14 @@ import math
 import os
 import threading
 import weakref
+from dataclasses import replace
 
 import torch
 
 from ..config import DEFAULT_CPU_FRACTION, DEFAULT_CUDA_FRACTION, PagedConfig
 from .blocks import BlockManager
 from .groups import GroupSpec
+from .kv_quant import KVQuant, as_bytes, storage_dtype
 from .layout import LayerSpec, Layout, layer_views, plan_layout
 from .prefix_cache import PrefixCache
 
@@ -63,10 +65,17 @@ def pool_layout(config: PagedConfig, specs: list[LayerSpec], groups: list[GroupS
     """How the pool for `specs` lays out its page ids (layout.py); `groups` None: one full group."""
     if groups is None:
         groups = [GroupSpec(None, tuple(range(len(specs))), config.page_size)]
+    specs = stored_specs(config, specs)
     layout = plan_layout(specs, groups, config.page_size, config.window_page_size)
     if config.prefix_cache and prefix_key_size(config.page_size, layout.groups) > MAX_KEY_PAGES * config.page_size:
         layout = plan_layout(specs, groups, config.page_size, config.window_page_size, divisors_only=True)
     return layout
+
+
+def stored_specs(config: PagedConfig, specs: list[LayerSpec]) -> list[LayerSpec]:
+    """`specs` with the page dtype PagedConfig.kv_cache_dtype asks for (the layers' own for "auto")."""
+    kv_dtype = storage_dtype(config.kv_cache_dtype)
+    return [replace(spec, kv_dtype=kv_dtype) for spec in specs]
 
 
 # The prefix cache keys prompts by whole pages of every group: by the least common multiple of their
@@ -128,7 +137,8 @@ class KVPool:
     """The page pools of one model and the BlockManager that hands out their pages.
 
     `pools[i]` is `[2, num_pages + 1, page_sizes[i], num_kv_heads, head_dim]` (`[0]` keys, `[1]`
-    values, each NHD) in layer i's dtype on layer i's device: a view into one of `slices` (layout.py:
+    values, each NHD) in layer i's dtype (fp8 with PagedConfig.kv_cache_dtype: `kv_quant` holds the
+    scales) on layer i's device: a view into one of `slices` (layout.py:
     one id space, an id holds `page_bytes` whichever group of layers uses it). `page_size` is the
     config's (the full-attention layers'; sliding-window groups take smaller pages: groups.py); the
     prefix cache keys prompts by whole pages of every group (`prefix_key_size`). `groups` are the
@@ -146,7 +156,10 @@ class KVPool:
 
     def __init__(self, config: PagedConfig, specs: list[LayerSpec], groups: list[GroupSpec] | None = None):
         self.page_size = config.page_size
-        self.specs = specs
+        self.specs = specs = stored_specs(config, specs)
+        # fp8 pages: each layer's K and V scales and clamp counts (kv_quant.py); None for "auto".
+        kv_dtype = storage_dtype(config.kv_cache_dtype)
+        self.kv_quant = KVQuant(kv_dtype, [s.device for s in specs], config.kv_scales) if kv_dtype else None
         self.layout = pool_layout(config, specs, groups)
         self.groups = self.layout.groups
         self.page_sizes = [0] * len(specs)
@@ -232,7 +245,9 @@ def copy_pages(layer_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -
 
     Works on a layer pool with the page stride of its slice (layout.py) as on a contiguous one; such
     a pool is copied plane by plane (`index_select` across its planes copies the whole strided pool
-    first: milliseconds per layer, where one plane's pages take microseconds)."""
+    first: milliseconds per layer, where one plane's pages take microseconds). fp8 pages are copied
+    as bytes: a copied page keeps its bytes exactly."""
+    layer_pool = as_bytes(layer_pool)
     if layer_pool.is_contiguous():
         layer_pool.index_copy_(1, dst, layer_pool.index_select(1, src))
         return

@@ -71,38 +71,41 @@ def alibi_mode(params: LayerParams) -> str:
     return "ALIBI"
 
 
-def layer_kwargs(params: LayerParams, dtype: torch.dtype) -> dict[str, Any]:
-    """The keyword arguments of every `plan` call that come from the layer setting and dtype."""
+def layer_kwargs(params: LayerParams, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """The keyword arguments of every `plan` call that come from the layer setting and dtype
+    (`kv_dtype`: the pages' when they hold fp8, memory/kv_quant.py; None: `dtype`)."""
     return {
         "pos_encoding_mode": alibi_mode(params),
         "window_left": params.window_left,
         "logits_soft_cap": params.logits_soft_cap,
         "q_data_type": dtype,
-        "kv_data_type": dtype,
+        "kv_data_type": kv_dtype or dtype,
         "sm_scale": params.sm_scale,
     }
 
 
-def decode_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices) -> Args:
+def decode_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices,
+                     kv_dtype: torch.dtype | None = None) -> Args:
     """Arguments of `BatchDecodeWithPagedKVCacheWrapper.plan` (and `.workspace_size`)."""
     # indptr [rows + 1] and last_page_len [rows] int32 on the CPU; indices [num_table_pages] int32 on the device.
     args = (host.kv_indptr, meta.kv_indices, host.kv_last_page_len)
     args += (params.num_qo_heads, params.num_kv_heads, params.head_dim, meta.page_size)
-    return args, layer_kwargs(params, dtype)
+    return args, layer_kwargs(params, dtype, kv_dtype)
 
 
-def prefill_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices) -> Args:
+def prefill_plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, host: HostIndices,
+                      kv_dtype: torch.dtype | None = None) -> Args:
     """Arguments of `BatchPrefillWithPagedKVCacheWrapper.plan` (and `.workspace_size`)."""
     # As decode, plus qo_indptr [rows + 1] int32 on the CPU; head_dim is head_dim_qk (= head_dim_vo).
     args = (host.qo_indptr, host.kv_indptr, meta.kv_indices, host.kv_last_page_len)
     args += (params.num_qo_heads, params.num_kv_heads, params.head_dim, meta.page_size)
-    return args, {"causal": True, **layer_kwargs(params, dtype)}
+    return args, {"causal": True, **layer_kwargs(params, dtype, kv_dtype)}
 
 
-def plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype) -> Args:
+def plan_args(meta: ForwardMetadata, params: LayerParams, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> Args:
     """`plan` arguments of the `wrapper_kind(meta)` wrapper, host arrays pinned on CUDA."""
     build = decode_plan_args if wrapper_kind(meta) == "decode" else prefill_plan_args
-    return build(meta, params, dtype, host_indices(meta, pin_memory=meta.device.type == "cuda"))
+    return build(meta, params, dtype, host_indices(meta, pin_memory=meta.device.type == "cuda"), kv_dtype)
 
 
 def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:
@@ -114,16 +117,20 @@ def wrapper_args(kind: str, workspace: torch.Tensor) -> Args:
 
 
 def run_args(
-    q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype, planes: tuple[torch.Tensor, torch.Tensor] | None = None
+    q: torch.Tensor, layer_pool: torch.Tensor, dtype: torch.dtype, planes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scales: tuple[float, float] | None = None,
 ) -> Args:
     """Arguments of `wrapper.run`: q `[nnz, H_q, D]` in the planned dtype, and the layer's pool
     `[2, num_pages + 1, page_size, H_kv, D]` as FlashInfer's `(k_cache, v_cache)` pair (each NHD;
-    `planes`: that pair, when the caller keeps it). Per layer and step: converts only what needs it."""
+    `planes`: that pair, when the caller keeps it); fp8 pages' `scales` as `k_scale`, `v_scale`
+    (FlashInfer folds k_scale into the softmax scale and multiplies the output by v_scale). Per layer
+    and step: converts only what needs it."""
     if q.dtype != dtype:
         q = q.to(dtype)
     if not q.is_contiguous():
         q = q.contiguous()
-    return (q, kv_planes(layer_pool) if planes is None else planes), {}
+    kwargs = {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
+    return (q, kv_planes(layer_pool) if planes is None else planes), kwargs
 
 
 def kv_planes(layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

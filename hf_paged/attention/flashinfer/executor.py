@@ -28,6 +28,11 @@ the first plan), so `import hf_paged` stays fast and works without it or without
 - Shared-prefix (cascade) attention lives in cascade.py; `plan` takes it when `meta.cascade` and
   rows share a prefix worth it. For this executor that needs an explicit
   `PagedConfig(cascade=True)` (`cascade_by_default` False: not yet run on a GPU).
+- fp8 pages (PagedConfig.kv_cache_dtype, memory/kv_quant.py): the wrappers are planned with
+  `kv_data_type` the pages' dtype and run with the layer's `k_scale`, `v_scale`. A layer setting
+  whose head dim FlashInfer's kernels do not read from fp8 (support.serves_fp8) is planned and run
+  by the torch executor instead, on the same pages; cascade is not taken with fp8 pages (its two
+  levels would need the scales too: not built). docs/fp8.md.
 """
 
 import contextlib
@@ -38,6 +43,7 @@ from typing import Any
 import torch
 
 from ...memory.pool import KVPool
+from .. import torch as torch_executor
 from ..metadata import ForwardMetadata
 from ..params import LayerParams
 from . import cascade, graph
@@ -53,7 +59,7 @@ from .args import (
     wrapper_args,
     wrapper_kind,
 )
-from .support import import_flashinfer
+from .support import import_flashinfer, serves_fp8
 
 WORKSPACE_BYTES = 128 << 20
 
@@ -114,17 +120,21 @@ class FlashInferExecutor:
         """Plan the wrapper(s) for `params` on `meta`'s device: a FlashInferPlan, or a cascade plan
         when `meta.cascade` and rows share a prefix worth it. Never reads device memory."""
         device = meta.device
-        dtype = next((spec.dtype for spec in pool.specs if spec.device == device), pool.specs[0].dtype)
+        spec = next((spec for spec in pool.specs if spec.device == device), pool.specs[0])
+        dtype = spec.dtype
+        kv_dtype = spec.kv_dtype  # fp8 pages, else None
+        if kv_dtype is not None and not serves_fp8(params.head_dim):  # the torch executor reads these
+            return torch_executor.plan(meta, params, pool.zero_page_id)
         kind = wrapper_kind(meta)
         state = self._state(device)
         state.settings.add(params)
         if sum(meta.qo_lens) == 0:
             return FlashInferPlan(None, dtype, kind, params)
-        if meta.cascade and not params.alibi_slopes:  # the cascade path plans without ALiBi
+        if meta.cascade and not params.alibi_slopes and kv_dtype is None:  # the cascade path plans without ALiBi
             shared = cascade.plan(self.plan_wrapper, meta, params, dtype)
             if shared is not None:
                 return shared
-        args, kwargs = plan_args(meta, params, dtype)
+        args, kwargs = plan_args(meta, params, dtype, kv_dtype)
         wrapper = self.plan_wrapper(device, (kind, params, meta.group), args, kwargs, dtype)
         return FlashInferPlan(wrapper, dtype, kind, params, device.index if device.type == "cuda" else None)
 
@@ -143,23 +153,27 @@ class FlashInferExecutor:
             self._plan(device, record, args, kwargs, dtype)
         return record.wrapper
 
-    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: FlashInferPlan) -> torch.Tensor:
-        """Attention of `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]` in q's dtype.
+    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: FlashInferPlan,
+            scales: tuple[float, float] | None = None) -> torch.Tensor:
+        """Attention of `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]` in q's dtype
+        (`scales`: fp8 pages' (k_scale, v_scale)).
 
         Runs per layer and step: a planned wrapper on the current device goes straight to
         `wrapper.run`, with the pool's planes viewed once per pool (`_planes`)."""
         if type(plan) is FlashInferPlan and plan.wrapper is not None and (
             plan.device_index is None or plan.device_index == torch.cuda.current_device()
         ):
-            args, _ = run_args(q, layer_pool, plan.dtype, self._planes(layer_pool))
-            out = plan.wrapper.run(*args)
+            args, kwargs = run_args(q, layer_pool, plan.dtype, self._planes(layer_pool), scales)
+            out = plan.wrapper.run(*args, **kwargs)
             return out if out.dtype == q.dtype else out.to(q.dtype)
         with _device_guard(q.device):
             if isinstance(plan, cascade.FlashInferCascadePlan):
                 return cascade.run(q, layer_pool, plan).to(q.dtype)
+            if not isinstance(plan, FlashInferPlan):  # fp8 pages of a head dim FlashInfer does not read
+                return torch_executor.run(q, layer_pool, plan, scales)
             if plan.wrapper is None:
                 return q.new_empty(q.shape)
-            args, kwargs = run_args(q, layer_pool, plan.dtype)
+            args, kwargs = run_args(q, layer_pool, plan.dtype, scales=scales)
             return plan.wrapper.run(*args, **kwargs).to(q.dtype)
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
@@ -168,16 +182,17 @@ class FlashInferExecutor:
         "flashinfer" runner of `torch.ops.hf_paged.paged_attention` then runs (graph.py)."""
         buffers = cache.buffers
         device = buffers.kv_indptr.device
-        dtype = cache.pools[0].dtype
+        dtype = cache.dtype
+        kv_dtype = cache.pools[0].dtype if cache.kv_quant is not None else None
         state = self._state(device)
         host = host_indices(meta, pin_memory=device.type == "cuda")
         with _device_guard(device), torch.inference_mode(False):  # (as in plan_wrapper)
-            for params in state.settings:
+            for params in state.settings:  # (fp8 settings FlashInfer does not read never get here: plan)
                 record = self._wrapper(
                     state, ("graph", buffers.kv_indptr.data_ptr(), params),
                     graph.graph_wrapper_args(buffers, state.workspace),
                 )
-                self._plan(device, record, *decode_plan_args(meta, params, dtype, host), dtype)
+                self._plan(device, record, *decode_plan_args(meta, params, dtype, host, kv_dtype), dtype)
                 graph.PLANNED.publish(buffers.kv_indptr, params, record)
 
     def _planes(self, layer_pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

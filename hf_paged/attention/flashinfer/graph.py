@@ -21,6 +21,7 @@ import torch
 from .. import ops
 from ..params import LayerParams
 from .args import KERNEL_BACKEND, Args, kv_planes
+from .support import serves_fp8
 
 RUNNER = "flashinfer"  # the paged_attention backend name of run_planned
 
@@ -67,17 +68,23 @@ def graph_wrapper_args(buffers: Any, workspace: torch.Tensor) -> Args:
 
 
 def run_planned(
-    q: torch.Tensor, kv_pool: torch.Tensor, index: ops.PagedIndex, max_q: int, max_kv: int, params: LayerParams
+    q: torch.Tensor, kv_pool: torch.Tensor, index: ops.PagedIndex, max_q: int, max_kv: int, params: LayerParams,
+    scales: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """The "flashinfer" runner of `paged_attention` (an ops.Runner): q `[rows, H_q, D]` ->
-    `[rows, H_q, D]` in q's dtype. The planned wrapper holds the index; only its address is read."""
+    `[rows, H_q, D]` in q's dtype. The planned wrapper holds the index; only its address is read.
+    fp8 pages: run with the layer's `scales`; a head dim FlashInfer does not read from fp8 runs the
+    torch runner (support.serves_fp8), as the eager steps do."""
+    if scales is not None and not serves_fp8(params.head_dim):
+        return ops.run_torch(q, kv_pool, index, max_q, max_kv, params, scales)
     record = PLANNED.get(index.kv_indptr, params)
     if record is None:
         raise RuntimeError(
             f"no FlashInfer decode wrapper is planned for these buffers and {params}; "
             "FlashInferExecutor.plan_decode(meta, cache) must run before each compiled decode step"
         )
-    return record.wrapper.run(q.to(record.dtype), kv_planes(kv_pool)).to(q.dtype)
+    kwargs = {} if scales is None else {"k_scale": scales[0], "v_scale": scales[1]}
+    return record.wrapper.run(q.to(record.dtype), kv_planes(kv_pool), **kwargs).to(q.dtype)
 
 
 def register() -> None:

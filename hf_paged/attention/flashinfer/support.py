@@ -12,6 +12,17 @@ from ...memory.pool import LayerSpec
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# fp8 pages (PagedConfig.kv_cache_dtype): FlashInfer's FA2 prefill kernel, which also serves the
+# decode wrapper with tensor cores, takes fp16/bf16 queries on e4m3 or e5m2 KV and dequantizes tiles
+# in shared memory; its `produce_kv` notes "for fp8, this function doesn't work for head_dim = 64"
+# (include/flashinfer/attention/prefill.cuh, 0.7.4). Layers of other head dims run on the torch
+# executor instead (FlashInferExecutor.plan, per layer setting): docs/fp8.md.
+FP8_HEAD_DIMS = (128, 256)
+
+
+def serves_fp8(head_dim: int) -> bool:
+    """Whether FlashInfer's kernels read fp8 pages of this head dim (else the torch executor does)."""
+    return head_dim in FP8_HEAD_DIMS
 
 
 def import_flashinfer():

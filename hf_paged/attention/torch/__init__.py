@@ -23,11 +23,12 @@ def plan(meta: ForwardMetadata, params: LayerParams, zero_page_id: int, exact: b
     return dense.plan(meta, params, zero_page_id, exact=exact)
 
 
-def run(q: torch.Tensor, pool: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+def run(q: torch.Tensor, pool: torch.Tensor, plan: Plan, scales: tuple[float, float] | None = None) -> torch.Tensor:
+    """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`
+    (`scales`: fp8 pages' (k_scale, v_scale), memory/kv_quant.py)."""
     if plan.__class__ is dense.TorchPlan:
-        return dense.run(q, pool, plan)
-    return cascade.run(q, pool, plan)
+        return dense.run(q, pool, plan, scales)
+    return cascade.run(q, pool, plan, scales)
 
 
 class TorchExecutor:
@@ -53,8 +54,9 @@ class TorchExecutor:
         """`plan` moved on by one token per row, for a decode step on the same pages (None: plan anew)."""
         return dense.advance_plan(plan, meta) if plan.__class__ is dense.TorchPlan else None
 
-    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan) -> torch.Tensor:
-        return run(q, layer_pool, plan)
+    def run(self, q: torch.Tensor, layer_pool: torch.Tensor, plan: Plan,
+            scales: tuple[float, float] | None = None) -> torch.Tensor:
+        return run(q, layer_pool, plan, scales)
 
     def plan_decode(self, meta: ForwardMetadata, cache: Any) -> None:
         """Nothing to prepare: the torch runner derives everything from the step's buffers."""

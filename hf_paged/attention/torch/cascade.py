@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...memory.kv_quant import dequantize
 from ...memory.reservations import consecutive_run
 from .. import prefix
 from ..metadata import ForwardMetadata, to_device
@@ -138,17 +139,24 @@ def merge(
     return out.to(out_b.dtype)
 
 
-def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
-    """Cascade attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan, scales: tuple[float, float] | None = None) -> torch.Tensor:
+    """Cascade attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`.
+    `scales`: fp8 pages' (k_scale, v_scale): the K/V read are dequantized (dense.run)."""
     suffix, params = plan.suffix, plan.params
     rows = suffix.num_rows
     # In half precision both partial results are computed and merged in float32 and rounded once at
     # the end, as stock's one softmax rounds once: half-precision partials would round twice.
-    wide = (lambda t: t.float()) if q.dtype in (torch.float16, torch.bfloat16) else (lambda t: t)
-    packed = wide(dense.pack_gqa(q, suffix))  # (R, H_kv, group*Q, D)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    target = torch.float32 if half else q.dtype
+    k_scale, v_scale = scales if scales is not None else (1.0, 1.0)
+
+    def wide(t: torch.Tensor, scale: float) -> torch.Tensor:  # fp8 pages: dequantized straight to `target`
+        return dequantize(t, target, scale) if scales is not None else t.to(target)
+    packed = dense.pack_gqa(q, suffix)  # (R, H_kv, group*Q, D)
+    packed = packed.float() if half else packed
     _, num_kv_heads, packed_len, head_dim = packed.shape
     k, v = reads.gather_kv(pool, suffix.kv_slots, rows, suffix.max_kv)
-    out_s, lse_s = dense.attend(packed, wide(k), wide(v), suffix.mask, params, return_lse=True)
+    out_s, lse_s = dense.attend(packed, wide(k, k_scale), wide(v, v_scale), suffix.mask, params, return_lse=True)
 
     groups, members = plan.num_groups, plan.max_members
     per_row = (num_kv_heads, packed_len, head_dim)  # one row's packed queries
@@ -162,7 +170,7 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: CascadePlan) -> torch.Tensor:
         k, v = reads.rows_view(pool, plan.prefix_run, groups, plan.max_prefix)
     else:
         k, v = reads.gather_kv(pool, plan.prefix_slots, groups, plan.max_prefix)
-    out_p, lse_p = dense.attend(group_q, wide(k), wide(v), plan.prefix_mask, params, return_lse=True)  # (Gr, H_kv, M*group*Q, D)
+    out_p, lse_p = dense.attend(group_q, wide(k, k_scale), wide(v, v_scale), plan.prefix_mask, params, return_lse=True)  # (Gr, H_kv, M*group*Q, D)
     out_p = out_p.view(groups, num_kv_heads, members, packed_len, head_dim).transpose(1, 2)
     lse_p = lse_p.view(groups, num_kv_heads, members, packed_len).transpose(1, 2)
     if plan.row_position is None:

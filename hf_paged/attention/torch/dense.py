@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...memory.kv_quant import dequantize
 from ...memory.reservations import consecutive_run
 from ..metadata import ForwardMetadata, to_device
 from ..params import LayerParams
@@ -273,8 +274,11 @@ def attend(
     return out, lse if return_lse else None
 
 
-def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
-    """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`."""
+def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan, scales: tuple[float, float] | None = None) -> torch.Tensor:
+    """Attention of new tokens `q [nnz, H_q, D]` on one layer's pool; returns `[nnz, H_q, D]`.
+
+    `scales`: the layer's (k_scale, v_scale) when the pool holds fp8 (memory/kv_quant.py): the K/V
+    this step reads (views or gathers of its rows' pages, never the whole pool) are dequantized."""
     if plan.decode_view is not None:
         # A decode step: `rows_view` or `gather_pages`, `pack_gqa`, `attend` and `unpack_gqa` in
         # their fewest calls (per layer and token): two views of the pool, or of one gather, and SDPA.
@@ -290,6 +294,8 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
         elif pool.is_contiguous() and not pool.storage_offset():
             k, v = pool.as_strided(size, strides, key_offset), pool.as_strided(size, strides, value_offset)
         if k is not None:
+            if scales is not None:
+                k, v = dequantize(k, q.dtype, scales[0]), dequantize(v, q.dtype, scales[1])
             gqa = not plan.packed  # one head per query head (stock's layout)
             return F.scaled_dot_product_attention(q.view(packed), k, v, scale=plan.params.sm_scale, enable_gqa=gqa).view(flat)
     if plan.row_run is not None:
@@ -300,6 +306,8 @@ def run(q: torch.Tensor, pool: torch.Tensor, plan: TorchPlan) -> torch.Tensor:
         k, v = gather_kv(pool, plan.kv_slots, plan.num_rows, plan.max_kv)
     if plan.trim:
         k, v = k[:, :, plan.trim:], v[:, :, plan.trim:]
+    if scales is not None:
+        k, v = dequantize(k, q.dtype, scales[0]), dequantize(v, q.dtype, scales[1])
     if plan.causal:
         p = plan.params
         q = q.view(plan.num_rows, plan.max_q, p.num_qo_heads, p.head_dim).transpose(1, 2)  # (R, H_q, Q, D)
