@@ -11,6 +11,7 @@ from ..memory.group_pages import GroupPages
 from ..memory.groups import GroupSpec, group_of_layer
 from ..memory.tables import PageTables
 from . import inflight
+from .cross import CrossPages
 from .runtime import Runtime, runtime_of
 from .steps import ForwardSteps
 
@@ -39,11 +40,18 @@ class PagedCache(ForwardSteps, Cache):
         cascade = self.runtime.config.cascade
         self.pool = pool
         self.groups: list[GroupSpec] = self.runtime.groups
+        # An encoder-decoder model: its cross-attention layers' pages, one table per input (cross.py).
+        self.cross: CrossPages | None = None
+        if self.groups and self.groups[-1].cross:
+            cross_group, self.groups = self.groups[-1], self.groups[:-1]
+            self.cross = CrossPages(pool, cross_group, len(cross_group.layers))
+        cross = (self.cross.tables, pool.layer_bytes(cross_group.layers)) if self.cross is not None else None
         # Page bookkeeping per group of layers, and the peaks (group_pages.py).
-        self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups])
+        self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups], cross)
         self.group_tables: list[PageTables] = self.pages.group_tables
         # A cache dropped without release() gives its pages back once collected (KVPool.cache_dropped).
-        self._finalizer = weakref.finalize(self, pool.cache_dropped, self.group_tables)
+        dropped = self.group_tables + [self.cross.tables] if self.cross is not None else self.group_tables
+        self._finalizer = weakref.finalize(self, pool.cache_dropped, dropped)
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
         modules = self.runtime.attention_modules
         self.applies_window = [
@@ -66,6 +74,8 @@ class PagedCache(ForwardSteps, Cache):
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
         # Off with PagedConfig(exact=True): its log-sum-exp merge adds in another order than stock's softmax.
         self.cascade = (self.executor.cascade_by_default if cascade is None else cascade) and not self.runtime.config.exact
+        if self.cross is not None:  # stock's scores bit for bit (seq2seq decoders are short: cascade rarely pays)
+            self.cascade = False
         self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
         self._init_steps()  # what each forward and layer reads (steps.py)
 
@@ -134,6 +144,8 @@ class PagedCache(ForwardSteps, Cache):
 
     def _select_rows(self, row_ids: list[int]) -> None:
         self.pages.select_rows(row_ids)
+        if self.cross is not None:
+            self.cross.select_rows(row_ids)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens of every row (`tokens_to_remove <= 0`, as stock).
@@ -162,6 +174,8 @@ class PagedCache(ForwardSteps, Cache):
         if self._forward is not None:
             self.pages.release_deferred(self._forward.deferred)
         self.pages.release()
+        if self.cross is not None:
+            self.cross.release()
         self.seq_length = 0
         self._forward = None
         self._forget_built()

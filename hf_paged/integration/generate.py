@@ -10,6 +10,7 @@ from ..cache.paged_cache import PagedCache
 from ..cache.runtime import stock_masks
 from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
+from . import seq2seq
 from .compile import generate_max_tokens, maybe_compiled_decode
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
@@ -149,6 +150,14 @@ class PagedGenerate:
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
                 return original(model, inputs, generation_config, **kwargs)
+        if getattr(model.config, "is_encoder_decoder", False):
+            # The cache is made where stock makes it (seq2seq.PreparePagedCache), once per stock run.
+            seq2seq.check_source(inputs, kwargs)
+            with seq2seq.session(model, runtime):  # (Whisper's generate names its first argument input_features)
+                args = (inputs,) if inputs is not None else ()
+                if generation_config is not None:
+                    kwargs["generation_config"] = generation_config
+                return original(model, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
         use_prefix_cache = _can_use_prefix_cache(model, input_ids, settings, kwargs)

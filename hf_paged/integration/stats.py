@@ -34,6 +34,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
     `kv_dtype` that dtype's torch name. With fp8 pages, `kv_scales` lists each layer's (k_scale,
     v_scale) (None until its first forward sets it) and `kv_clamped_values` the keys and values
     clamped to the fp8 range since wrap() (docs/fp8.md).
+    An encoder-decoder model (docs/seq2seq.md) has two groups: the decoder's self-attention (its
+    rows' pages) and its cross-attention (`"cross_attention": True`: pages per input, written once);
+    `peak_self_attention_pages` and `peak_cross_attention_pages` are their peaks after a forward,
+    and `peak_pages_in_use` counts both.
 
     Under tensor parallelism (`tp_size > 1`) the figures are those of this rank's pool (`tp_rank`),
     which holds this rank's KV heads; every rank's pool has the same pages.
@@ -70,12 +74,16 @@ def memory_stats(model: torch.nn.Module) -> dict:
             "page_size": group.page_size,
             "page_bytes": pool.layer_bytes(group.layers),
             "peak_pages_in_use": peaks[index] if index < len(peaks) else 0,
+            **({"cross_attention": True} if group.cross else {}),
         }
         for index, group in enumerate(runtime.groups)
         for peaks in [runtime.last_peak_group_pages]
     ]
     if pool.kv_quant is not None:  # fp8 pages (memory/kv_quant.py)
         stats.update(kv_scales=list(pool.kv_quant.scales), kv_clamped_values=pool.kv_quant.clamped_values())
+    if any(group.cross for group in runtime.groups):  # an encoder-decoder model: the two kinds apart
+        stats["peak_cross_attention_pages"] = sum(g["peak_pages_in_use"] for g in stats["groups"] if g.get("cross_attention"))
+        stats["peak_self_attention_pages"] = sum(g["peak_pages_in_use"] for g in stats["groups"] if not g.get("cross_attention"))
     prefix = pool.prefix_cache
     if prefix is not None:  # PagedConfig(prefix_cache=True): counters since wrap()
         stats.update(
