@@ -86,3 +86,12 @@ def test_regenerating_an_encoder_decoder_sample_gives_the_committed_rows():
         assert row[0] == verdict, (model_type, mapping, row)
         if SAME_RELEASE:
             assert row == SEQ2SEQ_ROWS[(model_type, mapping)], (model_type, mapping)
+
+
+def test_types_of_the_encoder_decoder_table_are_printed_not_written(capsys):
+    before = (ROOT / "docs" / "support.md").read_text()
+    assert matrix.main(["--tables", "seq2seq", "--types", "marian"]) == 0
+    assert capsys.readouterr().out.startswith(f"marian (text): {SEQ2SEQ_ROWS[('marian', 'text')][0]}: ")
+    assert (ROOT / "docs" / "support.md").read_text() == before
+    assert matrix.main(["--tables", "seq2seq", "--types", "llama"]) == 2  # a causal type: not in this table
+    assert "not model types of the seq2seq table" in capsys.readouterr().err
