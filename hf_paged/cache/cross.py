@@ -122,29 +122,42 @@ class CrossPages(Cache):
 
     # --- every decoder forward -----------------------------------------------------------------
     def attend(self, layer_idx: int, query: torch.Tensor, params, position_bias: torch.Tensor | None) -> torch.Tensor:
-        """Cross-attention of `query [rows, H_q, q_len, D]`; returns `[rows, q_len, H_q, D]`."""
+        """Cross-attention of `query [rows, H_q, q_len, D]`; returns `[rows, q_len, H_q, D]`.
+
+        Each input's K/V is read once per layer and attended by all of its rows (rows of an input
+        stay together in generate()), else gathered per row."""
         pool = self.pool.pools[self.first_layer + layer_idx]
-        key = (self._version, query.device, query.shape[2])
-        read = self._reads.get(key)
+        q_len = query.shape[2]
+        read = self._reads.get((self._version, query.device, q_len))
         if read is None:
-            self._reads.clear()
-            slots = cross_attention.row_slots(
-                self.slots, self.row_input, self.pool.zero_page_id, self.tables.page_size
-            )
-            mask = None if self.mask is None else self.mask.index_select(0, self.row_input)[:, None, None, :]
-            if mask is not None:
-                mask = mask.expand(-1, 1, query.shape[2], -1)
-            read = self._reads[key] = (slots, mask, {})
-        slots, mask, biased = read
+            read = self._plan_reads(query.device, q_len)
+        runs, slots, masks, biased = read
         if position_bias is not None:  # T5: stock adds a (zero) bias to its cross-attention scores
-            combined = biased.get(id(position_bias))
-            if combined is None:
-                biased.clear()
-                combined = biased[id(position_bias)] = (
-                    cross_attention.float_mask(mask, position_bias, query.dtype), position_bias
-                )
-            mask = combined[0]
-        return cross_attention.attend_rows(query, pool, slots, self.width, mask, params)
+            if biased.get("bias") is not position_bias:
+                biased["bias"] = position_bias
+                biased["masks"] = [cross_attention.float_mask(mask, position_bias, query.dtype) for mask in masks]
+            masks = biased["masks"]
+        if runs is None:
+            return cross_attention.attend_rows(query, pool, slots, self.width, masks[0], params)
+        return cross_attention.attend_inputs(query, pool, slots, self.tables.num_rows, self.width, runs, masks, params)
+
+    def _plan_reads(self, device: torch.device, q_len: int):
+        """What every cross-attention layer of a forward reads: the gather slots, and each run's mask."""
+        self._reads.clear()
+        zero, page_size = self.pool.zero_page_id, self.tables.page_size
+        runs = cross_attention.row_runs(self.row_input.tolist())
+        if runs is None:  # rows of one input apart: every row gathers its own
+            slots = cross_attention.row_slots(self.slots, self.row_input, zero, page_size)
+            mask = None if self.mask is None else self.mask.index_select(0, self.row_input)[:, None, None, :]
+            masks = [None if mask is None else mask.expand(-1, 1, q_len, -1)]
+        else:
+            slots = cross_attention.row_slots(self.slots, None, zero, page_size)
+            masks = [
+                None if self.mask is None else self.mask[index][None, None, None, :].expand(end - start, 1, q_len, -1)
+                for index, start, end in runs
+            ]
+        read = self._reads[(self._version, device, q_len)] = (runs, slots, masks, {})
+        return read
 
     def select_rows(self, row_ids: list[int]) -> None:
         """The decoder rows became `row_ids` of the old ones (beam reorder, fork, selection)."""

@@ -77,7 +77,18 @@ class PagedCache(ForwardSteps, Cache):
         if self.cross is not None:  # stock's scores bit for bit (seq2seq decoders are short: cascade rarely pays)
             self.cascade = False
         self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
+        self.returned_num_beams: int | None = None  # set when generate() returns this cache (num_beams of that call)
         self._init_steps()  # what each forward and layer reads (steps.py)
+
+    def returned_by_generate(self, num_beams: int) -> None:
+        """generate() returns this cache in its output: it stays open (its pages held) until the
+        caller drops it or calls `release()`; memory_stats() counts such caches' pages."""
+        self.returned_num_beams = num_beams
+        self.pool.returned_caches.add(self)
+
+    def held_page_ids(self) -> set[int]:
+        """The page ids this cache's rows hold, every group together."""
+        return {page for tables in self.group_tables for table in tables.page_tables for page in tables.held(table)}
 
     def reserve_rows(self) -> None:
         """With `max_tokens_per_row`, give the (empty) rows runs of consecutive pages in every full group."""
@@ -180,13 +191,15 @@ class PagedCache(ForwardSteps, Cache):
         self._forward = None
         self._forget_built()
         self.is_released = True
+        self.pool.returned_caches.discard(self)
         self._finalizer.detach()
         self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
         if self.is_released:
             raise RuntimeError(
-                "this PagedCache was released (generate() releases the caches it creates when it returns); "
+                "this PagedCache was released (by release(), or by the generate() call that created it: one "
+                "without return_dict_in_generate=True returns no cache and releases it); "
                 f"create your own PagedCache(model), pass it as {self._cache_kwarg()}= and release() it when done"
             )
 

@@ -92,8 +92,14 @@ class ForwardSteps:
             self.add_rows(batch_size)
             self.reserve_rows()
         if batch_size != tables.num_rows:
+            beams = self.returned_num_beams or 1
+            hint = (
+                f"it was returned by a beam search with num_beams={beams}, and holds every beam of every input "
+                f"(as stock's does): continue it with num_beams={beams}, as on stock, or pick rows with "
+                "cache.batch_select_indices(idx); " if beams > 1 else ""
+            )
             raise ValueError(
-                f"this PagedCache holds {tables.num_rows} rows but the forward has batch size {batch_size}; "
+                f"this PagedCache holds {tables.num_rows} rows but the forward has batch size {batch_size}; {hint}"
                 "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
             )
         runtime = self.runtime

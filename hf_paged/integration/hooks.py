@@ -8,7 +8,7 @@ from transformers.cache_utils import EncoderDecoderCache
 from .. import _compat
 from ..cache.paged_cache import PagedCache
 from ..cache.runtime import CACHE_KWARG, Runtime
-from .interface import ATTN_NAME, _register_functions
+from .interface import ATTN_NAME, _register_functions, follow_implementation_change
 
 
 class _BeginForward:
@@ -44,13 +44,8 @@ class _BeginForward:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
         implementation = _compat.attn_implementation(getattr(module, "config", None)) or ATTN_NAME
         if runtime.patch is None and implementation != ATTN_NAME:
-            # Its layers would call that implementation, which never reads the pages.
-            raise RuntimeError(
-                f"the model's attention implementation was changed to {implementation!r} after hf_paged.wrap() "
-                "(model.set_attn_implementation), so its layers no longer read hf_paged's pages; call "
-                "hf_paged.wrap(model) again to serve generate() from pages (stock attention then falls back "
-                f"to {implementation!r}), or hf_paged.unwrap(model) to run stock"
-            )
+            # Changed after wrap(): that implementation becomes the fallback, and the pages serve this forward.
+            follow_implementation_change(runtime)
         inputs = arguments.get("input_ids")
         if inputs is None:
             inputs = arguments.get("inputs_embeds")
@@ -60,7 +55,7 @@ class _BeginForward:
         # Stock's attention weights come from a dense forward (cache/dense.py).
         begin = functools.partial(
             cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device,
-            _wants_weights(module, arguments),
+            _wants_weights(module, kwargs, arguments),
         )
         if runtime.tp is None:
             begin()
@@ -79,7 +74,7 @@ class _BeginForward:
         states = arguments.get("encoder_hidden_states")
         if inputs is None or states is None:
             raise ValueError("hf_paged needs the decoder's input_ids (or inputs_embeds) and encoder_hidden_states")
-        if _wants_weights(module, arguments):
+        if _wants_weights(module, kwargs, arguments):
             raise ValueError(
                 "output_attentions on a wrapped encoder-decoder model: its pages give no attention weights; "
                 "run this call on hf_paged.unwrap(model)"
@@ -117,8 +112,9 @@ class _EndForward:
         return None
 
 
-def _wants_weights(module, arguments: dict) -> bool:
-    weights = arguments.get("output_attentions")
+def _wants_weights(module, kwargs: dict, arguments: dict) -> bool:
+    """Whether the forward asks for attention weights (stock's come from a dense forward, cache/dense.py)."""
+    weights = kwargs.get("output_attentions", arguments.get("output_attentions"))  # (a `**kwargs` entry when bound)
     if weights is None:
         weights = getattr(getattr(module, "config", None), "output_attentions", False)
     return bool(weights)

@@ -113,6 +113,26 @@ def _original_attention(module, query, key, value, attention_mask, scaling, drop
     return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
+def follow_implementation_change(runtime) -> None:
+    """After `config._attn_implementation = "eager"` (or `set_attn_implementation`) on a wrapped model:
+    that implementation serves whatever the paged path does not (the stock fallback, dense forwards),
+    and "hf_paged" is selected again, so the next forward reads the pages. Patched families keep
+    their own implementation: nothing to follow."""
+    if runtime.patch is not None:
+        return
+    model = runtime.owners[0][0] if runtime.owners else None
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None or current == ATTN_NAME:
+        return
+    with runtime.lock:
+        runtime.original_attn_implementation = current
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+        except (ValueError, ImportError):  # a model that checks implementation names: set the config's
+            config._attn_implementation = ATTN_NAME
+
+
 def _register_functions() -> list[dict]:
     """Register the attention and mask functions; returns the mappings this call added them to."""
     added = []

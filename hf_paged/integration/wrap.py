@@ -118,7 +118,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     `config` (a PagedConfig or a mapping of its fields) and keyword overrides (`wrap(model,
     page_size=8)`) set the PagedConfig. Wrapping a wrapped model again with no settings, or the
     same ones, does nothing unless its attention implementation was changed since
-    (`model.set_attn_implementation`, which generate() then refuses): it re-wraps over the new one;
+    (`model.set_attn_implementation`, which the next forward also follows: the new one becomes the
+    fallback, interface.follow_implementation_change): it re-wraps over the new one;
     with other settings it re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
@@ -181,6 +182,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         patch=patch,
         tp=tp,
         torch_only=torch_only,
+        dense_only=dense_only(text_config),
     )
     if seq2seq_modules is not None:
         runtime.other_modules = seq2seq_modules.other_modules
@@ -225,6 +227,13 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
 
 def _is_encoder_decoder(model: torch.nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and hasattr(model, "generate")
+
+
+def dense_only(text_config) -> bool:
+    """Whether every forward runs dense (cache/dense.py): Falcon with ALiBi, whose bias stock adds to
+    the mask rounded to bfloat16 at absolute positions, which no exact paged bias reproduces. Its
+    pages hold K/V as for any model; its layers run stock attention over them."""
+    return getattr(text_config, "model_type", None) == "falcon" and bool(getattr(text_config, "alibi", False))
 
 
 def model_objects(model: torch.nn.Module) -> list[torch.nn.Module]:
