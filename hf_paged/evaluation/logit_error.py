@@ -12,7 +12,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .. import _compat
 from ..cache.paged_cache import PagedCache
-from .runner import Batch, _pad_left, _trim
+from .runner import Batch, _pad, _trim
 
 
 class ForcePath(LogitsProcessor):
@@ -31,7 +31,7 @@ class ForcePath(LogitsProcessor):
 
 def _step_logits(model, batch: Batch, pad_id: int, device: torch.device, paths: list[list[int]] | None, max_new: int):
     """generate() on one batch, greedy (forced along `paths` when given): (paths, logits [rows, steps, vocab] fp32)."""
-    input_ids, attention_mask = _pad_left(batch.prompt_ids, pad_id, device)
+    input_ids, attention_mask = _pad(batch.prompt_ids, pad_id, device)
     processors = LogitsProcessorList([ForcePath(paths, input_ids.shape[1], pad_id)] if paths is not None else [])
     steps = max_new if paths is None else max(len(path) for path in paths)
     output = model.generate(
