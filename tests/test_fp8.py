@@ -280,3 +280,33 @@ def test_flashinfer_executor_reads_fp8_pages_through_its_api(monkeypatch, head_d
     for record in wrappers.values():
         assert record.wrapper.planned["kv_data_type"] == torch.float8_e5m2
         assert record.wrapper.planned["q_data_type"] == torch.float32
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("case", ["prefill_ragged", "append_ragged", "decode", "decode_beams_shared", "append_beams_shared"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_torch_executor_matches_the_dequantized_reference(page_size, case, kv_cache_dtype):
+    """Executor level, as tests/test_gpu_fp8.py checks FlashInfer: bf16 queries on fp8 pages against
+    float64 attention on the dequantized pool (stored x scale), within 2 bf16 epsilons per output."""
+    from numerics import CASES, assert_matches_reference, build_forward, layer_params
+
+    from hf_paged.attention import TorchExecutor
+    from hf_paged.config import PagedConfig
+    from hf_paged.memory.pool import KVPool, LayerSpec
+
+    history, qo_lens, fork = CASES[case]
+    config = PagedConfig(page_size=page_size, num_pages=4096 // page_size + 64, kv_cache_dtype=kv_cache_dtype,
+                         kv_scales=(0.5, 0.25))
+    pool = KVPool(config, [LayerSpec(2, 16, torch.device("cpu"), torch.bfloat16)])
+    meta, _ = build_forward(pool, history, qo_lens, fork, seed=page_size)
+    params = layer_params(8, 2, 16, "peaked")
+    q = torch.randn(sum(qo_lens), 8, 16).to(torch.bfloat16)
+    executor = TorchExecutor()
+    actual = executor.run(q, pool.pools[0], executor.plan(meta, params, pool), (0.5, 0.25))
+    layer = pool.pools[0]
+    dequantized = torch.stack([layer[0].double() * 0.5, layer[1].double() * 0.25])
+    reference = executor.run(q.double(), dequantized, executor.plan(meta, params, pool))
+    assert_matches_reference(actual, reference, case)
+    wrong = executor.run(q, pool.pools[0], executor.plan(meta, params, pool), (0.5, 0.5))  # the test bites
+    with pytest.raises(AssertionError):
+        assert_matches_reference(wrong, reference, case)
