@@ -3,9 +3,10 @@
 Stock broadcasts the grouped keys and values to every query head before caching them; the pages
 hold each KV head once, in the order of stock's fused layout (query head = kv head * group + g,
 the executor's grouped-query order). Only releases before 5.25 need this patch (from 5.25 Falcon
-routes through the attention interface). ALiBi Falcon is refused on every release
-(hf_paged.integration.refusals): stock rounds its ALiBi bias to bfloat16 at absolute positions, which an exact
-bias does not reproduce token for token.
+routes through the attention interface). ALiBi Falcon (Falcon-RW) runs every forward dense on
+every release (hf_paged/cache/dense.py, wrap.dense_only): stock rounds its ALiBi bias to bfloat16 at
+absolute positions, which an exact paged bias does not reproduce token for token; the dispatch then
+runs stock's own attention over the K/V the pages return.
 """
 
 import math

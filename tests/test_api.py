@@ -76,9 +76,6 @@ def test_pool_sizing_from_a_byte_budget():
 
 
 def unsupported_models():
-    yield "t5", lambda: transformers.T5ForConditionalGeneration(
-        transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
-    ), "encoder-decoder"
     yield "roformer", lambda: AutoModelForCausalLM.from_config(  # bypasses the interface; no patch
         transformers.RoFormerConfig(
             vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -214,10 +211,11 @@ def test_user_cache_in_own_decode_loop_matches_dynamic_cache():
     assert torch.equal(fallback_tokens, expected_tokens) and torch.equal(fallback_logits, expected_logits)
 
 
-def test_returned_cache_is_released_and_says_so():
+def test_returned_cache_stays_open_until_released_and_then_says_so():
     model = hf_paged.wrap(tiny_model("llama"), num_pages=64)
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, return_dict_in_generate=True, pad_token_id=0)
-    assert out.past_key_values.is_released
+    assert not out.past_key_values.is_released and out.past_key_values.get_seq_length() == 4
+    out.past_key_values.release()
     with pytest.raises(RuntimeError, match="released"):
         out.past_key_values.reorder_cache(torch.tensor([0]))
 

@@ -268,10 +268,27 @@ def model_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def seq2seq_folder(tmp_path_factory) -> Path:
+    """A tiny Marian and the byte tokenizer (right padding, as seq2seq tokenizers pad) saved as a
+    folder: what "Helsinki-NLP/opus-mt-en-de" stands for."""
+    folder = tmp_path_factory.mktemp("marian")
+    torch.manual_seed(0)
+    config = transformers.MarianConfig(
+        vocab_size=259, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+    )
+    transformers.MarianMTModel(config).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 # Python blocks of the README and docs, by (page, heading): run in order in one namespace per page,
 # or not run, with the reason. A new block must be added to one of the two.
 RUN = {
-    "README.md": ["A causal LM", "Beams and samples", "The prefix cache"],
+    "README.md": ["A causal LM", "Beams and samples", "The prefix cache", "Encoder-decoder models"],
+    "docs/seq2seq.md": ["Usage"],
     "docs/usage.md": ["Your own decode loop"],
     "docs/prefix-caching.md": ["Prefix caching"],
     "docs/default_model.md": ["The default model"],
@@ -298,7 +315,7 @@ def test_every_python_block_is_run_or_says_why_not():
 
 @pytest.mark.parametrize("page", [pytest.param(page, marks=pytest.mark.slow) if page == "README.md" else page
                                   for page in sorted(RUN)])  # README's: 8 beams x 128 tokens in bf16, ~40 s
-def test_python_blocks_run_as_written(page, model_folder):
+def test_python_blocks_run_as_written(page, model_folder, seq2seq_folder):
     """Each block as the page writes it, on a tiny model folder for "path/or/name" and the CPU for "cuda"."""
     blocks = dict(python_blocks(ROOT / page))
     namespace: dict = {}
@@ -310,6 +327,7 @@ def test_python_blocks_run_as_written(page, model_folder):
                          input_ids=batch["input_ids"], mask=batch["attention_mask"])
     for heading in RUN[page]:
         code = blocks[heading].replace('"path/or/name"', repr(str(model_folder))).replace('device_map="cuda"', 'device_map="cpu"')
+        code = code.replace('"Helsinki-NLP/opus-mt-en-de"', repr(str(seq2seq_folder)))
         if "batches" in code:  # a few-shot run: one long prefix before every question
             prefix = "Answer in one word. " * 4
             namespace["batches"] = [namespace["tok"]([prefix + q for q in questions], return_tensors="pt", padding=True)

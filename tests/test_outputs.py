@@ -42,6 +42,7 @@ def test_hidden_states_have_stocks_shapes_and_values(mode, prefix_cache):
         got = generate(model, input_ids, mask, **kwargs)
         assert torch.equal(got.sequences, expected.sequences)
         assert_same_tensors(got.hidden_states, expected.hidden_states, "hidden_states")
+    got.past_key_values.release()  # a returned cache holds its pages until released or dropped
     stats = hf_paged.memory_stats(model)
     assert stats["pages_in_use"] == stats.get("cached_pages", 0)
 

@@ -4,6 +4,7 @@ Each family runs greedy, sampling with num_return_sequences and beam search on l
 of unequal length, wrapped and unwrapped (fp32, CPU), and must give the same tokens.
 """
 
+import copy
 import importlib.util
 
 import pytest
@@ -12,7 +13,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import hf_paged
-from hf_paged import UnsupportedModelError, _compat, patches
+from hf_paged import _compat, patches
 
 from tiny import (
     FALCON, MODES, PATCHED_CONFIGS, fixed_length, generate, padded_prompts, routes_through_interface, tiny_model,
@@ -100,17 +101,40 @@ def test_patches_live_in_hf_paged_namespace_only():
     assert importlib.util.find_spec("patches") is None or "hf_paged" not in str(importlib.util.find_spec("patches").origin)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(new_decoder_architecture=True, num_kv_heads=2)])
-def test_falcon_with_alibi_is_refused_before_it_is_touched(variant):
-    """On every release: patched (5.23, 5.24) or through the interface (5.25, where stock adds the
-    bias to the attention mask)."""
+FALCON_RW = dict(alibi=True, multi_query=False, parallel_attn=False, bias=True)  # Falcon-RW's layout
+
+
+@pytest.mark.parametrize(
+    "variant", [FALCON_RW, dict(alibi=True), dict(alibi=True, new_decoder_architecture=True, num_kv_heads=2)],
+    ids=["falcon_rw", "multi_query", "new_arch"],
+)
+@pytest.mark.parametrize("mode", ["greedy", "beam", "sample"])
+def test_falcon_with_alibi_gives_stocks_tokens(variant, mode):
+    """Issue 30 point 5: stock adds its ALiBi bias to the mask rounded to bfloat16 at absolute
+    positions; every forward runs dense over the pages (hf_paged/cache/dense.py), with stock's mask."""
+    if variant.get("new_decoder_architecture") and not routes_through_interface("falcon"):
+        pytest.skip("the patched release broadcasts grouped K/V before caching them")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(transformers.FalconConfig(**FALCON, alibi=True, **variant)).eval()
-    implementation = model.config._attn_implementation
-    input_ids, mask = padded_prompts(batch=2, length=9, pads=(0, 3))
-    expected = model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0)
-    with pytest.raises(UnsupportedModelError, match="bfloat16"):
-        hf_paged.wrap(model, num_pages=64, page_size=4)
-    assert not hasattr(model, "hf_paged_runtime") and not any("forward" in m.__dict__ for m in model.modules())
-    assert model.config._attn_implementation == implementation
-    assert torch.equal(model.generate(input_ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0), expected)
+    stock = AutoModelForCausalLM.from_config(transformers.FalconConfig(**FALCON, **variant)).eval()
+    model = hf_paged.wrap(copy.deepcopy(stock), num_pages=128, page_size=4)
+    input_ids, mask = padded_prompts(batch=3, length=9, pads=(0, 3, 0))
+    input_ids[2, -2:], mask[2, -2:] = 0, 0  # and right padding
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, pad_token_id=0, **MODES[mode])
+    torch.manual_seed(0)
+    expected = stock.generate(input_ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(input_ids, attention_mask=mask, **kwargs), expected)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_falcon_rw_alibi_at_positions_bfloat16_rounds():
+    """A prompt of 600 tokens: bfloat16 keeps 8 significant bits, so stock's bias is rounded there."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(transformers.FalconConfig(**FALCON, **FALCON_RW)).eval()
+    model = hf_paged.wrap(copy.deepcopy(stock), num_pages=256, page_size=8)
+    input_ids = torch.randint(3, 128, (1, 600), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    expected, got = stock.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    for ours, theirs in zip(got.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

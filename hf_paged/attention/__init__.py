@@ -26,16 +26,20 @@ from .torch import TorchExecutor
 __all__ = ["Executor", "LayerParams", "TorchExecutor", "select_executor"]
 
 
-def select_executor(backend: str, specs: list[LayerSpec], exact: bool = False) -> Executor:
+def select_executor(backend: str, specs: list[LayerSpec], exact: bool = False, torch_only: str | None = None) -> Executor:
     """The executor for `backend` ("auto", "torch", "flashinfer") for layers of these devices and dtypes.
 
     "auto" picks FlashInfer for float16/bfloat16 models on CUDA with a head dim of 64, 128 or 256
     when flashinfer imports, else torch. "flashinfer" raises ValueError naming every reason it
     cannot serve the model (fp32, CPU, head dim, not installed). `exact` (PagedConfig.exact): the
     torch executor computing as stock's SDPA does ("auto" then never picks FlashInfer, whose kernels
-    add in another order; PagedConfig refuses "flashinfer" with it). Allocates nothing.
+    add in another order; PagedConfig refuses "flashinfer" with it). `torch_only`: why only the
+    torch executor serves this model (an encoder-decoder model's cross-attention and T5's position
+    bias): "auto" picks it, "flashinfer" raises ValueError with the reason. Allocates nothing.
     """
-    if backend == "torch" or exact:
+    if torch_only is not None and backend == "flashinfer":
+        raise ValueError(f"backend='flashinfer' cannot serve this model: {torch_only}; use backend='auto' or 'torch'")
+    if backend == "torch" or exact or torch_only is not None:
         return TorchExecutor(exact=exact)
     if backend not in ("auto", "flashinfer"):
         raise ValueError(f"expected backend to be 'auto', 'torch' or 'flashinfer', got {backend!r}")

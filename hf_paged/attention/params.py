@@ -22,6 +22,7 @@ class LayerParams:
     window_left: int = -1
     logits_soft_cap: float = 0.0
     alibi_slopes: tuple[float, ...] | None = None
+    position_bias: bool = False
 
     @property
     def group_size(self) -> int:

@@ -11,6 +11,7 @@ from ..memory.group_pages import GroupPages
 from ..memory.groups import GroupSpec, group_of_layer
 from ..memory.tables import PageTables
 from . import inflight
+from .cross import CrossPages
 from .runtime import Runtime, runtime_of
 from .steps import ForwardSteps
 
@@ -39,11 +40,18 @@ class PagedCache(ForwardSteps, Cache):
         cascade = self.runtime.config.cascade
         self.pool = pool
         self.groups: list[GroupSpec] = self.runtime.groups
+        # An encoder-decoder model: its cross-attention layers' pages, one table per input (cross.py).
+        self.cross: CrossPages | None = None
+        if self.groups and self.groups[-1].cross:
+            cross_group, self.groups = self.groups[-1], self.groups[:-1]
+            self.cross = CrossPages(pool, cross_group, len(cross_group.layers))
+        cross = (self.cross.tables, pool.layer_bytes(cross_group.layers)) if self.cross is not None else None
         # Page bookkeeping per group of layers, and the peaks (group_pages.py).
-        self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups])
+        self.pages = GroupPages(pool.blocks, self.groups, [pool.layer_bytes(group.layers) for group in self.groups], cross)
         self.group_tables: list[PageTables] = self.pages.group_tables
         # A cache dropped without release() gives its pages back once collected (KVPool.cache_dropped).
-        self._finalizer = weakref.finalize(self, pool.cache_dropped, self.group_tables)
+        dropped = self.group_tables + [self.cross.tables] if self.cross is not None else self.group_tables
+        self._finalizer = weakref.finalize(self, pool.cache_dropped, dropped)
         self.layer_group = group_of_layer(self.groups, pool.num_layers)
         modules = self.runtime.attention_modules
         self.applies_window = [
@@ -66,8 +74,21 @@ class PagedCache(ForwardSteps, Cache):
         # Shared-prefix attention (PagedConfig.cascade): the metadata keeps the host page lists for it.
         # Off with PagedConfig(exact=True): its log-sum-exp merge adds in another order than stock's softmax.
         self.cascade = (self.executor.cascade_by_default if cascade is None else cascade) and not self.runtime.config.exact
+        if self.cross is not None:  # stock's scores bit for bit (seq2seq decoders are short: cascade rarely pays)
+            self.cascade = False
         self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
+        self.returned_num_beams: int | None = None  # set when generate() returns this cache (num_beams of that call)
         self._init_steps()  # what each forward and layer reads (steps.py)
+
+    def returned_by_generate(self, num_beams: int) -> None:
+        """generate() returns this cache in its output: it stays open (its pages held) until the
+        caller drops it or calls `release()`; memory_stats() counts such caches' pages."""
+        self.returned_num_beams = num_beams
+        self.pool.returned_caches.add(self)
+
+    def held_page_ids(self) -> set[int]:
+        """The page ids this cache's rows hold, every group together."""
+        return {page for tables in self.group_tables for table in tables.page_tables for page in tables.held(table)}
 
     def reserve_rows(self) -> None:
         """With `max_tokens_per_row`, give the (empty) rows runs of consecutive pages in every full group."""
@@ -134,6 +155,8 @@ class PagedCache(ForwardSteps, Cache):
 
     def _select_rows(self, row_ids: list[int]) -> None:
         self.pages.select_rows(row_ids)
+        if self.cross is not None:
+            self.cross.select_rows(row_ids)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens of every row (`tokens_to_remove <= 0`, as stock).
@@ -162,17 +185,21 @@ class PagedCache(ForwardSteps, Cache):
         if self._forward is not None:
             self.pages.release_deferred(self._forward.deferred)
         self.pages.release()
+        if self.cross is not None:
+            self.cross.release()
         self.seq_length = 0
         self._forward = None
         self._forget_built()
         self.is_released = True
+        self.pool.returned_caches.discard(self)
         self._finalizer.detach()
         self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
         if self.is_released:
             raise RuntimeError(
-                "this PagedCache was released (generate() releases the caches it creates when it returns); "
+                "this PagedCache was released (by release(), or by the generate() call that created it: one "
+                "without return_dict_in_generate=True returns no cache and releases it); "
                 f"create your own PagedCache(model), pass it as {self._cache_kwarg()}= and release() it when done"
             )
 

@@ -25,6 +25,11 @@ from ..distributed.tensor_parallel import TPGroup, make_pool
 from ..memory.pool import KVPool, LayerSpec
 
 RUNTIME_ATTR = "hf_paged_runtime"
+# Set by wrap() on an encoder-decoder model's attention modules: a cross-attention module's decoder
+# layer (its pages: cache/cross.py), and True on T5-style decoder self-attention that adds a
+# relative position bias (the cache computes it: `Runtime.position_bias`).
+CROSS_ATTR = "hf_paged_cross_layer"
+BIAS_ATTR = "hf_paged_position_bias"
 # How a forward's PagedCache reaches the attention function: the decoder's pre-hook adds it to the
 # forward's keyword arguments, which every tested family passes down (decoder -> layer -> attention
 # module -> attention function; checked on transformers 5.23 and 5.24). The alternatives, a cache
@@ -125,6 +130,14 @@ class Runtime:
     # the ranks' pools then agree on their page count, and errors before collectives reach all ranks.
     tp: TPGroup | None = None
     last_peak_group_pages: list[int] = field(default_factory=list)
+    # Encoder-decoder models (integration/seq2seq.py): the attention modules outside the pool's layers
+    # (the encoder's), which fall back to the original implementation; the module whose
+    # `compute_bias` gives T5's decoder self-attention bias (None: no bias); why only the torch
+    # executor serves the model (None: any executor).
+    other_modules: list = field(default_factory=list)
+    position_bias: Any = None
+    torch_only: str | None = None
+    cross_input_rows: bool = False  # the decoder may get one row per input of the encoder output
     # Every forward runs dense (cache/dense.py): Falcon's ALiBi, which stock adds to its mask rounded
     # to bfloat16 at absolute positions, which no exact paged bias reproduces.
     dense_only: bool = False
@@ -154,7 +167,7 @@ class Runtime:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         weights = [next(module.parameters()) for module in self.attention_modules]
         specs = [LayerSpec(h, d, w.device, w.dtype) for (h, d), w in zip(self.kv_shapes, weights)]
-        self.executor = select_executor(self.config.backend, specs, self.config.exact)
+        self.executor = select_executor(self.config.backend, specs, self.config.exact, self.torch_only)
         self.pool = make_pool(self.config, specs, self.groups, self.tp)
         self.groups[:] = self.pool.groups
         return getattr(self, name)
@@ -219,7 +232,7 @@ class Runtime:
                         "finish and release() your own caches, then call again (a new pool is made to match)"
                     )
                 specs = self.current_specs()
-                executor = select_executor(self.config.backend, specs, self.config.exact)  # raises before anything changes
+                executor = select_executor(self.config.backend, specs, self.config.exact, self.torch_only)  # raises first
                 self.pool = make_pool(self.config, specs, self.groups, self.tp)
                 self.groups[:] = self.pool.groups  # caches read the runtime's list
                 self.executor = executor

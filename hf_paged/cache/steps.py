@@ -11,10 +11,13 @@ few Python steps around them as the checks allow (`scripts/bench.py --workload o
 PagedCache (cache.py) mixes this in; the page bookkeeping is GroupPages' (group_pages.py).
 """
 
+from dataclasses import replace
+
 import torch
 
 from ..attention import LayerParams, ops
 from ..attention.metadata import ForwardMetadata, advance_metadata, build_metadata
+from ..attention.torch import cross as cross_attention
 from ..attention.torch import reads
 from ..memory.kv_quant import as_bytes
 from ..memory.pool import copy_pages
@@ -89,8 +92,14 @@ class ForwardSteps:
             self.add_rows(batch_size)
             self.reserve_rows()
         if batch_size != tables.num_rows:
+            beams = self.returned_num_beams or 1
+            hint = (
+                f"it was returned by a beam search with num_beams={beams}, and holds every beam of every input "
+                f"(as stock's does): continue it with num_beams={beams}, as on stock, or pick rows with "
+                "cache.batch_select_indices(idx); " if beams > 1 else ""
+            )
             raise ValueError(
-                f"this PagedCache holds {tables.num_rows} rows but the forward has batch size {batch_size}; "
+                f"this PagedCache holds {tables.num_rows} rows but the forward has batch size {batch_size}; {hint}"
                 "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
             )
         runtime = self.runtime
@@ -300,12 +309,23 @@ class ForwardSteps:
                 plan = self.executor.advance_plan(last[1], meta)
             if plan is None:
                 plan = self.executor.plan(meta, params, self.pool)
+                if params.position_bias:
+                    plan = self._with_position_bias(plan, meta)
             state.plans[key] = plan
             self._last_plans[key] = (meta.kv_indices_host, plan)
         if not (window is None and self.runtime.config.compile):  # (that check reads the layer's own window)
             state.last_params, state.last_group, state.last_device = layer_params, group, device
             state.last_plan, state.last_meta = plan, meta
         return plan, meta
+
+    def _with_position_bias(self, plan, meta: ForwardMetadata):
+        """`plan` with T5's relative position bias in its mask, as stock's SDPA gets it: the bias of
+        query row i and key column j of the right-aligned layout (stock's positions q_total - max_q + i
+        and kv_total - max_kv + j: the bias depends on their difference only), where the plan's mask
+        attends, the lowest float elsewhere."""
+        max_q, max_kv = plan.max_q, plan.max_kv
+        bias = self.runtime.position_bias.compute_bias(max_q, max_kv, device=meta.device, past_seen_tokens=max_kv - max_q)
+        return replace(plan, mask=cross_attention.float_mask(plan.mask, bias, bias.dtype))
 
 
 def pack(states: torch.Tensor, token_index: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

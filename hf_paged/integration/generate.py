@@ -10,7 +10,9 @@ from ..cache.paged_cache import PagedCache
 from ..cache.runtime import stock_masks
 from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
+from . import seq2seq
 from .compile import generate_max_tokens, maybe_compiled_decode
+from .interface import follow_implementation_change
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
 
@@ -40,6 +42,11 @@ def _expand_size(model, generation_config, kwargs: dict) -> int:
     return max(num_beams, num_return)
 
 
+def _num_beams(model, generation_config, kwargs: dict) -> int:
+    config = generation_config if generation_config is not None else model.generation_config
+    return kwargs.get("num_beams") or config.num_beams or 1
+
+
 def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool:
     """Whether the prompt can be prefilled outside generate() exactly as generate() would."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 2:
@@ -51,8 +58,10 @@ def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool
         return False
     # Stock's first step returns the hidden states of the whole prompt ([rows, prompt length, hidden]):
     # a prompt prefilled here would leave generate() only its last token's.
-    if kwargs.get("output_hidden_states") or getattr(config, "output_hidden_states", False):
-        return False
+    # The same for attention weights (`output_attentions`: every forward then runs dense, cache/dense.py).
+    for name in ("output_hidden_states", "output_attentions"):
+        if kwargs.get(name) or getattr(config, name, False):
+            return False
     # Any other tensor input (embeddings, position ids, multimodal inputs) goes through generate() as is.
     extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")]
     if extra:
@@ -136,6 +145,7 @@ class PagedGenerate:
         model = self.model
         original = type(model).generate
         runtime = model.hf_paged_runtime
+        follow_implementation_change(runtime)  # config._attn_implementation changed after wrap()
         # Every setting read below is read as generate() reads it: passed config, else the model's, then kwargs.
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
         if _compat.user_cache(kwargs) is not None:
@@ -149,6 +159,14 @@ class PagedGenerate:
             # without a PagedCache runs the original implementation.
             with stock_masks(runtime.original_attn_implementation):
                 return original(model, inputs, generation_config, **kwargs)
+        if getattr(model.config, "is_encoder_decoder", False):
+            # The cache is made where stock makes it (seq2seq.PreparePagedCache), once per stock run.
+            seq2seq.check_source(inputs, kwargs)
+            with seq2seq.session(model, runtime):  # (Whisper's generate names its first argument input_features)
+                args = (inputs,) if inputs is not None else ()
+                if generation_config is not None:
+                    kwargs["generation_config"] = generation_config
+                return original(model, *args, **kwargs)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         expand = _expand_size(model, settings, kwargs)
         use_prefix_cache = _can_use_prefix_cache(model, input_ids, settings, kwargs)
@@ -162,6 +180,7 @@ class PagedGenerate:
         else:
             reserve = generate_max_tokens(model, inputs, settings, kwargs) if expand == 1 else None
         cache = PagedCache(model, max_tokens_per_row=reserve)  # a new pool if the model's dtype/device changed
+        returned = False
         try:
             if use_prefix_cache:
                 prefix_cache = _prefix_cache_of(cache, model)
@@ -173,9 +192,16 @@ class PagedGenerate:
                 cache.batch_repeat_interleave(expand)
             with maybe_compiled_decode(model, inputs, settings, kwargs):  # PagedConfig(compile=True)
                 kwargs[_compat.model_cache_arg(model)] = cache
-                return original(model, inputs, generation_config, **kwargs)
+                result = original(model, inputs, generation_config, **kwargs)
+            # A dict output carries the cache (return_dict_in_generate=True): it stays usable, as
+            # stock's does, and holds its pages until dropped or release()d.
+            returned = _compat.output_cache(result) is cache
+            if returned:
+                cache.returned_by_generate(_num_beams(model, settings, kwargs))
+            return result
         finally:
-            cache.release()
+            if not returned:
+                cache.release()
             # This call's own peaks (its page tables count them), whatever other calls hold: the page
             # ids all groups held at one instant (inside forwards), group_pages.py.
             runtime.last_peak_pages = cache.pages.peak_pool_pages

@@ -13,7 +13,7 @@ from transformers.masking_utils import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..attention import LayerParams
-from ..cache.runtime import CACHE_KWARG, find_runtime, stock_mask_implementation
+from ..cache.runtime import BIAS_ATTR, CACHE_KWARG, CROSS_ATTR, find_runtime, stock_mask_implementation
 from ..errors import UnsupportedModelError
 
 ATTN_NAME = "hf_paged"
@@ -61,9 +61,14 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:  # wrap() refuses these; never ignore them
         raise UnsupportedModelError(type(module).__name__, "attention sinks are not supported")
     layer_idx = module.layer_idx
+    cross = getattr(module, CROSS_ATTR, None)
+    if cross is not None:  # an encoder-decoder model's cross-attention: its input's pages (cache/cross.py)
+        params = layer_params(query.shape[1], key.shape[1], query.shape[-1], scaling, None, None)
+        return cache.cross.attend(cross, query, params, kwargs.get("position_bias")), None
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else cache.layer_window(layer_idx)
     # the cache's update() returns the new K/V `[batch, H_kv, q_len, D]`
-    params = layer_params(query.shape[1], key.shape[1], query.shape[-1], scaling, window, kwargs.get("softcap"))
+    biased = getattr(module, BIAS_ATTR, False)  # T5's decoder self-attention: the cache computes the bias
+    params = layer_params(query.shape[1], key.shape[1], query.shape[-1], scaling, window, kwargs.get("softcap"), biased)
     return cache.attend(layer_idx, query, params), None
 
 
@@ -73,10 +78,11 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
 _LAYER_PARAMS: dict[tuple, LayerParams] = {}
 
 
-def layer_params(num_qo_heads: int, num_kv_heads: int, head_dim: int, scaling, window, softcap) -> LayerParams:
+def layer_params(num_qo_heads: int, num_kv_heads: int, head_dim: int, scaling, window, softcap,
+                 position_bias: bool = False) -> LayerParams:
     """The LayerParams of an attention call (`scaling` None: `head_dim ** -0.5`; `window` None or
-    0: no window; `softcap` None or 0: none), one shared object per setting."""
-    key = (num_qo_heads, num_kv_heads, head_dim, scaling, window, softcap)
+    0: no window; `softcap` None or 0: none; `position_bias`: T5's), one shared object per setting."""
+    key = (num_qo_heads, num_kv_heads, head_dim, scaling, window, softcap, position_bias)
     params = _LAYER_PARAMS.get(key)
     if params is None:
         params = LayerParams(
@@ -86,6 +92,7 @@ def layer_params(num_qo_heads: int, num_kv_heads: int, head_dim: int, scaling, w
             sm_scale=float(scaling) if scaling is not None else head_dim**-0.5,
             window_left=window - 1 if window else -1,
             logits_soft_cap=float(softcap or 0.0),
+            position_bias=position_bias,
         )
         if len(_LAYER_PARAMS) >= 1024:  # settings that keep changing (a scaling computed per call): stay bounded
             _LAYER_PARAMS.clear()
@@ -104,6 +111,26 @@ def _original_attention(module, query, key, value, attention_mask, scaling, drop
     else:
         function = ALL_ATTENTION_FUNCTIONS[implementation]
     return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def follow_implementation_change(runtime) -> None:
+    """After `config._attn_implementation = "eager"` (or `set_attn_implementation`) on a wrapped model:
+    that implementation serves whatever the paged path does not (the stock fallback, dense forwards),
+    and "hf_paged" is selected again, so the next forward reads the pages. Patched families keep
+    their own implementation: nothing to follow."""
+    if runtime.patch is not None:
+        return
+    model = runtime.owners[0][0] if runtime.owners else None
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None or current == ATTN_NAME:
+        return
+    with runtime.lock:
+        runtime.original_attn_implementation = current
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+        except (ValueError, ImportError):  # a model that checks implementation names: set the config's
+            config._attn_implementation = ATTN_NAME
 
 
 def _register_functions() -> list[dict]:

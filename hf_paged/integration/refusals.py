@@ -38,13 +38,6 @@ def check(model: torch.nn.Module, modules: dict[int, torch.nn.Module], patched: 
     name = type(model).__name__
     config = model.config
     text_config = config.get_text_config()
-    if getattr(text_config, "model_type", None) == "falcon" and getattr(text_config, "alibi", False):
-        # Every release so far (the patched 5.23/5.24 path and the interface path from 5.25 alike).
-        raise UnsupportedModelError(
-            name,
-            "Falcon with alibi=True: stock rounds the ALiBi bias to bfloat16 at absolute positions, "
-            "which paged attention's exact bias does not reproduce token for token",
-        )
     if getattr(text_config, "cross_attention_layers", None) or getattr(text_config, "add_cross_attention", False):
         raise UnsupportedModelError(name, "cross-attention layers (to image or encoder states) are not supported")
     v_head_dim = getattr(text_config, "v_head_dim", None)

@@ -30,6 +30,15 @@ def memory_stats(model: torch.nn.Module) -> dict:
     `cached_pages` it keeps between calls (a call's peaks count the pages its rows hold, cached
     ones they read included, not those only the cache holds), and `prefix_*` count looked-up tokens, hit pages, hit tokens and evicted pages since wrap().
 
+    An encoder-decoder model (docs/seq2seq.md) has two groups: the decoder's self-attention (its
+    rows' pages) and its cross-attention (`"cross_attention": True`: pages per input, written once);
+    `peak_self_attention_pages` and `peak_cross_attention_pages` are their peaks after a forward,
+    and `peak_pages_in_use` counts both.
+
+    `returned_caches` counts the caches generate() returned in its output (`return_dict_in_generate=
+    True`) that are still open, and `returned_cache_pages` the page ids they hold: they keep their
+    pages, as stock's returned cache keeps its tensors, until dropped or `cache.release()`d.
+
     `kv_cache_dtype` is what pages store (PagedConfig's: "auto", "fp8_e4m3", "fp8_e5m2") and
     `kv_dtype` that dtype's torch name. With fp8 pages, `kv_scales` lists each layer's (k_scale,
     v_scale) (None until its first forward sets it) and `kv_clamped_values` the keys and values
@@ -59,6 +68,10 @@ def memory_stats(model: torch.nn.Module) -> dict:
         "tp_rank": runtime.tp.rank if runtime.tp is not None else 0,
         "tp_size": runtime.tp.size if runtime.tp is not None else 1,
     }
+    with blocks.lock:  # caches generate() returned (return_dict_in_generate=True), not yet dropped or released
+        returned = [cache for cache in list(pool.returned_caches) if not cache.is_released]
+        stats["returned_caches"] = len(returned)
+        stats["returned_cache_pages"] = len(set().union(*(cache.held_page_ids() for cache in returned)))
     if any(group.window is not None for group in runtime.groups):
         # Counted by the cache after each forward (a sliding group has let go of what it cannot see),
         # each group's pages at the bytes its layers use.
@@ -70,10 +83,14 @@ def memory_stats(model: torch.nn.Module) -> dict:
             "page_size": group.page_size,
             "page_bytes": pool.layer_bytes(group.layers),
             "peak_pages_in_use": peaks[index] if index < len(peaks) else 0,
+            **({"cross_attention": True} if group.cross else {}),
         }
         for index, group in enumerate(runtime.groups)
         for peaks in [runtime.last_peak_group_pages]
     ]
+    if any(group.cross for group in runtime.groups):  # an encoder-decoder model: the two kinds apart
+        stats["peak_cross_attention_pages"] = sum(g["peak_pages_in_use"] for g in stats["groups"] if g.get("cross_attention"))
+        stats["peak_self_attention_pages"] = sum(g["peak_pages_in_use"] for g in stats["groups"] if not g.get("cross_attention"))
     if pool.kv_quant is not None:  # fp8 pages (memory/kv_quant.py)
         stats.update(kv_scales=list(pool.kv_quant.scales), kv_clamped_values=pool.kv_quant.clamped_values())
     prefix = pool.prefix_cache

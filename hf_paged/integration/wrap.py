@@ -1,6 +1,5 @@
 """wrap/unwrap: register the paged attention and mask functions (interface.py), hook the model, patch generate."""
 
-import functools
 import inspect
 import sys
 from collections.abc import Mapping
@@ -9,9 +8,9 @@ import torch
 
 from .. import _compat, patches
 from ..attention import select_executor
-from ..cache.paged_cache import PagedCache
 from ..cache.runtime import (
-    CACHE_KWARG,
+    BIAS_ATTR,
+    CROSS_ATTR,
     RUNTIME_ATTR,
     Runtime,
     find_runtime,
@@ -21,7 +20,8 @@ from ..config import PagedConfig
 from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
 from ..errors import UnsupportedModelError
 from ..memory.groups import layer_groups
-from . import refusals
+from . import refusals, seq2seq
+from .hooks import _make_begin_hook, _make_end_hook
 from .interface import ATTN_NAME, _register_functions
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -55,8 +55,6 @@ def check_supported(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
         raise UnsupportedModelError(name, "not a transformers generative model (no config or generate)")
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(name, "encoder-decoder models are not supported (decoder-only only)")
     text_config = config.get_text_config()
     if getattr(text_config, "kv_lora_rank", None):
         raise UnsupportedModelError(name, "multi-head latent attention (MLA) caches are not supported")
@@ -120,7 +118,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     `config` (a PagedConfig or a mapping of its fields) and keyword overrides (`wrap(model,
     page_size=8)`) set the PagedConfig. Wrapping a wrapped model again with no settings, or the
     same ones, does nothing unless its attention implementation was changed since
-    (`model.set_attn_implementation`, which generate() then refuses): it re-wraps over the new one;
+    (`model.set_attn_implementation`, which the next forward also follows: the new one becomes the
+    fallback, interface.follow_implementation_change): it re-wraps over the new one;
     with other settings it re-wraps with them (fields not given take their defaults, as on a first wrap).
     Raises UnsupportedModelError (model untouched) for models hf_paged cannot serve.
     """
@@ -131,21 +130,35 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     changed = runtime is not None and runtime.patch is None and model.config._attn_implementation != ATTN_NAME
     if runtime is not None and runtime.config == config and not changed:
         return model
-    patch = patches.find_patch(model)  # families whose attention bypasses the interface
-    modules = patch.attention_modules(model) if patch else check_supported(model)
-    refusals.check(model, modules, patched=patch is not None)  # structures that would give other tokens
-    base = _find_decoder(model, modules)
     text_config = model.config.get_text_config()
-    attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
-    specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
     tp = tp_group(model)  # under tensor parallelism: this rank's pool holds its local KV heads
-    specs = local_specs(model, specs, tp)
-    executor = select_executor(config.backend, specs, config.exact)  # raises before anything is allocated or patched
-    # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
-    # compiled decode steps read one metadata for every layer.
-    cache_windows = _compat.layer_windows(text_config, len(specs))
-    grouped = [None] * len(specs) if config.compile else cache_windows
-    groups = layer_groups(grouped, config.page_size, config.window_page_size)
+    seq2seq_modules = None
+    if _is_encoder_decoder(model):  # integration/seq2seq.py: decoder self- then cross-attention layers
+        patch = None
+        seq2seq.check_config(model, config, tp)
+        seq2seq_modules = seq2seq.find_modules(model)
+        base = seq2seq_modules.decoder
+        attention_modules = seq2seq_modules.self_modules + seq2seq_modules.cross_modules
+        specs = seq2seq.layer_specs(attention_modules)
+        torch_only = seq2seq.TORCH_ONLY
+        cache_windows = [None] * len(specs)
+        groups = seq2seq.groups(len(seq2seq_modules.self_modules), config.page_size)
+    else:
+        patch = patches.find_patch(model)  # families whose attention bypasses the interface
+        modules = patch.attention_modules(model) if patch else check_supported(model)
+        refusals.check(model, modules, patched=patch is not None)  # structures that would give other tokens
+        base = _find_decoder(model, modules)
+        attention_modules = [modules[layer_idx] for layer_idx in range(len(modules))]
+        specs = patches.layer_specs(patch, modules) if patch else layer_specs(text_config, attention_modules)
+        specs = local_specs(model, specs, tp)
+        torch_only = None
+        # Each layer's window as stock's DynamicCache(config) keeps it. compile=True keeps one group:
+        # compiled decode steps read one metadata for every layer.
+        cache_windows = _compat.layer_windows(text_config, len(specs))
+        grouped = [None] * len(specs) if config.compile else cache_windows
+        groups = layer_groups(grouped, config.page_size, config.window_page_size)
+    # Raises before anything is allocated or patched.
+    executor = select_executor(config.backend, specs, config.exact, torch_only)
     # Raises (budget below one page, allocation failed) before anything is patched; on every rank under TP.
     pool = make_pool(config, specs, groups, tp)
     groups = list(pool.groups)  # with the page size each group got in the pool's layout
@@ -168,7 +181,13 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         cache_windows=cache_windows,
         patch=patch,
         tp=tp,
+        torch_only=torch_only,
+        dense_only=dense_only(text_config),
     )
+    if seq2seq_modules is not None:
+        runtime.other_modules = seq2seq_modules.other_modules
+        runtime.position_bias = seq2seq_modules.position_bias
+        runtime.cross_input_rows = seq2seq_modules.input_rows
     registered = _register_functions()
     try:
         if patch is None:  # a patched family keeps its own implementation; its patch serves the pages
@@ -181,8 +200,17 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         for mapping in registered:
             del mapping[ATTN_NAME]
         raise
-    for module in attention_modules:
+    for module in attention_modules + runtime.other_modules:
         setattr(module, RUNTIME_ATTR, runtime)  # read only by forwards without a PagedCache
+    if seq2seq_modules is not None:
+        for layer, module in enumerate(seq2seq_modules.cross_modules):
+            setattr(module, CROSS_ATTR, layer)
+        if runtime.position_bias is not None:
+            for module in seq2seq_modules.self_modules:
+                setattr(module, BIAS_ATTR, True)
+        model._prepare_cache_for_generation = seq2seq.PreparePagedCache(model)
+        if hasattr(type(model), "_postprocess_outputs"):  # Whisper's generate() reads each run's cache
+            model._postprocess_outputs = seq2seq.EmptyOutputCache(model)
     if patch is not None:
         patches.install(patch, attention_modules)
     runtime.handles = [
@@ -195,6 +223,17 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         setattr(owner, RUNTIME_ATTR, runtime)
         owner.generate = make_generate(owner)
     return model
+
+
+def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False)) and hasattr(model, "generate")
+
+
+def dense_only(text_config) -> bool:
+    """Whether every forward runs dense (cache/dense.py): Falcon with ALiBi, whose bias stock adds to
+    the mask rounded to bfloat16 at absolute positions, which no exact paged bias reproduces. Its
+    pages hold K/V as for any model; its layers run stock attention over them."""
+    return getattr(text_config, "model_type", None) == "falcon" and bool(getattr(text_config, "alibi", False))
 
 
 def model_objects(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -242,8 +281,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for handle in runtime.handles:
         handle.remove()
     patches.remove(runtime.attention_modules)
-    for module in runtime.attention_modules:
+    for module in runtime.attention_modules + runtime.other_modules:
         delattr(module, RUNTIME_ATTR)
+        for name in (CROSS_ATTR, BIAS_ATTR):
+            if name in module.__dict__:
+                delattr(module, name)
+    for name, kind in (("_prepare_cache_for_generation", seq2seq.PreparePagedCache),
+                       ("_postprocess_outputs", seq2seq.EmptyOutputCache)):
+        if isinstance(model.__dict__.get(name), kind):
+            delattr(model, name)
     model.set_attn_implementation(runtime.original_attn_implementation)
     for owner, generate in runtime.owners or [(model, None)]:
         if owner.__dict__.get(RUNTIME_ATTR) is runtime:
@@ -253,79 +299,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         elif "generate" in owner.__dict__:
             del owner.generate
     return model
-
-
-class _BeginForward:
-    """Pre-hook of the decoder: places this forward's tokens in the PagedCache it was given.
-
-    A class rather than a closure so that a deepcopy or pickle of the model carries a hook bound to
-    the copy's runtime.
-    """
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        _register_functions()  # an unpickled model in a fresh process names the "hf_paged" implementation
-
-    def __call__(self, module, args, kwargs):
-        runtime = self.runtime
-        # generate() passes keywords only: binding them to the signature (tens of µs per step) would
-        # change nothing that find_cache or the lookups below read.
-        arguments = kwargs if not args else runtime.forward_signature.bind_partial(*args, **kwargs).arguments
-        cache = _compat.find_cache(arguments)
-        if not isinstance(cache, PagedCache):
-            return None
-        if cache.runtime is not runtime and cache.pool is not runtime.pool:
-            raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")
-        implementation = _compat.attn_implementation(getattr(module, "config", None)) or ATTN_NAME
-        if runtime.patch is None and implementation != ATTN_NAME:
-            # Its layers would call that implementation, which never reads the pages.
-            raise RuntimeError(
-                f"the model's attention implementation was changed to {implementation!r} after hf_paged.wrap() "
-                "(model.set_attn_implementation), so its layers no longer read hf_paged's pages; call "
-                "hf_paged.wrap(model) again to serve generate() from pages (stock attention then falls back "
-                f"to {implementation!r}), or hf_paged.unwrap(model) to run stock"
-            )
-        inputs = arguments.get("input_ids")
-        if inputs is None:
-            inputs = arguments.get("inputs_embeds")
-        if inputs is None:
-            raise ValueError("hf_paged needs input_ids or inputs_embeds")
-        batch_size, q_len = inputs.shape[:2]
-        # Stock's attention weights come from a dense forward (cache/dense.py).
-        weights = arguments.get("output_attentions")
-        if weights is None:
-            weights = getattr(getattr(module, "config", None), "output_attentions", False)
-        begin = functools.partial(
-            cache.begin_forward, batch_size, q_len, arguments.get("attention_mask"), inputs.device, bool(weights)
-        )
-        if runtime.tp is None:
-            begin()
-        else:  # a rank that cannot place its tokens must not leave the others waiting in the forward's collectives
-            runtime.tp.run(begin, "placing a forward's tokens")
-        runtime.set_forward_cache(cache)  # for attention that the keyword does not reach
-        return args, {**kwargs, CACHE_KWARG: cache}
-
-
-class _EndForward:
-    """Forward hook of the decoder (always called, also on errors): ends the forward in the cache."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-
-    def __call__(self, module, args, kwargs, output):
-        self.runtime.set_forward_cache(None)
-        cache = kwargs.get(CACHE_KWARG)
-        if isinstance(cache, PagedCache):  # (a compiled step's dispatcher may have swapped in its own)
-            cache.end_forward(completed=output is not None)
-        return None
-
-
-def _make_begin_hook(runtime: Runtime) -> _BeginForward:
-    return _BeginForward(runtime)
-
-
-def _make_end_hook(runtime: Runtime) -> _EndForward:
-    return _EndForward(runtime)

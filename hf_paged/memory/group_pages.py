@@ -21,12 +21,16 @@ from .tables import PageTables
 class GroupPages:
     """The page tables of one cache's rows in every group of layers."""
 
-    def __init__(self, blocks: BlockManager, groups: list[GroupSpec], group_page_bytes: list[int]):
+    def __init__(self, blocks: BlockManager, groups: list[GroupSpec], group_page_bytes: list[int],
+                 cross: tuple[PageTables, int] | None = None):
         self.blocks = blocks
+        # An encoder-decoder model's cross-attention pages (cache/cross.py) and the bytes its layers use
+        # per id: counted in every peak, never touched by the rows' changes below.
+        self.cross = cross
         self.groups = groups  # the runtime's list (a group may be marked `cache_window` later)
         self.group_tables = [PageTables(blocks, group.page_size, group.window) for group in groups]
         self.group_page_bytes = group_page_bytes
-        self.peak_group_pages = [0] * len(groups)
+        self.peak_group_pages = [0] * (len(groups) + (cross is not None))
         self.peak_kv_bytes = 0
         self.peak_pool_pages = 0
         # Whether rows may hold more pages than when note_peaks last counted: only taking pages
@@ -40,8 +44,9 @@ class GroupPages:
 
     @property
     def num_pages_held(self) -> int:
-        """Page ids this cache holds now, all groups."""
-        return sum(tables.num_pages_held for tables in self.group_tables)
+        """Page ids this cache holds now, all groups (cross-attention pages included)."""
+        held = sum(tables.num_pages_held for tables in self.group_tables)
+        return held + (self.cross[0].num_pages_held if self.cross is not None else 0)
 
     def place(
         self, qo_lens: list[int], skips: list[list[int] | None] | None = None
@@ -103,7 +108,16 @@ class GroupPages:
             held = {page for table, lead in zip(tables.page_tables, tables.num_leading_holes) for page in table[lead:]}
             self.peak_group_pages[group] = max(self.peak_group_pages[group], len(held))
             total += len(held) * self.group_page_bytes[group]
+        if self.cross is not None:
+            tables, page_bytes = self.cross
+            self.peak_group_pages[-1] = max(self.peak_group_pages[-1], tables.num_pages_held)
+            total += tables.num_pages_held * page_bytes
         self.peak_kv_bytes = max(self.peak_kv_bytes, total)
+
+    def note_cross_pages(self) -> None:
+        """Count the cross-attention pages just taken (before the forward that writes them)."""
+        self._uncounted = True
+        self.peak_pool_pages = max(self.peak_pool_pages, self.num_pages_held)
 
     def reserve_rows(self, max_tokens_per_row: int | None) -> None:
         """Give the (empty) rows runs of consecutive pages in every full group."""

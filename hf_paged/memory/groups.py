@@ -27,12 +27,16 @@ class GroupSpec:
     page_size: token slots of one page of this group's layers.
     cache_window: the window is only the cache's: the layers' attention applies a wider one or none
     (Moshi), so their queries see what stock's window-only cache returns (PagedCache.attend). Set
-    when a layer is first seen attending wider."""
+    when a layer is first seen attending wider.
+    cross: the decoder's cross-attention layers of an encoder-decoder model (cache/cross.py): pages
+    per input, written once per call and read by every row of that input; never part of a row's
+    page tables."""
 
     window: int | None
     layers: tuple[int, ...]
     page_size: int
     cache_window: bool = False
+    cross: bool = False
 
 
 def window_page_size(window: int, page_size: int, requested: int | None = None) -> int:

@@ -169,6 +169,8 @@ class KVPool:
         self.num_pages = choose_num_pages(config, self.layout)
         self.zero_page_id = self.num_pages
         self._open_caches: weakref.WeakSet = weakref.WeakSet()
+        # Caches generate() returned in its output, still open (memory_stats counts their pages).
+        self.returned_caches: weakref.WeakSet = weakref.WeakSet()
         self._dropped: list[list] = []  # page tables of caches collected unreleased (cache_dropped)
         self.write_lock = threading.RLock()
         self.slices: list[torch.Tensor] = []

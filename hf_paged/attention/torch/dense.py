@@ -113,11 +113,13 @@ def plan(
     causal = (
         allow_causal and max_q > 1 and uniform_q and max_kv <= (params.window_left if params.window_left >= 0 else max_kv)
         and not params.logits_soft_cap and not params.alibi_slopes and all(n == max_q for n in meta.kv_lens)
+        and not params.position_bias
     )
     if window_decode:  # every read column is inside the window: only a shorter row's leading columns are masked
         needs_mask = any(n < width for n in meta.kv_lens)
     else:
         needs_mask = not causal and (params.window_left >= 0 or max_q > 1 or any(n != max_kv for n in meta.kv_lens))
+    needs_mask = needs_mask or params.position_bias  # the cache turns it into stock's float mask
     # Stock's mask function skips a window layer's mask only while its keys are fewer than the window.
     stock_mask = needs_mask or (window_decode and width == params.window_left + 1)
     packed = not allow_causal or query_layout(max_q, stock_mask, params, exact)
