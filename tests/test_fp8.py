@@ -310,3 +310,26 @@ def test_torch_executor_matches_the_dequantized_reference(page_size, case, kv_ca
     wrong = executor.run(q, pool.pools[0], executor.plan(meta, params, pool), (0.5, 0.5))  # the test bites
     with pytest.raises(AssertionError):
         assert_matches_reference(wrong, reference, case)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_cross_attention_pages(family):
+    """Cross-attention pages (written once per input, cache/cross.py) in fp8 too: stock with both
+    caches rounding through fp8 gives the same tokens (beams; T5's position bias)."""
+    from seq2seq_models import make, sources
+    from transformers import EncoderDecoderCache
+
+    model = make(family)
+    inputs = sources()
+    kwargs = dict(max_new_tokens=8, num_beams=3, output_scores=True, return_dict_in_generate=True)
+    torch.manual_seed(0)
+    cache = EncoderDecoderCache(FakeQuantCache(model.config), FakeQuantCache(model.config))
+    expected = model.generate(**inputs, past_key_values=cache, **kwargs)
+    hf_paged.wrap(model, page_size=4, kv_cache_dtype="fp8_e4m3", kv_scales=SCALES)
+    torch.manual_seed(0)
+    paged = model.generate(**inputs, **kwargs)
+    assert torch.equal(paged.sequences, expected.sequences)
+    torch.testing.assert_close(paged.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
+    stats = hf_paged.memory_stats(model)
+    assert stats["pages_in_use"] == 0 and all(pair == SCALES for pair in stats["kv_scales"])
+    assert len(stats["kv_scales"]) == 4  # 2 self-attention and 2 cross-attention layers

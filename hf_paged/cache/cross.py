@@ -116,6 +116,12 @@ class CrossPages(Cache):
             flat_k, flat_v = flat_k.index_select(0, self.token_index), flat_v.index_select(0, self.token_index)
         from ..attention import ops  # (the op module imports the executors)
 
+        quant = self.pool.kv_quant
+        if quant is not None:  # fp8 pages (memory/kv_quant.py): the layer's scales are set by its first write
+            layer = self.first_layer + layer_idx
+            if quant.scales[layer] is None:
+                quant.set_scales(layer, flat_k, flat_v)
+            flat_k, flat_v = quant.quantize(layer, flat_k, flat_v)
         with self.pool.write_lock:
             ops.write_kv_auto(pool, flat_k.to(pool.dtype), flat_v.to(pool.dtype), self.write_slots)
         return key_states, value_states
@@ -132,14 +138,17 @@ class CrossPages(Cache):
         if read is None:
             read = self._plan_reads(query.device, q_len)
         runs, slots, masks, biased = read
+        quant = self.pool.kv_quant
+        scales = quant.scales[self.first_layer + layer_idx] if quant is not None else None
         if position_bias is not None:  # T5: stock adds a (zero) bias to its cross-attention scores
             if biased.get("bias") is not position_bias:
                 biased["bias"] = position_bias
                 biased["masks"] = [cross_attention.float_mask(mask, position_bias, query.dtype) for mask in masks]
             masks = biased["masks"]
         if runs is None:
-            return cross_attention.attend_rows(query, pool, slots, self.width, masks[0], params)
-        return cross_attention.attend_inputs(query, pool, slots, self.tables.num_rows, self.width, runs, masks, params)
+            return cross_attention.attend_rows(query, pool, slots, self.width, masks[0], params, scales)
+        return cross_attention.attend_inputs(query, pool, slots, self.tables.num_rows, self.width, runs, masks, params,
+                                             scales)
 
     def _plan_reads(self, device: torch.device, q_len: int):
         """What every cross-attention layer of a forward reads: the gather slots, and each run's mask."""

@@ -9,6 +9,7 @@ scores in the same order as stock's (fp32 bit for bit). Pad columns read the zer
 
 import torch
 
+from ...memory.kv_quant import dequantize
 from ..params import LayerParams
 from .dense import attend
 from .reads import gather_kv
@@ -54,12 +55,14 @@ def float_mask(mask: torch.Tensor | None, bias: torch.Tensor, dtype: torch.dtype
 
 
 def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor, num_inputs: int, width: int,
-                  runs: list[tuple[int, int, int]], masks: list[torch.Tensor | None], params: LayerParams) -> torch.Tensor:
+                  runs: list[tuple[int, int, int]], masks: list[torch.Tensor | None], params: LayerParams,
+                  scales: tuple[float, float] | None = None) -> torch.Tensor:
     """`attend_rows` reading each input's K/V once: gathered per input (`row_slots` without rows), laid
     out `[H, width, D]` contiguously, and attended by all of that input's rows at once as a batch of
     stride 0 (SDPA computes each row as with its own copy: stock's values, bit for bit). `runs` from
-    `row_runs`, `masks[i]` the mask of run i's rows (or None)."""
-    k, v = gather_kv(pool, kv_slots, num_inputs, width)
+    `row_runs`, `masks[i]` the mask of run i's rows (or None). `scales`: fp8 pages' (k, v) scales:
+    the gathered K/V are dequantized (memory/kv_quant.py)."""
+    k, v = _dequantized(*gather_kv(pool, kv_slots, num_inputs, width), query.dtype, scales)
     k, v = k.contiguous(), v.contiguous()
     rows, heads, q_len, dim = query.shape
     out = query.new_empty(rows, heads, q_len, v.shape[-1])
@@ -72,11 +75,18 @@ def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tenso
 
 
 def attend_rows(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor, width: int,
-                mask: torch.Tensor | None, params: LayerParams) -> torch.Tensor:
+                mask: torch.Tensor | None, params: LayerParams, scales: tuple[float, float] | None = None) -> torch.Tensor:
     """Attention of `query [rows, H_q, q_len, D]` on `width` gathered keys per row (`row_slots`),
     with a bool `[rows, 1, q_len or 1, width]` or float mask (None: every column); returns
     `[rows, q_len, H_q, D]`, in stock's layout (one head per query head)."""
     rows = query.shape[0]
-    k, v = gather_kv(pool, kv_slots, rows, width)
+    k, v = _dequantized(*gather_kv(pool, kv_slots, rows, width), query.dtype, scales)
     out, _ = attend(query, k, v, mask, params)
     return out.transpose(1, 2)
+
+
+def _dequantized(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype, scales: tuple[float, float] | None):
+    """Gathered K/V as attended: fp8 pages dequantized with their `scales`, others as they are."""
+    if scales is None:
+        return k, v
+    return dequantize(k, dtype, scales[0]), dequantize(v, dtype, scales[1])
