@@ -125,7 +125,7 @@ def test_pool_peak_is_below_stock_bytes_with_beams():
     assert peak < 0.75 * stock, (peak, stock)
 
 
-@pytest.mark.parametrize("setting", [dict(compile=True), dict(prefix_cache=True)])
+@pytest.mark.parametrize("setting", [dict(compile=True), dict(prefix_cache=True), dict(kv_cache_dtype="fp8_e4m3")])
 def test_refused_settings_leave_the_model_untouched(setting):
     model = make("marian")
     batch = sources()
@@ -134,6 +134,14 @@ def test_refused_settings_leave_the_model_untouched(setting):
         hf_paged.wrap(model, **setting)
     assert not hasattr(model, "hf_paged_runtime") and "_prepare_cache_for_generation" not in model.__dict__
     assert_same(run(model, batch, num_beams=2), expected)
+
+
+def test_tensor_parallelism_is_refused_before_anything_is_touched():
+    from hf_paged.config import PagedConfig
+    from hf_paged.integration import seq2seq
+
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
+        seq2seq.check_config(make("marian"), PagedConfig(), tp=object())  # wrap() asks before anything else
 
 
 def test_flashinfer_backend_is_refused_with_the_reason():
