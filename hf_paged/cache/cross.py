@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from ..attention.torch import cross as cross_attention
 from ..errors import OutOfPagesError
+from ..memory.reservations import consecutive_run
 from ..memory.tables import PageTables
 
 
@@ -77,11 +78,16 @@ class CrossPages(Cache):
             )
         with self.pool.blocks.lock:
             self.tables.add_rows(inputs)
+            # Inputs back to back in consecutive pages where the pool has such a run: unpadded sources
+            # are then read in place (`_plan_reads`), not gathered.
+            self.tables.reserve(max(lengths), highest=True)
             try:
                 slots, _ = self.tables.append(lengths)
             except OutOfPagesError:
                 self.tables.release()
                 raise
+            for row in range(inputs):  # a shorter input's unused reserved pages go back
+                self.tables._end_reservation(row)
         page_size = self.tables.page_size
         self.width = width
         self.mask = source
@@ -145,13 +151,20 @@ class CrossPages(Cache):
         """What every cross-attention layer of a forward reads: the gather slots, and each run's mask."""
         self._reads.clear()
         zero, page_size = self.pool.zero_page_id, self.tables.page_size
-        runs = cross_attention.row_runs(self.row_input.tolist())
-        if runs is None:  # rows of one input apart: every row gathers its own
+        row_input = self.row_input.tolist()
+        runs = cross_attention.row_runs(row_input)
+        in_place = None
+        if self.mask is None and all(pool.is_contiguous() for pool in self.pool.pools[self.first_layer:]):
+            in_place = consecutive_run(self.tables.page_tables, zero)  # unpadded inputs back to back
+        if in_place is not None and row_input == list(range(self.tables.num_rows)):
+            # One row per input, in order (greedy, one sample each): the rows read the pool in place
+            runs, slots, masks = None, in_place, [None]
+        elif runs is None:  # rows of one input apart: every row gathers its own
             slots = cross_attention.row_slots(self.slots, self.row_input, zero, page_size)
             mask = None if self.mask is None else self.mask.index_select(0, self.row_input)[:, None, None, :]
             masks = [None if mask is None else mask.expand(-1, 1, q_len, -1)]
         else:
-            slots = cross_attention.row_slots(self.slots, None, zero, page_size)
+            slots = in_place if in_place is not None else cross_attention.row_slots(self.slots, None, zero, page_size)
             masks = [
                 None if self.mask is None else self.mask[index][None, None, None, :].expand(end - start, 1, q_len, -1)
                 for index, start, end in runs

@@ -11,7 +11,7 @@ import torch
 
 from ..params import LayerParams
 from .dense import attend
-from .reads import gather_kv
+from .reads import gather_kv, rows_view
 
 
 def input_slots(pages: list[list[int]], lengths: list[int], offsets: list[int], width: int, page_size: int,
@@ -53,13 +53,17 @@ def float_mask(mask: torch.Tensor | None, bias: torch.Tensor, dtype: torch.dtype
     return torch.where(mask, bias, torch.finfo(dtype).min).contiguous()
 
 
-def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor, num_inputs: int, width: int,
-                  runs: list[tuple[int, int, int]], masks: list[torch.Tensor | None], params: LayerParams) -> torch.Tensor:
-    """`attend_rows` reading each input's K/V once: gathered per input (`row_slots` without rows), laid
-    out `[H, width, D]` contiguously, and attended by all of that input's rows at once as a batch of
-    stride 0 (SDPA computes each row as with its own copy: stock's values, bit for bit). `runs` from
-    `row_runs`, `masks[i]` the mask of run i's rows (or None)."""
-    k, v = gather_kv(pool, kv_slots, num_inputs, width)
+def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor | tuple[int, int], num_inputs: int,
+                  width: int, runs: list[tuple[int, int, int]], masks: list[torch.Tensor | None], params: LayerParams) -> torch.Tensor:
+    """`attend_rows` reading each input's K/V once: gathered per input (`row_slots` without rows), or
+    read in place where `kv_slots` is the inputs' run of consecutive pages `(first, stride)`
+    (unpadded inputs of one length), laid out `[H, width, D]` contiguously, and attended by all of
+    that input's rows at once as a batch of stride 0 (SDPA computes each row as with its own copy:
+    stock's values, bit for bit). `runs` from `row_runs`, `masks[i]` the mask of run i's rows (or None)."""
+    if isinstance(kv_slots, tuple):
+        k, v = rows_view(pool, kv_slots, num_inputs, width)
+    else:
+        k, v = gather_kv(pool, kv_slots, num_inputs, width)
     k, v = k.contiguous(), v.contiguous()
     rows, heads, q_len, dim = query.shape
     out = query.new_empty(rows, heads, q_len, v.shape[-1])
@@ -71,12 +75,16 @@ def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tenso
     return out.transpose(1, 2)
 
 
-def attend_rows(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor, width: int,
+def attend_rows(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor | tuple[int, int], width: int,
                 mask: torch.Tensor | None, params: LayerParams) -> torch.Tensor:
-    """Attention of `query [rows, H_q, q_len, D]` on `width` gathered keys per row (`row_slots`),
-    with a bool `[rows, 1, q_len or 1, width]` or float mask (None: every column); returns
+    """Attention of `query [rows, H_q, q_len, D]` on `width` gathered keys per row (`row_slots`; or
+    read in place, `kv_slots` a run of consecutive pages `(first, stride)`, rows in its order), with
+    a bool `[rows, 1, q_len or 1, width]` or float mask (None: every column); returns
     `[rows, q_len, H_q, D]`, in stock's layout (one head per query head)."""
     rows = query.shape[0]
-    k, v = gather_kv(pool, kv_slots, rows, width)
+    if isinstance(kv_slots, tuple):
+        k, v = rows_view(pool, kv_slots, rows, width)
+    else:
+        k, v = gather_kv(pool, kv_slots, rows, width)
     out, _ = attend(query, k, v, mask, params)
     return out.transpose(1, 2)
