@@ -215,3 +215,34 @@ def test_copies_of_a_wrapped_model_generate_on_their_own_pools():
         assert_same(run(twin, batch, num_beams=3), expected)
         assert twin.hf_paged_runtime.pool is not model.hf_paged_runtime.pool
     assert_same(run(model, batch, num_beams=3), expected)
+
+
+@pytest.mark.parametrize("family", ["marian", "t5"])
+def test_a_fragmented_pool_gives_the_same_outputs(family, monkeypatch):
+    """Inputs whose cross-attention pages are not one run of consecutive pages are gathered by slot
+    (the other layout of cache/cross.py): the same outputs."""
+    from hf_paged.cache.cross import CrossPages
+    from hf_paged.memory.tables import PageTables
+
+    layouts = []
+    prepare = CrossPages.prepare
+
+    def recording_prepare(self, *args):
+        prepare(self, *args)
+        layouts.append(self.head_major)
+
+    monkeypatch.setattr(CrossPages, "prepare", recording_prepare)
+    model = make(family)
+    settings = {"greedy": {}, "beam": MODES["beam"]}
+    expected = {mode: run(model, sources(), **kwargs) for mode, kwargs in settings.items()}
+    hf_paged.wrap(model, page_size=PAGE, num_pages=400)
+    monkeypatch.setattr(PageTables, "reserve", lambda self, *args, **kwargs: False)
+    blocks = model.hf_paged_runtime.pool.blocks
+    held = blocks.allocate(200)
+    blocks.free(held[::2])  # every other page free: no two consecutive pages come off the free stack
+    for mode, kwargs in settings.items():
+        got = run(model, sources(), **kwargs)
+        assert_same(got, expected[mode])
+    blocks.free(held[1::2])
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    assert layouts == [False, False]  # the slot layout ran
