@@ -10,6 +10,8 @@ arithmetic only.
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .. import _compat
+from ..cache.paged_cache import PagedCache
 from .runner import Batch, _pad, _trim
 
 
@@ -37,6 +39,9 @@ def _step_logits(model, batch: Batch, pad_id: int, device: torch.device, paths: 
         do_sample=False, num_beams=1, pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
     )
     logits = torch.stack(output.logits, dim=1).float()  # [rows, steps, vocab]
+    cache = _compat.output_cache(output)
+    if isinstance(cache, PagedCache) and not cache.is_released:  # returned open by a wrapped generate()
+        cache.release()
     if paths is None:
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

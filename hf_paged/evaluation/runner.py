@@ -187,6 +187,8 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
         if paged:
             memory = hf_paged.memory_stats(model)
             kv_bytes, shared, pages = memory["peak_kv_bytes"], memory["peak_shared_pages"], memory["peak_pages_in_use"]
+            # generate() returns its cache open (return_dict_in_generate): give its pages back before the next batch.
+            _release(_compat.output_cache(output))
         else:
             kv_bytes, shared, pages = stock_cache_bytes(_compat.output_cache(output)), 0, 0
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, kv_bytes)
@@ -249,3 +251,11 @@ def _warm_up(model, runtime, tokenizer, batches: list[Batch], generate_kwargs: d
         input_ids, attention_mask = _pad_for(model, batch.prompt_ids, tokenizer.pad_token_id, device)
         stop = StoppingCriteriaList([StopAtLength(input_ids.shape[1] + 3)])  # two decode steps
         model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop, **generate_kwargs)
+
+
+def _release(cache) -> None:
+    """Release a PagedCache a wrapped generate() returned (anything else: nothing to do)."""
+    from ..cache.paged_cache import PagedCache
+
+    if isinstance(cache, PagedCache) and not cache.is_released:
+        cache.release()
