@@ -9,6 +9,7 @@ each side once more in its own subprocess (see scripts/_bench_measure.py for wha
     python scripts/bench.py --quick --workload summarize --no-memory
     python scripts/bench.py --workload none --prefix-cache   # the few-shot prefix-caching workload only
     python scripts/bench.py --workload none --windowed       # the sliding-window workloads only
+    python scripts/bench.py --workload none --seq2seq        # translation, summarization, speech (encoder-decoder)
     python scripts/bench.py --workload overhead              # host time added per layer and token
     python scripts/bench.py --workload summarize,wide-beam --dtype bfloat16 --kv-cache-dtype fp8_e4m3 --no-memory
 """
@@ -32,6 +33,7 @@ from _bench_fp8 import compare_kv_dtypes, print_kv_dtypes  # noqa: E402
 from _bench_measure import child_peak_memory, measure  # noqa: E402
 from _bench_overhead import measure_overhead, print_overhead  # noqa: E402
 from _bench_prefix import few_shot, print_few_shot  # noqa: E402
+from _bench_seq2seq import SEQ2SEQ, measure_seq2seq, print_seq2seq  # noqa: E402
 from _bench_windowed import WINDOWED, measure_windowed, print_windowed  # noqa: E402
 from _bench_workloads import WORKLOADS, build_model_pair, select_workloads  # noqa: E402
 
@@ -91,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--plot", metavar="PATH", help="PNG of time and KV bytes vs num_beams")
     out.add_argument("--windowed", action="store_true",
                      help="also run the sliding-window workloads (Gemma-3-style 5:1 window 128, Mistral-style window 256)")
+    out.add_argument("--seq2seq", action="store_true",
+                     help="also run the encoder-decoder workloads: translation (Marian, source 60, target 60, 6 beams), "
+                     "summarization (BART, 1,024 / 142, 4 beams), speech (Whisper, 1,500 frames / 100, 5 beams)")
     out.add_argument("--prefix-cache", action="store_true",
                      help="also run the few-shot workload (shared 1024-token prefix) with PagedConfig(prefix_cache=True)")
     out.add_argument("--beams", default=None, help="num_beams sweep for --plot (default 1,2,4,8,16)")
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             points = beam_sweep(beams, sweep_base, stock, paged, args, device, progress) if beams else []
         overhead = measure_overhead(args, args.quick) if with_overhead else None
         windowed = [measure_windowed(case, args, device, args.quick) for case in WINDOWED] if args.windowed else None
+        seq2seq = [measure_seq2seq(case, args, args.quick, skipped is None) for case in SEQ2SEQ] if args.seq2seq else None
         kv_dtypes = compare_kv_dtypes(workloads, paged, args, device) if workloads and args.kv_cache_dtype != "auto" else None
         few = None
         if args.prefix_cache:
@@ -298,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "beam_sweep": points,
         "few_shot": few,
         "windowed": windowed,
+        "seq2seq": seq2seq,
         "overhead": overhead,
         "kv_dtypes": kv_dtypes,
     }
@@ -316,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print_few_shot(few)
     if windowed is not None:
         print_windowed(windowed)
+    if seq2seq is not None:
+        print_seq2seq(seq2seq)
     if overhead is not None:
         print_overhead(overhead)
     if args.json:

@@ -24,10 +24,12 @@ from accelerate.utils import gather_object, parse_flag_from_env
 import hf_paged
 from hf_paged.config import WINDOW_PAGE_SIZE_RULE
 from hf_paged.evaluation import EvalError
-from hf_paged.evaluation.data import BUILTIN_TASK, USER_DATA, apply_task_defaults, bundled_data_files, load_rows, make_samples
+from hf_paged.evaluation.data import BUILTIN_TASK, TASKS, USER_DATA, apply_task_defaults, bundled_data_files, load_rows, make_samples
 from hf_paged.evaluation.logit_error import combine, fp32_copy, fp32_paths, mean_abs_error
 from hf_paged.evaluation.metrics import check_available, parse_metrics
-from hf_paged.evaluation.model import DTYPES, context_length, input_device, load_model, parse_device_map, pool_placement
+from hf_paged.evaluation.model import (
+    DTYPES, context_length, input_device, is_encoder_decoder, load_model, parse_device_map, pool_placement,
+)
 from hf_paged.evaluation.report import agreement, ratios, summarize, table, write_outputs
 from hf_paged.evaluation.runner import RunStats, encode_prompts, make_batches, run_batches, warm_up
 
@@ -38,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_argument_group(
         "data (default: the built-in task, completing 40 held-out stdlib functions from their signature and docstring)"
+    )
+    data.add_argument(
+        "--task", choices=sorted(TASKS),
+        help="the built-in data of this task without --dataset/--data-files (code: the default; translation "
+        "(16 English-German pairs, sacrebleu) and summarization (8 news paragraphs, ROUGE): for encoder-decoder "
+        "models, translation by default), and the column and metric defaults for the user's data",
     )
     data.add_argument("--dataset", help="hub dataset name, e.g. cnn_dailymail")
     data.add_argument("--dataset-config", help="hub dataset config, e.g. 3.0.0")
@@ -53,14 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument(
         "--prompt-template", help=f"format string; {{text}} and any column (default: {USER_DATA.prompt_template!r}; "
-        f"built-in task: {BUILTIN_TASK.prompt_template!r})"
+        f"built-in task: {BUILTIN_TASK.prompt_template!r}; encoder-decoder models: '{{text}}', the source itself)"
     )
     data.add_argument("--limit", type=int, help="use only the first N rows")
     data.add_argument("--truncate", action="store_true", help="keep the last tokens of prompts too long for the context")
     model = parser.add_argument_group(
         "model (default: the trained default model, a small Llama on the stdlib's source: docs/default_model.md)"
     )
-    model.add_argument("--model", help="local folder or hub name (AutoModelForCausalLM + AutoTokenizer)")
+    model.add_argument(
+        "--model", help="local folder or hub name (AutoModelForCausalLM, or AutoModelForSeq2SeqLM for an "
+        "encoder-decoder model such as T5, BART or Marian; + AutoTokenizer)"
+    )
     model.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (default: auto)")
     model.add_argument("--device", help="e.g. cpu, cuda:0 (default: this process's accelerate device)")
     model.add_argument("--device-map", help='auto, balanced, sequential, a device, or JSON {"module": device}')
@@ -246,7 +257,8 @@ def run_other_attention(args, model, tokenizer, batches, kwargs, device, show) -
 def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     """Run the evaluation in this process; returns the summary on the main process, None elsewhere."""
     check_args(args, state)
-    apply_task_defaults(args)
+    encoder_decoder = is_encoder_decoder(args.model)
+    apply_task_defaults(args, encoder_decoder)
     metrics = parse_metrics(args.metric)
     check_available(metrics)
     try:
@@ -259,7 +271,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         raise EvalError(
             f"bad paging flag (--page-size, --window-page-size, --num-pages, --max-memory, --backend, --kv-cache-dtype): {error}"
         ) from error
-    data_files = args.data_files or (None if args.dataset else bundled_data_files())
+    data_files = args.data_files or (None if args.dataset else bundled_data_files(args.task))
     with state.main_process_first():
         # The built-in data is a "test" split, as --help says; --data-files give a "train" split.
         rows = load_rows(args.dataset, args.dataset_config, args.split, data_files, "train" if args.data_files else "test")
@@ -272,7 +284,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
         torch.set_num_threads(1)
     model, tokenizer, model_name = load_model(args.model, args.dtype, device, parse_device_map(args.device_map), tp=args.tp)
     device = input_device(model)
-    prompt_ids = encode_prompts(tokenizer, samples, context_length(model), args.max_new_tokens, args.truncate)
+    prompt_ids = encode_prompts(tokenizer, samples, context_length(model), args.max_new_tokens, args.truncate, encoder_decoder)
     batches = make_batches(samples, prompt_ids, args.batch_size)
     kwargs = generate_kwargs(args, tokenizer)
     # Data parallel: each process its share of the batches. Tensor parallel: every rank runs every
@@ -284,7 +296,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     show = state.is_local_main_process
     # --compare in half precision: an fp32 copy of the model (the same weights, widened) sets the path
     # along which both the wrapped and the stock model's logits are compared with fp32's.
-    wants_logit_error = args.compare and args.tp == 1 and args.device_map is None and not args.no_logit_error
+    wants_logit_error = args.compare and args.tp == 1 and args.device_map is None and not args.no_logit_error and not encoder_decoder
     reference = fp32_copy(model) if wants_logit_error else None  # None in fp32
     if reference is not None:
         paths = fp32_paths(reference, my_batches, tokenizer.pad_token_id, device, args.max_new_tokens)
@@ -353,7 +365,7 @@ def evaluate(args: argparse.Namespace, state: PartialState) -> dict | None:
     summary = summarize(paged_records, paged_stats, metrics)
     summary.update(
         model=model_name,
-        data={"dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split, "data_files": data_files},
+        data={"task": args.task, "dataset": args.dataset, "dataset_config": args.dataset_config, "split": args.split, "data_files": data_files},
         num_processes=state.num_processes,
         generation=kwargs,
         paging={key: geometry[key] for key in ("page_size", "num_pages", "page_bytes", "pool_bytes", "kv_cache_dtype")}

@@ -11,8 +11,12 @@ and sampling (2 return sequences) on left-padded prompts of unequal length, unwr
   error      wrap() accepted the model but generate() raised
   MISMATCH   wrapped tokens differ from stock: a bug (wrap() must refuse what it cannot serve)
 
+The encoder-decoder models of the seq2seq and speech-seq2seq auto mappings get a second table,
+checked the same way from two right-padded sources (scripts/_support_seq2seq.py).
+
     python scripts/support_matrix.py                      # every type -> docs/support.md
     python scripts/support_matrix.py --types llama bloom  # some types, printed only
+    python scripts/support_matrix.py --tables seq2seq     # only the encoder-decoder table, rewritten
 """
 
 import argparse
@@ -23,6 +27,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -30,6 +35,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_paged
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _support_seq2seq as seq2seq  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "support.md"
@@ -133,6 +141,11 @@ def check(model_type: str) -> tuple[str, str]:
     return "pass", f"same tokens (greedy, beam 4, sampling x2) via the {via}"
 
 
+def shared() -> SimpleNamespace:
+    """What the encoder-decoder table (scripts/_support_seq2seq.py) shares with the causal one."""
+    return SimpleNamespace(**{name: globals()[name] for name in ("shrink", "one_line", "VOCAB", "SIZES", "MODES", "RESULTS")})
+
+
 def check_with_timeout(model_type: str, seconds: int) -> tuple[str, str]:
     def expire(*_):
         raise TimeoutError(f"took over {seconds} s")
@@ -214,29 +227,46 @@ def update_readme(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", nargs="+", help="only these model types; print the rows, write nothing")
+    parser.add_argument("--tables", choices=("all", "causal", "seq2seq"), default="all",
+                        help="which tables to check (and rewrite, without --types); default: all")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model type")
     parser.add_argument("--readme-only", action="store_true", help="only re-render README's list from docs/support.md")
     args = parser.parse_args(argv)
     if args.readme_only:
         update_readme(OUTPUT.read_text())
         return 0
-    types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    unknown = sorted(set(types) - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    causal, encoder_decoder = args.tables in ("all", "causal"), args.tables in ("all", "seq2seq")
+    known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) if causal else set()
+    known |= {t for mapping in seq2seq.MAPPINGS for t in seq2seq.rows_of(mapping)} if encoder_decoder else set()
+    unknown = sorted(set(args.types or ()) - known)
     if unknown:
-        print(f"not causal-LM model types of transformers {transformers.__version__}: {unknown}", file=sys.stderr)
+        print(f"not model types of the {args.tables} table(s) of transformers {transformers.__version__}: {unknown}",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
-    rows = []
-    for model_type in types:
+    rows, seq2seq_rows = [], []
+    for model_type in (sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) if args.types is None else args.types) if causal else []:
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            continue
         result, reason = check_with_timeout(model_type, args.timeout)
         rows.append((model_type, result, reason))
         print(f"{model_type}: {result}: {reason}", flush=True)
+    for mapping in seq2seq.MAPPINGS if encoder_decoder else ():
+        for model_type in seq2seq.rows_of(mapping, args.types):
+            result, reason = seq2seq.check_with_timeout(shared(), mapping, model_type, args.timeout)
+            seq2seq_rows.append((model_type, mapping, result, reason))
+            print(f"{model_type} ({mapping}): {result}: {reason}", flush=True)
     if not args.types:
-        OUTPUT.write_text(table(rows))
+        document = table(rows) if causal else OUTPUT.read_text()
+        if encoder_decoder:
+            document = seq2seq.replace_section(document, seq2seq.table(shared(), seq2seq_rows))
+        elif seq2seq.HEADING in OUTPUT.read_text():  # keep the encoder-decoder table that is there
+            document = seq2seq.replace_section(document, seq2seq.HEADING + OUTPUT.read_text().split(seq2seq.HEADING, 1)[1])
+        OUTPUT.write_text(document)
         update_readme(OUTPUT.read_text())
         print(f"wrote {OUTPUT} and README.md's supported list")
-    return 1 if any(row[1] == "MISMATCH" for row in rows) else 0
+    return 1 if any(row[-2] == "MISMATCH" for row in rows + seq2seq_rows) else 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,22 @@ def test_right_padding_and_holes_give_stocks_tokens(family, mode):
     _same(stock, paged, *mixed_masks(), **MODES[mode])
 
 
+def tril_masks(batch: int = 2, length: int = 7):
+    """The masks transformers' model testers build, `torch.tril(torch.ones_like(input_ids))`: row i
+    holds i + 1 real tokens, then pads. The last prompt query of a sliding layer then sees no real
+    key, and stock attends it uniformly to every key of the prompt's forward, pads included."""
+    input_ids, _ = padded_prompts(batch=batch, length=length, pads=(0,) * batch)
+    return input_ids, torch.tril(torch.ones_like(input_ids))
+
+
+# Moshi: a window that is only its cache's (stock's DynamicCache(config) keeps the last 3 tokens).
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2", "moshi"])
+@pytest.mark.parametrize("mode", ["greedy", "sample", "beam", "beam_sample"])
+def test_the_testers_tril_masks_give_stocks_tokens(family, mode):
+    stock, paged = _both(family)
+    _same(stock, paged, *tril_masks(), **MODES[mode])
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "bloom"])
 def test_assisted_decoding_on_a_right_padded_prompt(family):
     stock, paged = _both(family)

@@ -93,3 +93,22 @@ def test_beam_search_cache_continues_with_the_same_num_beams_and_says_so_otherwi
     ids, new_mask = _next_prompt(first.sequences, torch.ones_like(first.sequences), 0)
     with pytest.raises(ValueError, match="returned by a beam search with num_beams=3.*continue it with num_beams=3"):
         _turn(paged, ids, torch.ones_like(ids), first.past_key_values)
+
+
+def test_a_deep_copy_of_a_returned_cache_continues_as_stocks_does():
+    """transformers' tests continue from `copy.deepcopy(out.past_key_values)`: the copy shares every
+    page (copy-on-write), both continue with stock's tokens, and dropping both returns every page."""
+    stock = tiny_model("llama")
+    paged = hf_paged.wrap(copy.deepcopy(stock), num_pages=128, page_size=4)
+    input_ids, mask = padded_prompts()
+    results = []
+    for model in (stock, paged):
+        first = _turn(model, input_ids, mask)
+        ids, new_mask = _next_prompt(first.sequences, torch.ones_like(first.sequences), 0)
+        new_mask[:, : mask.shape[1]] = mask
+        copied = copy.deepcopy(first.past_key_values)
+        results.append([_turn(model, ids, new_mask, cache).sequences for cache in (copied, first.past_key_values)])
+        del first, copied
+    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+    gc.collect()
+    assert hf_paged.memory_stats(paged)["pages_in_use"] == 0

@@ -53,6 +53,36 @@ def test_whisper_on_input_features():
     _compare(model, features(), settings)
 
 
+def _whisper_with_timestamps():
+    model = make("whisper")
+    settings = model.generation_config
+    settings.no_timestamps_token_id, settings.prev_sot_token_id, settings.max_initial_timestamp_index = 50, 51, 5
+    return model
+
+
+def test_whisper_prompt_ids_and_temperature_fallback():
+    # logprob_threshold above any random model's: every temperature of the fallback runs (sampling
+    # after the first), each on its own paged cache
+    settings = {
+        "fallback": dict(temperature=(0.0, 0.4, 0.8), logprob_threshold=-0.1, compression_ratio_threshold=None),
+        "prompt_ids": dict(prompt_ids=torch.tensor([51, 7, 9])),
+    }
+    _compare(_whisper_with_timestamps(), features(), settings)
+
+
+def test_whisper_long_form_with_fallback_and_previous_tokens():
+    model = _whisper_with_timestamps()
+    inputs = dict(input_features=torch.randn(1, 8, 200, generator=torch.Generator().manual_seed(4)))
+    kwargs = dict(max_new_tokens=8, return_timestamps=True, condition_on_prev_tokens=True, temperature=(0.0, 0.5),
+                  logprob_threshold=-0.1, compression_ratio_threshold=None)
+    torch.manual_seed(1)
+    expected = model.generate(**inputs, **kwargs)  # three segments of 80 frames (long-form: tokens only)
+    hf_paged.wrap(model, page_size=PAGE)
+    torch.manual_seed(1)
+    assert torch.equal(model.generate(**inputs, **kwargs), expected)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
 def test_source_longer_than_many_pages_and_left_padding():
     model = make("bart")
     long = sources((120, 3), seed=5)  # 30 pages of 4 tokens
@@ -95,7 +125,7 @@ def test_pool_peak_is_below_stock_bytes_with_beams():
     assert peak < 0.75 * stock, (peak, stock)
 
 
-@pytest.mark.parametrize("setting", [dict(compile=True), dict(prefix_cache=True)])
+@pytest.mark.parametrize("setting", [dict(compile=True), dict(prefix_cache=True), dict(kv_cache_dtype="fp8_e4m3")])
 def test_refused_settings_leave_the_model_untouched(setting):
     model = make("marian")
     batch = sources()
@@ -104,6 +134,14 @@ def test_refused_settings_leave_the_model_untouched(setting):
         hf_paged.wrap(model, **setting)
     assert not hasattr(model, "hf_paged_runtime") and "_prepare_cache_for_generation" not in model.__dict__
     assert_same(run(model, batch, num_beams=2), expected)
+
+
+def test_tensor_parallelism_is_refused_before_anything_is_touched():
+    from hf_paged.config import PagedConfig
+    from hf_paged.integration import seq2seq
+
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
+        seq2seq.check_config(make("marian"), PagedConfig(), tp=object())  # wrap() asks before anything else
 
 
 def test_flashinfer_backend_is_refused_with_the_reason():
@@ -143,3 +181,68 @@ def test_assisted_decoding_matches_stock():
     hf_paged.wrap(model, page_size=PAGE)
     assert_same(run(model, batch, assistant_model=assistant), expected)
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_your_own_forward_on_a_paged_encoder_decoder_cache():
+    from hf_paged.cache.cross import PagedEncoderDecoderCache
+
+    model, batch = make("bart"), sources()
+    decoder_ids = torch.tensor([[0, 5, 6, 7]] * 3)
+    with torch.no_grad():
+        expected = model(**batch, decoder_input_ids=decoder_ids).logits
+    hf_paged.wrap(model, page_size=PAGE)
+    cache = hf_paged.PagedCache(model)
+    with pytest.raises(ValueError, match="PagedEncoderDecoderCache"), torch.no_grad():
+        model(**batch, decoder_input_ids=decoder_ids, past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        first = model(**batch, decoder_input_ids=decoder_ids[:, :2], past_key_values=PagedEncoderDecoderCache(cache, cache.cross))
+        encoded = BaseModelOutput(last_hidden_state=first.encoder_last_hidden_state)
+        rest = model(encoder_outputs=encoded, attention_mask=batch["attention_mask"], decoder_input_ids=decoder_ids[:, 2:],
+                     past_key_values=first.past_key_values)
+    torch.testing.assert_close(torch.cat([first.logits, rest.logits], dim=1), expected)
+    cache.release()
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+
+
+def test_copies_of_a_wrapped_model_generate_on_their_own_pools():
+    import copy
+    import pickle
+
+    model, batch = make("t5"), sources()
+    expected = run(model, batch, num_beams=3)
+    hf_paged.wrap(model, page_size=PAGE)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert_same(run(twin, batch, num_beams=3), expected)
+        assert twin.hf_paged_runtime.pool is not model.hf_paged_runtime.pool
+    assert_same(run(model, batch, num_beams=3), expected)
+
+
+@pytest.mark.parametrize("family", ["marian", "t5"])
+def test_a_fragmented_pool_gives_the_same_outputs(family, monkeypatch):
+    """Inputs whose cross-attention pages are not one run of consecutive pages are gathered by slot
+    (the other layout of cache/cross.py): the same outputs."""
+    from hf_paged.cache.cross import CrossPages
+    from hf_paged.memory.tables import PageTables
+
+    layouts = []
+    prepare = CrossPages.prepare
+
+    def recording_prepare(self, *args):
+        prepare(self, *args)
+        layouts.append(self.head_major)
+
+    monkeypatch.setattr(CrossPages, "prepare", recording_prepare)
+    model = make(family)
+    settings = {"greedy": {}, "beam": MODES["beam"]}
+    expected = {mode: run(model, sources(), **kwargs) for mode, kwargs in settings.items()}
+    hf_paged.wrap(model, page_size=PAGE, num_pages=400)
+    monkeypatch.setattr(PageTables, "reserve", lambda self, *args, **kwargs: False)
+    blocks = model.hf_paged_runtime.pool.blocks
+    held = blocks.allocate(200)
+    blocks.free(held[::2])  # every other page free: no two consecutive pages come off the free stack
+    for mode, kwargs in settings.items():
+        got = run(model, sources(), **kwargs)
+        assert_same(got, expected[mode])
+    blocks.free(held[1::2])
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    assert layouts == [False, False]  # the slot layout ran

@@ -14,6 +14,8 @@ spec.loader.exec_module(matrix)
 
 TEXT = (ROOT / "docs" / "support.md").read_text()
 ROWS = matrix.parse_table(TEXT)
+seq2seq = matrix.seq2seq
+SEQ2SEQ_ROWS = seq2seq.parse_table(matrix.shared(), TEXT)
 SAME_RELEASE = matrix.generated_with(TEXT) == transformers.__version__
 # Families of every kind of row (through the interface, patched: ALiBi, local layers; refused) and the
 # verdict each gets on every release CI runs, written down by hand (not read off the committed table).
@@ -55,3 +57,50 @@ def test_regenerating_a_sample_gives_the_committed_rows_and_never_a_mismatch():
         assert verdict is None or row[0] == verdict, (model_type, row)
         if SAME_RELEASE:  # the committed table was generated with this release: the same verdicts
             assert row == ROWS[model_type], model_type
+
+
+# The encoder-decoder table: issue 29's families (through the interface), a decoder-only audio LM the
+# seq2seq mapping lists (left-padded prompts), a refusal and a config the shrinking cannot make tiny.
+SEQ2SEQ_SAMPLE = {
+    ("bart", "text"): "pass", ("marian", "text"): "pass", ("t5", "text"): "pass", ("m2m_100", "text"): "pass",
+    ("whisper", "speech"): "pass", ("qwen2_audio", "text"): "pass",
+    ("granite_speech", "speech"): "refused", ("vibevoice", "speech"): "not built",
+}
+
+
+def test_the_encoder_decoder_table_has_no_mismatch_and_its_counts_add_up():
+    assert SEQ2SEQ_ROWS and not [key for key, (result, _) in SEQ2SEQ_ROWS.items() if result == "MISMATCH"]
+    counts = ", ".join(f"{sum(r == result for r, _ in SEQ2SEQ_ROWS.values())} {result}" for result in matrix.RESULTS)
+    assert f"**{len(SEQ2SEQ_ROWS)} rows: {counts}.**" in TEXT
+    assert all(reason for _, reason in SEQ2SEQ_ROWS.values())
+    assert {key: SEQ2SEQ_ROWS[key][0] for key in SEQ2SEQ_SAMPLE} == SEQ2SEQ_SAMPLE
+    if SAME_RELEASE:  # every type of both mappings, once per mapping that lists it
+        assert sorted(SEQ2SEQ_ROWS) == sorted((t, m) for m in seq2seq.MAPPINGS for t in seq2seq.rows_of(m))
+    assert TEXT.index(seq2seq.HEADING) > TEXT.index("| model type | result | reason |")  # the second table
+
+
+# A known bug, tracked here until the wrapping side fixes it: strict, so the fix turns this test red
+# and the mark must go.
+@pytest.mark.xfail(strict=True, reason="bigbird_pegasus: wrap() accepts it, but its encoder's self-attention "
+                   "(BigBirdPegasusSelfAttention, original_full) adds the attention mask by hand and gets the paged "
+                   "mask object: TypeError in generate(); wrap() must refuse it or keep the encoder's mask dense")
+def test_the_encoder_decoder_table_has_no_error():
+    assert [key for key, (result, _) in SEQ2SEQ_ROWS.items() if result == "error"] == []
+
+
+@pytest.mark.slow
+def test_regenerating_an_encoder_decoder_sample_gives_the_committed_rows():
+    for (model_type, mapping), verdict in SEQ2SEQ_SAMPLE.items():
+        row = seq2seq.check_with_timeout(matrix.shared(), mapping, model_type, 300)
+        assert row[0] == verdict, (model_type, mapping, row)
+        if SAME_RELEASE:
+            assert row == SEQ2SEQ_ROWS[(model_type, mapping)], (model_type, mapping)
+
+
+def test_types_of_the_encoder_decoder_table_are_printed_not_written(capsys):
+    before = (ROOT / "docs" / "support.md").read_text()
+    assert matrix.main(["--tables", "seq2seq", "--types", "marian"]) == 0
+    assert capsys.readouterr().out.startswith(f"marian (text): {SEQ2SEQ_ROWS[('marian', 'text')][0]}: ")
+    assert (ROOT / "docs" / "support.md").read_text() == before
+    assert matrix.main(["--tables", "seq2seq", "--types", "llama"]) == 2  # a causal type: not in this table
+    assert "not model types of the seq2seq table" in capsys.readouterr().err

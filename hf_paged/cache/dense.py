@@ -18,6 +18,11 @@ In a dense forward each layer's `PagedCache.update` still writes the new real to
 `[batch, H_kv, past + new, D]`, past real tokens read from the pages, zeros where the mask drops a
 position (never attended). The model builds stock's masks (`runtime.stock_masks`) and its layers
 run the original attention implementation on them: stock's numbers, at stock's cost.
+
+One stock behaviour needs the pads themselves: a query that sees no real key (a prompt's pad past
+a sliding window, right padding) attends uniformly to every key, pads included. Pads of the running
+forward are in its own K/V; past ones are zeros here. So a prompt with holes runs in one forward
+(generate._can_prefill_once), as stock runs it: later queries always see at least themselves.
 """
 
 from dataclasses import dataclass

@@ -86,6 +86,33 @@ class PagedCache(ForwardSteps, Cache):
         self.returned_num_beams = num_beams
         self.pool.returned_caches.add(self)
 
+    def __deepcopy__(self, memo: dict) -> "PagedCache":
+        """A second cache on the same pool with the same rows, sharing every page (no K/V is
+        copied until one of them writes into a shared, partly filled page), as `copy.deepcopy` of
+        stock's cache gives an independent copy. Release or drop each on its own."""
+        self._check_usable()
+        if self._forward is not None or self.cross is not None:
+            raise TypeError(
+                "a PagedCache can be copied only between forwards and for decoder-only models "
+                "(an encoder-decoder cache's cross-attention pages are not copied)"
+            )
+        owner = self.runtime.owners[0][0] if self.runtime.owners else None
+        if owner is None:
+            raise TypeError("this PagedCache's model is no longer wrapped: it cannot be copied")
+        copy = type(self)(owner)
+        if copy.pool is not self.pool:  # the model's dtype or device changed since: other pages
+            copy.release()
+            raise TypeError("the model's page pool changed since this PagedCache was created: it cannot be copied")
+        with self.pool.blocks.lock:
+            for mine, theirs in zip(copy.group_tables, self.group_tables):
+                mine.copy_rows_from(theirs)
+        copy.seq_length, copy.recording = self.seq_length, self.recording
+        copy.returned_num_beams = self.returned_num_beams
+        if self.returned_num_beams is not None:
+            self.pool.returned_caches.add(copy)
+        memo[id(self)] = copy
+        return copy
+
     def held_page_ids(self) -> set[int]:
         """The page ids this cache's rows hold, every group together."""
         return {page for tables in self.group_tables for table in tables.page_tables for page in tables.held(table)}

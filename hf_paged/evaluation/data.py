@@ -10,6 +10,10 @@ from . import DATA_DIR, EvalError
 # The built-in task (scripts/make_default_data.py): complete held-out stdlib functions from their
 # signature and docstring; the prompt is the source as written, the reference the next lines.
 BUNDLED_DATA = DATA_DIR / "stdlib_functions.jsonl"
+# Built-in data of encoder-decoder models (`--task`): 16 English sentences with German translations,
+# 8 short news paragraphs with one-sentence summaries (written for hf_paged; a smoke test, not a benchmark).
+TASK_DATA = {"code": BUNDLED_DATA, "translation": DATA_DIR / "translation_en_de.jsonl",
+             "summarization": DATA_DIR / "summarization_news.jsonl"}
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_TEMPLATE = "{text}\nSummary:"
 
@@ -26,12 +30,28 @@ class TaskDefaults:
 
 BUILTIN_TASK = TaskDefaults("prompt", "reference", "{text}", "rouge,bleu,first_line")
 USER_DATA = TaskDefaults("document", "summary", DEFAULT_TEMPLATE, "rouge")
+# --task: the columns and metrics of each task's data (built-in or the user's), and a causal model's
+# prompt. An encoder-decoder model's prompt is the text itself ("{text}"): the source it encodes.
+TASKS = {
+    "code": BUILTIN_TASK,
+    "translation": TaskDefaults("source", "target", "English: {text}\nGerman:", "sacrebleu"),
+    "summarization": USER_DATA,
+}
+ENCODER_DECODER_TEMPLATE = "{text}"
 
 
-def apply_task_defaults(args) -> None:
-    """Fill eval.py's data and metric flags left unset (None): the built-in task's columns and metrics
-    when neither --dataset nor --data-files is given, else those of a summarization-style dataset."""
-    defaults = BUILTIN_TASK if args.dataset is None and not args.data_files else USER_DATA
+def apply_task_defaults(args, encoder_decoder: bool = False) -> None:
+    """Fill eval.py's data and metric flags left unset (None).
+
+    `--task` names the defaults; without it: the built-in code task when neither --dataset nor
+    --data-files is given (the built-in translation task for an encoder-decoder model), else those
+    of a summarization-style dataset. An encoder-decoder model's prompt template is "{text}".
+    """
+    if getattr(args, "task", None) is None and args.dataset is None and not args.data_files:
+        args.task = "translation" if encoder_decoder else "code"
+    defaults = TASKS[args.task] if getattr(args, "task", None) else USER_DATA
+    if encoder_decoder and args.prompt_template is None:
+        args.prompt_template = ENCODER_DECODER_TEMPLATE
     for flag in ("text_column", "reference_column", "prompt_template", "metric"):
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(defaults, flag))
@@ -125,8 +145,9 @@ def make_samples(rows, text_column: str, reference_column: str | None, template:
     return samples
 
 
-def bundled_data_files() -> list[str]:
-    """The built-in task's file (40 held-out stdlib functions to complete)."""
-    if not BUNDLED_DATA.exists():
-        raise EvalError(f"the bundled dataset {os.fspath(BUNDLED_DATA)} is missing; reinstall hf_paged")
-    return [os.fspath(BUNDLED_DATA)]
+def bundled_data_files(task: str = "code") -> list[str]:
+    """A built-in task's file: code (40 held-out stdlib functions to complete), translation or summarization."""
+    path = TASK_DATA[task]
+    if not path.exists():
+        raise EvalError(f"the bundled dataset {os.fspath(path)} is missing; reinstall hf_paged")
+    return [os.fspath(path)]

@@ -10,7 +10,9 @@ arithmetic only.
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .runner import Batch, _pad_left, _trim
+from .. import _compat
+from ..cache.paged_cache import PagedCache
+from .runner import Batch, _pad, _trim
 
 
 class ForcePath(LogitsProcessor):
@@ -29,7 +31,7 @@ class ForcePath(LogitsProcessor):
 
 def _step_logits(model, batch: Batch, pad_id: int, device: torch.device, paths: list[list[int]] | None, max_new: int):
     """generate() on one batch, greedy (forced along `paths` when given): (paths, logits [rows, steps, vocab] fp32)."""
-    input_ids, attention_mask = _pad_left(batch.prompt_ids, pad_id, device)
+    input_ids, attention_mask = _pad(batch.prompt_ids, pad_id, device)
     processors = LogitsProcessorList([ForcePath(paths, input_ids.shape[1], pad_id)] if paths is not None else [])
     steps = max_new if paths is None else max(len(path) for path in paths)
     output = model.generate(
@@ -37,6 +39,9 @@ def _step_logits(model, batch: Batch, pad_id: int, device: torch.device, paths: 
         do_sample=False, num_beams=1, pad_token_id=pad_id, return_dict_in_generate=True, output_logits=True,
     )
     logits = torch.stack(output.logits, dim=1).float()  # [rows, steps, vocab]
+    cache = _compat.output_cache(output)
+    if isinstance(cache, PagedCache) and not cache.is_released:  # returned open by a wrapped generate()
+        cache.release()
     if paths is None:
         eos = model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

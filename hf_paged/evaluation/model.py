@@ -29,8 +29,25 @@ def parse_device_map(text: str | None) -> str | dict | None:
     return {"": int(text) if text.isdigit() else text}
 
 
+def is_encoder_decoder(name: str | None) -> bool:
+    """Whether the model at `name` (None: the default model) is an encoder-decoder one (T5, BART, Marian, ...),
+    from its config alone; False when the config cannot be read (load_model reports that next)."""
+    if name is None:
+        return False
+    from transformers import AutoConfig
+
+    try:
+        return bool(getattr(AutoConfig.from_pretrained(name), "is_encoder_decoder", False))
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(name: str | None, dtype: str, device: torch.device, device_map: str | dict | None, tp: int = 1):
-    """(model in eval mode, tokenizer with left padding and a pad token, model name).
+    """(model in eval mode, tokenizer with a pad token, model name).
+
+    A decoder-only model loads through AutoModelForCausalLM and its tokenizer pads on the left; an
+    encoder-decoder model (`config.is_encoder_decoder`) through AutoModelForSeq2SeqLM, its sources
+    padded on the right, as seq2seq tokenizers pad them.
 
     `name=None` loads the trained default model shipped in hf_paged/data/default_model (no
     download; `dtype="auto"` loads it in fp32, where hf_paged's tokens equal stock's). With a
@@ -52,7 +69,7 @@ def load_model(name: str | None, dtype: str, device: torch.device, device_map: s
     model = _from_pretrained(path, dtype, device_map, tp, progress=name is not None)
     if device_map is None and tp == 1:
         model = model.to(device)
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "right" if model.config.is_encoder_decoder else "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise EvalError(f"the tokenizer of {model_name!r} has neither a pad nor an eos token; batching needs one")
@@ -82,9 +99,10 @@ def check_tp_heads(path: str, model_name: str, tp: int) -> None:
 
 
 def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: int, progress: bool = True) -> torch.nn.Module:
-    """The model through AutoModelForCausalLM; `progress=False` hides transformers' loading bar (the
-    built-in model loads in a blink, and a bad-input run then prints its one error line only)."""
-    from transformers import AutoModelForCausalLM
+    """The model through AutoModelForCausalLM (AutoModelForSeq2SeqLM for an encoder-decoder one);
+    `progress=False` hides transformers' loading bar (the built-in model loads in a blink, and a
+    bad-input run then prints its one error line only)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.utils import logging
 
     kwargs = {"dtype": DTYPES[dtype], "device_map": device_map}
@@ -96,7 +114,8 @@ def _from_pretrained(name: str, dtype: str, device_map: str | dict | None, tp: i
     if not progress:
         logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        auto = AutoModelForSeq2SeqLM if is_encoder_decoder(name) else AutoModelForCausalLM
+        return auto.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:
         raise EvalError(f"could not load model {name!r}: {_first_line(error)}") from error
     finally:

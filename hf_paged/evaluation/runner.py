@@ -70,25 +70,36 @@ class StopAtLength(StoppingCriteria):
         return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool, device=input_ids.device)
 
 
-def encode_prompts(tokenizer, samples: list[Sample], context: int | None, max_new_tokens: int, truncate: bool) -> list[list[int]]:
+def encode_prompts(tokenizer, samples: list[Sample], context: int | None, max_new_tokens: int, truncate: bool,
+                   encoder_decoder: bool = False) -> list[list[int]]:
     """Token ids of each prompt. A prompt that does not fit the context with max_new_tokens raises
-    EvalError, or with `truncate` keeps its last tokens (and its BOS token, if it starts with one)."""
+    EvalError, or with `truncate` keeps its last tokens (and its BOS token, if it starts with one).
+
+    An encoder-decoder model's source has the whole context to itself (the output goes to the
+    decoder): a longer one raises, or with `truncate` keeps its first tokens (and its last, EOS).
+    """
     encoded = tokenizer([sample.prompt for sample in samples], add_special_tokens=True)["input_ids"]
     if context is None:
         return encoded
-    budget = context - max_new_tokens
+    budget = context if encoder_decoder else context - max_new_tokens
     if budget < 1:
         raise EvalError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context}")
-    bos = tokenizer.bos_token_id
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for i, (sample, ids) in enumerate(zip(samples, encoded)):
         if len(ids) <= budget:
             continue
         if not truncate:
+            limit = f"the model's source length of {context}" if encoder_decoder else (
+                f"with --max-new-tokens {max_new_tokens} it exceeds the model's context of {context}")
+            keep = "first" if encoder_decoder else "last"
             raise EvalError(
-                f"sample {sample.id!r}: its prompt has {len(ids)} tokens, and with --max-new-tokens {max_new_tokens} "
-                f"it exceeds the model's context of {context}; pass --truncate to keep its last {budget} tokens"
+                f"sample {sample.id!r}: its prompt has {len(ids)} tokens, and {limit}; pass --truncate to keep its "
+                f"{keep} {budget} tokens"
             )
-        encoded[i] = [bos] + ids[len(ids) - budget + 1 :] if bos is not None and ids[0] == bos else ids[-budget:]
+        if encoder_decoder:
+            encoded[i] = ids[: budget - 1] + ids[-1:] if eos is not None and ids[-1] == eos else ids[:budget]
+        else:
+            encoded[i] = [bos] + ids[len(ids) - budget + 1 :] if bos is not None and ids[0] == bos else ids[-budget:]
     return encoded
 
 
@@ -102,15 +113,30 @@ def make_batches(samples: list[Sample], prompt_ids: list[list[int]], batch_size:
     return batches
 
 
-def _pad_left(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both `[batch, longest]` int64, pads on the left."""
+def _pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both `[batch, longest]` int64: pads on the left (a decoder-only
+    model's prompts), or on the right (`right`: an encoder-decoder model's sources)."""
     longest = max(len(ids) for ids in prompt_ids)
     input_ids = torch.full((len(prompt_ids), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompt_ids), longest), dtype=torch.long)
     for row, ids in enumerate(prompt_ids):
-        input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, longest - len(ids) :] = 1
+        columns = slice(0, len(ids)) if right else slice(longest - len(ids), longest)
+        input_ids[row, columns] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, columns] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def _pad_for(model, prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pad(prompt_ids, pad_id, device, right=bool(getattr(model.config, "is_encoder_decoder", False)))
+
+
+def stock_cache_bytes(cache: object) -> int:
+    """Bytes of keys and values a stock cache holds now: a DynamicCache's, or an encoder-decoder
+    model's EncoderDecoderCache's self-attention plus cross-attention caches."""
+    parts = [getattr(cache, name, None) for name in ("self_attention_cache", "cross_attention_cache")]
+    if any(part is not None for part in parts):
+        return sum(cache_kv_bytes(part) for part in parts if part is not None)
+    return cache_kv_bytes(cache)
 
 
 def _trim(row: list[int], eos_ids: set[int]) -> list[int]:
@@ -125,7 +151,7 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
     """Generate every batch; returns one record per sample and the stats of this process.
 
     Works for a wrapped model (KV peaks from hf_paged.memory_stats) and a stock one (KV bytes of
-    the cache generate() returns). Each batch reseeds with `seed + batch.number` before generate().
+    the cache generate() returns, self- and cross-attention for an encoder-decoder model). Each batch reseeds with `seed + batch.number` before generate().
     """
     import hf_paged
 
@@ -136,7 +162,7 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
     stats = RunStats()
     records = []
     for batch in tqdm(batches, desc=label, unit="batch", disable=not show_progress):
-        input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
+        input_ids, attention_mask = _pad_for(model, batch.prompt_ids, tokenizer.pad_token_id, device)
         timer = FirstTokenTimer()
         set_seed(seed + batch.number)
         if device.type == "cuda":
@@ -161,12 +187,15 @@ def run_batches(model, tokenizer, batches: list[Batch], generate_kwargs: dict, s
         if paged:
             memory = hf_paged.memory_stats(model)
             kv_bytes, shared, pages = memory["peak_kv_bytes"], memory["peak_shared_pages"], memory["peak_pages_in_use"]
+            # generate() returns its cache open (return_dict_in_generate): give its pages back before the next batch.
+            _release(_compat.output_cache(output))
         else:
-            kv_bytes, shared, pages = cache_kv_bytes(_compat.output_cache(output)), 0, 0
+            kv_bytes, shared, pages = stock_cache_bytes(_compat.output_cache(output)), 0, 0
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, kv_bytes)
         stats.peak_shared_pages = max(stats.peak_shared_pages, shared)
         stats.peak_pages_in_use = max(stats.peak_pages_in_use, pages)
-        generated = output.sequences[:, input_ids.shape[1] :].tolist()
+        # A decoder-only model returns prompt + output; an encoder-decoder one its decoder start token + output.
+        generated = output.sequences[:, 1 if getattr(model.config, "is_encoder_decoder", False) else input_ids.shape[1] :].tolist()
         for i, sample in enumerate(batch.samples):
             rows = [_trim(row, eos_ids) for row in generated[i * num_return : (i + 1) * num_return]]
             stats.generated_tokens += sum(len(row) for row in rows)
@@ -206,7 +235,7 @@ def warm_up(model, tokenizer, batches: list[Batch], generate_kwargs: dict, devic
 
 def _warm_up(model, runtime, tokenizer, batches: list[Batch], generate_kwargs: dict, device: torch.device) -> None:
     if runtime is None or not runtime.config.compile:
-        input_ids, attention_mask = _pad_left(batches[0].prompt_ids, tokenizer.pad_token_id, device)
+        input_ids, attention_mask = _pad_for(model, batches[0].prompt_ids, tokenizer.pad_token_id, device)
         model.generate(input_ids=input_ids, attention_mask=attention_mask, **{**generate_kwargs, "max_new_tokens": 2})
         return
     from ..integration.compile import capacity_pages
@@ -219,6 +248,14 @@ def _warm_up(model, runtime, tokenizer, batches: list[Batch], generate_kwargs: d
         if shape in seen:
             continue
         seen.add(shape)
-        input_ids, attention_mask = _pad_left(batch.prompt_ids, tokenizer.pad_token_id, device)
+        input_ids, attention_mask = _pad_for(model, batch.prompt_ids, tokenizer.pad_token_id, device)
         stop = StoppingCriteriaList([StopAtLength(input_ids.shape[1] + 3)])  # two decode steps
         model.generate(input_ids=input_ids, attention_mask=attention_mask, stopping_criteria=stop, **generate_kwargs)
+
+
+def _release(cache) -> None:
+    """Release a PagedCache a wrapped generate() returned (anything else: nothing to do)."""
+    from ..cache.paged_cache import PagedCache
+
+    if isinstance(cache, PagedCache) and not cache.is_released:
+        cache.release()

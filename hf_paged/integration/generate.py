@@ -6,6 +6,7 @@ import warnings
 import torch
 
 from .. import _compat
+from ..cache.dense import holes_in
 from ..cache.paged_cache import PagedCache
 from ..cache.runtime import stock_masks
 from ..memory.prefix_cache import PrefixCache
@@ -66,7 +67,13 @@ def _can_prefill_once(model, input_ids, generation_config, kwargs: dict) -> bool
     extra = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in ("input_ids", "attention_mask")]
     if extra:
         return False
-    if kwargs.get("attention_mask") is None:
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool(holes_in(mask).any()):
+        # Right padding, holes: a prompt query that sees no real key (a pad past a sliding window)
+        # attends uniformly over every key in stock, pads included, which only the prompt's own
+        # forward still holds (pads take no page): the prompt runs whole, in generate()'s forward.
+        return False
+    if mask is None:
         # generate() would infer a padding mask from pad tokens in the prompt: leave that case to it.
         pad = kwargs.get("pad_token_id", config.pad_token_id)
         if pad is not None and bool((input_ids == pad).any()):

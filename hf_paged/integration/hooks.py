@@ -38,7 +38,7 @@ class _BeginForward:
         if cache.cross is not None:
             raise ValueError(
                 "an encoder-decoder model's forward takes a PagedCache inside an EncoderDecoderCache: let the "
-                "wrapped generate() make it, or pass PagedEncoderDecoderCache(cache, cache.cross)"
+                "wrapped generate() make it, or pass hf_paged.cache.cross.PagedEncoderDecoderCache(cache, cache.cross)"
             )
         if cache.runtime is not runtime and cache.pool is not runtime.pool:
             raise ValueError("this PagedCache belongs to another model; create it with PagedCache(model)")

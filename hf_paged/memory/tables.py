@@ -189,6 +189,19 @@ class PageTables(Reservations, WindowHoles):
             self.num_tokens[row] = end
         return slots, copies, deferred
 
+    def copy_rows_from(self, other: "PageTables") -> None:
+        """Become a copy of `other`'s rows (this table is empty, on the same pool): the rows share
+        every page, each held page gains a reference, and a shared partly filled page is copied on
+        its next write, as after `select_rows`."""
+        with self._changing_pages():
+            self.page_tables = [list(table) for table in other.page_tables]
+            self.num_tokens = list(other.num_tokens)
+            self.num_leading_holes = list(other.num_leading_holes)
+            self.home = [-1] * len(self.page_tables)
+            self.num_released = other.num_released
+            self.blocks.fork([page for table in self.page_tables for page in self.held(table)])
+            self.num_pages_held = len({page for table in self.page_tables for page in self.held(table)})
+
     def select_rows(self, row_ids: list[int]) -> None:
         """Replace the rows by `[row[i] for i in row_ids]`: reorder, repeat or drop rows, sharing pages."""
         with self._changing_pages():
