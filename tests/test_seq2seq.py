@@ -246,3 +246,30 @@ def test_a_fragmented_pool_gives_the_same_outputs(family, monkeypatch):
     blocks.free(held[1::2])
     assert hf_paged.memory_stats(model)["pages_in_use"] == 0
     assert layouts == [False, False]  # the slot layout ran
+
+
+def test_out_of_pages_gives_every_page_back():
+    from hf_paged import OutOfPagesError
+
+    model = make("marian")
+    expected = run(model, sources((5, 3)), num_beams=2)
+    hf_paged.wrap(model, page_size=PAGE, num_pages=20)
+    with pytest.raises(OutOfPagesError):  # 8 + 6 + 2 cross-attention pages and a page for each of 6 beams
+        run(model, sources(), num_beams=2)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    assert_same(run(model, sources((5, 3)), num_beams=2), expected)
+
+
+def test_threads_generate_on_one_model():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make("t5")
+    batches = [sources((9, 4), seed=s) for s in range(4)]
+    expected = [run(model, batch, num_beams=2) for batch in batches]
+    hf_paged.wrap(model, page_size=PAGE)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda batch: model.generate(**batch, max_new_tokens=10, num_beams=2,
+                                                          output_scores=True, return_dict_in_generate=True), batches))
+    for ours, theirs in zip(got, expected):
+        assert torch.equal(ours.sequences, theirs.sequences)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
