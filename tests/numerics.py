@@ -15,6 +15,7 @@ import torch
 
 from hf_paged.attention import LayerParams, TorchExecutor
 from hf_paged.attention.metadata import ForwardMetadata, build_metadata
+from hf_paged.memory.kv_quant import as_bytes
 from hf_paged.memory.pool import KVPool, copy_pages
 from hf_paged.memory.tables import PageTables
 
@@ -49,14 +50,15 @@ def layer_params(num_qo_heads: int, num_kv_heads: int, head_dim: int, variant: s
 
 
 def write_tokens(pool: KVPool, slots: list[int], generator: torch.Generator) -> None:
-    """Random K/V (N(0, 1)) for the tokens at `slots` of the single layer's pool, as the cache writes them."""
+    """Random K/V (N(0, 1)) for the tokens at `slots` of the single layer's pool, as the cache writes them
+    (fp8 pages: rounded to fp8 and written as bytes; read back they are stored x the layer's scales)."""
     layer = pool.pools[0]
     num_kv_heads, head_dim = layer.shape[-2:]
     slot = torch.tensor(slots, dtype=torch.int64, device=layer.device)
-    flat = layer.view(2, -1, num_kv_heads, head_dim)
+    flat = as_bytes(layer).view(2, -1, num_kv_heads, head_dim)
     for plane in (0, 1):
         values = torch.randn(len(slots), num_kv_heads, head_dim, generator=generator, device=layer.device)
-        flat[plane].index_copy_(0, slot, values.to(layer.dtype))
+        flat[plane].index_copy_(0, slot, as_bytes(values.to(layer.dtype)))
 
 
 def build_forward(

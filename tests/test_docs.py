@@ -292,6 +292,7 @@ RUN = {
     "docs/usage.md": ["Your own decode loop"],
     "docs/prefix-caching.md": ["Prefix caching"],
     "docs/default_model.md": ["The default model"],
+    "docs/fp8.md": ["fp8 KV pages"],
 }
 NOT_RUN = {
     ("README.md", "hf_paged"): "an outline with `...` arguments; the Usage blocks below it run",

@@ -99,7 +99,6 @@ def test_stock_side_pads_sources_right_and_returns_only_the_output(folders, kind
     assert stats.peak_kv_bytes > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind, task, scores", [
     ("marian", "translation", {"bleu", "chrf"}),
     ("t5", "summarization", {"rouge1", "rouge2", "rougeL"}),

@@ -94,12 +94,13 @@ def test_tokens_equal_stock_on_dequantized_kv(family, mode):
     hf_paged.wrap(model, num_pages=128, page_size=4, kv_cache_dtype="fp8_e4m3", kv_scales=SCALES)
     paged = tiny.generate(model, input_ids, mask, **kwargs)
     assert torch.equal(paged.sequences, expected.sequences)
+    paged = (paged.sequences, paged.scores)  # (the output's cache holds its pages until the output goes)
     stats = hf_paged.memory_stats(model)
     assert stats["pages_in_use"] == 0 and stats["kv_clamped_values"] == 0
     assert stats["kv_scales"] == [SCALES, SCALES]
     # The scores of the first step (the same prompt everywhere): equal to the reference's to fp32
     # rounding, and the rounding to fp8 moved them far more than that (the reference is not stock's).
-    first, want, unquantized = paged.scores[0], expected.scores[0], unrounded.scores[0]
+    first, want, unquantized = paged[1][0], expected.scores[0], unrounded.scores[0]
     finite = torch.isfinite(want)
     torch.testing.assert_close(first[finite], want[finite], rtol=1e-5, atol=1e-5)
     assert (first[finite] - unquantized[finite]).abs().max() > 1e-3
@@ -280,3 +281,56 @@ def test_flashinfer_executor_reads_fp8_pages_through_its_api(monkeypatch, head_d
     for record in wrappers.values():
         assert record.wrapper.planned["kv_data_type"] == torch.float8_e5m2
         assert record.wrapper.planned["q_data_type"] == torch.float32
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("case", ["prefill_ragged", "append_ragged", "decode", "decode_beams_shared", "append_beams_shared"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_torch_executor_matches_the_dequantized_reference(page_size, case, kv_cache_dtype):
+    """Executor level, as tests/test_gpu_fp8.py checks FlashInfer: bf16 queries on fp8 pages against
+    float64 attention on the dequantized pool (stored x scale), within 2 bf16 epsilons per output."""
+    from numerics import CASES, assert_matches_reference, build_forward, layer_params
+
+    from hf_paged.attention import TorchExecutor
+    from hf_paged.config import PagedConfig
+    from hf_paged.memory.pool import KVPool, LayerSpec
+
+    history, qo_lens, fork = CASES[case]
+    config = PagedConfig(page_size=page_size, num_pages=4096 // page_size + 64, kv_cache_dtype=kv_cache_dtype,
+                         kv_scales=(0.5, 0.25))
+    pool = KVPool(config, [LayerSpec(2, 16, torch.device("cpu"), torch.bfloat16)])
+    meta, _ = build_forward(pool, history, qo_lens, fork, seed=page_size)
+    params = layer_params(8, 2, 16, "peaked")
+    q = torch.randn(sum(qo_lens), 8, 16).to(torch.bfloat16)
+    executor = TorchExecutor()
+    actual = executor.run(q, pool.pools[0], executor.plan(meta, params, pool), (0.5, 0.25))
+    layer = pool.pools[0]
+    dequantized = torch.stack([layer[0].double() * 0.5, layer[1].double() * 0.25])
+    reference = executor.run(q.double(), dequantized, executor.plan(meta, params, pool))
+    assert_matches_reference(actual, reference, case)
+    wrong = executor.run(q, pool.pools[0], executor.plan(meta, params, pool), (0.5, 0.5))  # the test bites
+    with pytest.raises(AssertionError):
+        assert_matches_reference(wrong, reference, case)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_encoder_decoder_cross_attention_pages(family):
+    """Cross-attention pages (written once per input, cache/cross.py) in fp8 too: stock with both
+    caches rounding through fp8 gives the same tokens (beams; T5's position bias)."""
+    from seq2seq_models import make, sources
+    from transformers import EncoderDecoderCache
+
+    model = make(family)
+    inputs = sources()
+    kwargs = dict(max_new_tokens=8, num_beams=3, output_scores=True, return_dict_in_generate=True)
+    torch.manual_seed(0)
+    cache = EncoderDecoderCache(FakeQuantCache(model.config), FakeQuantCache(model.config))
+    expected = model.generate(**inputs, past_key_values=cache, **kwargs)
+    hf_paged.wrap(model, page_size=4, kv_cache_dtype="fp8_e4m3", kv_scales=SCALES)
+    torch.manual_seed(0)
+    paged = model.generate(**inputs, **kwargs)
+    assert torch.equal(paged.sequences, expected.sequences)
+    torch.testing.assert_close(paged.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
+    stats = hf_paged.memory_stats(model)
+    assert stats["pages_in_use"] == 0 and all(pair == SCALES for pair in stats["kv_scales"])
+    assert len(stats["kv_scales"]) == 4  # 2 self-attention and 2 cross-attention layers

@@ -125,7 +125,7 @@ def test_pool_peak_is_below_stock_bytes_with_beams():
     assert peak < 0.75 * stock, (peak, stock)
 
 
-@pytest.mark.parametrize("setting", [dict(compile=True), dict(prefix_cache=True)])
+@pytest.mark.parametrize("setting", [dict(compile=True), dict(prefix_cache=True)])  # fp8 pages: tests/test_fp8.py
 def test_refused_settings_leave_the_model_untouched(setting):
     model = make("marian")
     batch = sources()
@@ -134,6 +134,14 @@ def test_refused_settings_leave_the_model_untouched(setting):
         hf_paged.wrap(model, **setting)
     assert not hasattr(model, "hf_paged_runtime") and "_prepare_cache_for_generation" not in model.__dict__
     assert_same(run(model, batch, num_beams=2), expected)
+
+
+def test_tensor_parallelism_is_refused_before_anything_is_touched():
+    from hf_paged.config import PagedConfig
+    from hf_paged.integration import seq2seq
+
+    with pytest.raises(UnsupportedModelError, match="tensor parallelism"):
+        seq2seq.check_config(make("marian"), PagedConfig(), tp=object())  # wrap() asks before anything else
 
 
 def test_flashinfer_backend_is_refused_with_the_reason():
@@ -207,3 +215,61 @@ def test_copies_of_a_wrapped_model_generate_on_their_own_pools():
         assert_same(run(twin, batch, num_beams=3), expected)
         assert twin.hf_paged_runtime.pool is not model.hf_paged_runtime.pool
     assert_same(run(model, batch, num_beams=3), expected)
+
+
+@pytest.mark.parametrize("family", ["marian", "t5"])
+def test_a_fragmented_pool_gives_the_same_outputs(family, monkeypatch):
+    """Inputs whose cross-attention pages are not one run of consecutive pages are gathered by slot
+    (the other layout of cache/cross.py): the same outputs."""
+    from hf_paged.cache.cross import CrossPages
+    from hf_paged.memory.tables import PageTables
+
+    layouts = []
+    prepare = CrossPages.prepare
+
+    def recording_prepare(self, *args):
+        prepare(self, *args)
+        layouts.append(self.head_major)
+
+    monkeypatch.setattr(CrossPages, "prepare", recording_prepare)
+    model = make(family)
+    settings = {"greedy": {}, "beam": MODES["beam"]}
+    expected = {mode: run(model, sources(), **kwargs) for mode, kwargs in settings.items()}
+    hf_paged.wrap(model, page_size=PAGE, num_pages=400)
+    monkeypatch.setattr(PageTables, "reserve", lambda self, *args, **kwargs: False)
+    blocks = model.hf_paged_runtime.pool.blocks
+    held = blocks.allocate(200)
+    blocks.free(held[::2])  # every other page free: no two consecutive pages come off the free stack
+    for mode, kwargs in settings.items():
+        got = run(model, sources(), **kwargs)
+        assert_same(got, expected[mode])
+    blocks.free(held[1::2])
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    assert layouts == [False, False]  # the slot layout ran
+
+
+def test_out_of_pages_gives_every_page_back():
+    from hf_paged import OutOfPagesError
+
+    model = make("marian")
+    expected = run(model, sources((5, 3)), num_beams=2)
+    hf_paged.wrap(model, page_size=PAGE, num_pages=20)
+    with pytest.raises(OutOfPagesError):  # 8 + 6 + 2 cross-attention pages and a page for each of 6 beams
+        run(model, sources(), num_beams=2)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    assert_same(run(model, sources((5, 3)), num_beams=2), expected)
+
+
+def test_threads_generate_on_one_model():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = make("t5")
+    batches = [sources((9, 4), seed=s) for s in range(4)]
+    expected = [run(model, batch, num_beams=2) for batch in batches]
+    hf_paged.wrap(model, page_size=PAGE)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda batch: model.generate(**batch, max_new_tokens=10, num_beams=2,
+                                                          output_scores=True, return_dict_in_generate=True), batches))
+    for ours, theirs in zip(got, expected):
+        assert torch.equal(ours.sequences, theirs.sequences)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0

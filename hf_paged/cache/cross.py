@@ -15,7 +15,10 @@ import torch
 from transformers.cache_utils import Cache, EncoderDecoderCache
 
 from ..attention.torch import cross as cross_attention
+from ..attention.torch.reads import gather_kv
+from ..memory.kv_quant import dequantize
 from ..errors import OutOfPagesError
+from ..memory.reservations import consecutive_run
 from ..memory.tables import PageTables
 
 
@@ -46,7 +49,10 @@ class CrossPages(Cache):
         self.write_slots: torch.Tensor | None = None  # [source tokens] where update() writes them
         self.token_index: torch.Tensor | None = None  # their positions in `inputs * width`; None: all
         self.mask: torch.Tensor | None = None  # [inputs, width] bool, None when no input is padded
-        self._reads: dict = {}  # (rows version, device) -> (gather slots, mask per row)
+        self._reads: dict = {}  # (rows version, device, q_len) -> what the layers read (_plan_reads)
+        self.head_major = False  # how the inputs' pages hold K/V (prepare)
+        self.lengths: list[int] = []
+        self.offsets: list[int] = []
         self._version = 0
 
     # --- the call's first decoder forward -------------------------------------------------------
@@ -77,17 +83,36 @@ class CrossPages(Cache):
             )
         with self.pool.blocks.lock:
             self.tables.add_rows(inputs)
+            # Inputs back to back in consecutive pages where the pool has such a run: unpadded sources
+            # are then read in place (`_plan_reads`), not gathered.
+            self.tables.reserve(max(lengths), highest=True)
             try:
                 slots, _ = self.tables.append(lengths)
             except OutOfPagesError:
                 self.tables.release()
                 raise
+            for row in range(inputs):  # a shorter input's unused reserved pages go back
+                self.tables._end_reservation(row)
         page_size = self.tables.page_size
         self.width = width
         self.mask = source
-        self.slots = cross_attention.input_slots(
-            self.tables.page_tables, lengths, offsets, width, page_size, self.pool.zero_page_id * page_size
-        ).to(states.device)
+        self.lengths, self.offsets = lengths, offsets
+        pools = self.pool.pools[self.first_layer:]
+        tables = self.tables.page_tables
+        # Every input in a run of consecutive pages of contiguous layer pools of one shape: each input's
+        # K/V are laid out head-major there (cross_attention.write_head_major), read without a transpose.
+        self.head_major = all(p.is_contiguous() and p.shape == pools[0].shape for p in pools) and all(
+            table == list(range(table[0], table[0] + len(table))) for table in tables
+        )
+        if self.head_major:
+            heads = pools[0].shape[3]
+            self.slots = cross_attention.head_major_index(
+                tables, lengths, offsets, width, page_size, heads, self.pool.zero_page_id * page_size * heads
+            ).to(states.device)
+        else:
+            self.slots = cross_attention.input_slots(
+                tables, lengths, offsets, width, page_size, self.pool.zero_page_id * page_size
+            ).to(states.device)
         self.write_slots = torch.tensor(slots, dtype=torch.int64, device=states.device)
         self.token_index = None if source is None else source.reshape(-1).nonzero().squeeze(1).to(states.device)
         self.layers = [_LayerStub(states.new_empty((1, 1, width, 0)))] * self.num_cross_layers
@@ -109,6 +134,14 @@ class CrossPages(Cache):
                                "wrapped model's decoder with encoder_hidden_states")
         keys, values = self.input_states(key_states), self.input_states(value_states)
         pool = self.pool.pools[self.first_layer + layer_idx]
+        if self.pool.kv_quant is not None:  # fp8 pages (memory/kv_quant.py)
+            keys, values = self._quantized(layer_idx, keys, values)
+        if self.head_major:
+            with self.pool.write_lock:
+                cross_attention.write_head_major(
+                    pool, keys.to(pool.dtype), values.to(pool.dtype), self.tables.page_tables, self.lengths, self.offsets
+                )
+            return key_states, value_states
         inputs, heads, width, dim = keys.shape
         flat_k = keys.transpose(1, 2).reshape(inputs * width, heads, dim)
         flat_v = values.transpose(1, 2).reshape(inputs * width, heads, dim)
@@ -124,39 +157,84 @@ class CrossPages(Cache):
     def attend(self, layer_idx: int, query: torch.Tensor, params, position_bias: torch.Tensor | None) -> torch.Tensor:
         """Cross-attention of `query [rows, H_q, q_len, D]`; returns `[rows, q_len, H_q, D]`.
 
-        Each input's K/V is read once per layer and attended by all of its rows (rows of an input
-        stay together in generate()), else gathered per row."""
+        Each input's K/V is read once per layer (in place where it can be) and attended by all of its
+        rows (rows of an input stay together in generate()); else every row gathers its own."""
         pool = self.pool.pools[self.first_layer + layer_idx]
         q_len = query.shape[2]
         read = self._reads.get((self._version, query.device, q_len))
         if read is None:
             read = self._plan_reads(query.device, q_len)
-        runs, slots, masks, biased = read
+        runs, source, count, masks, biased = read
         if position_bias is not None:  # T5: stock adds a (zero) bias to its cross-attention scores
             if biased.get("bias") is not position_bias:
                 biased["bias"] = position_bias
                 biased["masks"] = [cross_attention.float_mask(mask, position_bias, query.dtype) for mask in masks]
             masks = biased["masks"]
+        k, v = self._read(pool, source, count)
+        quant = self.pool.kv_quant
+        if quant is not None:  # fp8 pages: what this layer reads, dequantized
+            k_scale, v_scale = quant.scales[self.first_layer + layer_idx]
+            k, v = dequantize(k, query.dtype, k_scale), dequantize(v, query.dtype, v_scale)
         if runs is None:
-            return cross_attention.attend_rows(query, pool, slots, self.width, masks[0], params)
-        return cross_attention.attend_inputs(query, pool, slots, self.tables.num_rows, self.width, runs, masks, params)
+            return cross_attention.attend_rows(query, k, v, masks[0], params)
+        return cross_attention.attend_inputs(query, k, v, runs, masks, params)
+
+    def _quantized(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`keys`, `values` `[inputs, H, width, D]` in the pages' fp8 under the layer's scales, which
+        its first write sets from the source tokens (pads left out)."""
+        quant, layer = self.pool.kv_quant, self.first_layer + layer_idx
+        if quant.scales[layer] is None:
+            real_k, real_v = keys, values
+            if self.token_index is not None:
+                inputs, heads, width, dim = keys.shape
+                real_k, real_v = (x.transpose(1, 2).reshape(inputs * width, heads, dim).index_select(0, self.token_index)
+                                  for x in (keys, values))
+            quant.set_scales(layer, real_k, real_v)
+        return quant.quantize(layer, keys, values)
+
+    def _read(self, pool: torch.Tensor, source, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V `[count, H, width, D]` of one layer: a view (a run of pages), a head-major gather, or a
+        gather of slots (made contiguous where rows of one input read it)."""
+        if isinstance(source, tuple):
+            return cross_attention.view_head_major(pool, source, count, self.width)
+        if self.head_major:
+            return cross_attention.gather_head_major(pool, source)
+        k, v = gather_kv(pool, source, count, self.width)
+        return k.contiguous(), v.contiguous()
 
     def _plan_reads(self, device: torch.device, q_len: int):
-        """What every cross-attention layer of a forward reads: the gather slots, and each run's mask."""
+        """What every cross-attention layer of a forward reads, and each run's mask."""
         self._reads.clear()
         zero, page_size = self.pool.zero_page_id, self.tables.page_size
-        runs = cross_attention.row_runs(self.row_input.tolist())
-        if runs is None:  # rows of one input apart: every row gathers its own
-            slots = cross_attention.row_slots(self.slots, self.row_input, zero, page_size)
+        inputs = self.tables.num_rows
+        row_input = self.row_input.tolist()
+        runs = cross_attention.row_runs(row_input)
+        in_place = None
+        if self.head_major and self.mask is None:  # unpadded inputs of one length back to back: views
+            in_place = consecutive_run(self.tables.page_tables, zero)
+        if in_place is not None and row_input == list(range(inputs)):  # one row per input, in order
+            runs, source, count, masks = None, in_place, inputs, [None]
+        elif runs is None:  # rows of one input apart: every row gathers its own
+            count = len(row_input)
+            if self.head_major:
+                source = self.slots.index_select(0, self.row_input)
+            else:
+                source = cross_attention.row_slots(self.slots, self.row_input, zero, page_size)
             mask = None if self.mask is None else self.mask.index_select(0, self.row_input)[:, None, None, :]
             masks = [None if mask is None else mask.expand(-1, 1, q_len, -1)]
         else:
-            slots = cross_attention.row_slots(self.slots, None, zero, page_size)
+            count = inputs
+            if in_place is not None:
+                source = in_place
+            elif self.head_major:
+                source = self.slots
+            else:
+                source = cross_attention.row_slots(self.slots, None, zero, page_size)
             masks = [
                 None if self.mask is None else self.mask[index][None, None, None, :].expand(end - start, 1, q_len, -1)
                 for index, start, end in runs
             ]
-        read = self._reads[(self._version, device, q_len)] = (runs, slots, masks, {})
+        read = self._reads[(self._version, device, q_len)] = (runs, source, count, masks, {})
         return read
 
     def select_rows(self, row_ids: list[int]) -> None:

@@ -94,8 +94,6 @@ def check_config(model: torch.nn.Module, config, tp) -> None:
         raise UnsupportedModelError(name, "compile=True is not supported on encoder-decoder models; wrap with compile=False")
     if config.prefix_cache:
         raise UnsupportedModelError(name, "the prefix cache is not supported on encoder-decoder models; wrap with prefix_cache=False")
-    if getattr(config, "kv_cache_dtype", "auto") != "auto":
-        raise UnsupportedModelError(name, "fp8 pages (kv_cache_dtype) are not supported on encoder-decoder models; wrap with kv_cache_dtype='auto'")
     if tp is not None:
         raise UnsupportedModelError(name, "tensor parallelism is not supported on encoder-decoder models")
 

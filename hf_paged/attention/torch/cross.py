@@ -11,7 +11,7 @@ import torch
 
 from ..params import LayerParams
 from .dense import attend
-from .reads import gather_kv
+from .reads import gather_kv, rows_view
 
 
 def input_slots(pages: list[list[int]], lengths: list[int], offsets: list[int], width: int, page_size: int,
@@ -53,15 +53,63 @@ def float_mask(mask: torch.Tensor | None, bias: torch.Tensor, dtype: torch.dtype
     return torch.where(mask, bias, torch.finfo(dtype).min).contiguous()
 
 
-def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor, num_inputs: int, width: int,
-                  runs: list[tuple[int, int, int]], masks: list[torch.Tensor | None], params: LayerParams) -> torch.Tensor:
-    """`attend_rows` reading each input's K/V once: gathered per input (`row_slots` without rows), laid
-    out `[H, width, D]` contiguously, and attended by all of that input's rows at once as a batch of
-    stride 0 (SDPA computes each row as with its own copy: stock's values, bit for bit). `runs` from
-    `row_runs`, `masks[i]` the mask of run i's rows (or None)."""
-    k, v = gather_kv(pool, kv_slots, num_inputs, width)
-    k, v = k.contiguous(), v.contiguous()
-    rows, heads, q_len, dim = query.shape
+def head_major_index(pages: list[list[int]], lengths: list[int], offsets: list[int], width: int, page_size: int,
+                     heads: int, zero_row: int) -> torch.Tensor:
+    """[inputs, heads, width] int64 rows of a layer plane's `[tokens * heads, D]` view holding input i's
+    head h at column c in the head-major layout of its run of consecutive pages (`write_head_major`);
+    the zero page's first row for pad columns."""
+    index = torch.full((len(pages), heads, width), zero_row, dtype=torch.int64)
+    for row, (table, length, offset) in enumerate(zip(pages, lengths, offsets)):
+        capacity = len(table) * page_size
+        base = table[0] * page_size * heads
+        index[row, :, offset:offset + length] = base + torch.arange(heads)[:, None] * capacity + torch.arange(length)[None]
+    return index
+
+
+def write_head_major(pool: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pages: list[list[int]],
+                     lengths: list[int], offsets: list[int]) -> None:
+    """Write each input's K/V `[inputs, H, width, D]` into its run of consecutive pages as `[H, tokens, D]`
+    (head-major: every head's keys contiguous, the layout SDPA reads fastest). The run's pages hold this
+    input only, so the layout inside them is the cross-attention's own; a contiguous layer pool."""
+    _, _, page_size, heads, dim = pool.shape
+    page = page_size * heads * dim
+    planes = pool.view(2, -1)
+    for row, (table, length, offset) in enumerate(zip(pages, lengths, offsets)):
+        first, count = table[0], len(table)
+        for plane, source in ((0, keys), (1, values)):
+            region = planes[plane, first * page:(first + count) * page].view(heads, count * page_size, dim)
+            region[:, :length] = source[row, :, offset:offset + length]
+
+
+def gather_head_major(pool: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[count, H, width, D]` (contiguous) of `index [count, H, width]` (`head_major_index`)."""
+    dim = pool.shape[-1]
+    flat = pool.view(-1, dim)
+    plane_rows = pool.shape[1] * pool.shape[2] * pool.shape[3]
+    rows = index.reshape(-1)
+    kv = flat.index_select(0, torch.cat([rows, rows + plane_rows]))
+    return kv.view(2, *index.shape, dim).unbind(0)
+
+
+def view_head_major(pool: torch.Tensor, run: tuple[int, int], count: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values `[count, H, width, D]` of unpadded inputs of `width` tokens written head-major into
+    runs of pages at `run = (first page, stride)`: views of the pool, no copy."""
+    _, _, page_size, heads, dim = pool.shape
+    page = page_size * heads * dim
+    first, stride = run
+    capacity = -(-width // page_size) * page_size
+    size, strides = (count, heads, width, dim), (stride * page, capacity * dim, dim, 1)
+    offset = pool.storage_offset() + first * page
+    return pool.as_strided(size, strides, offset), pool.as_strided(size, strides, offset + pool.stride(0))
+
+
+def attend_inputs(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: list[tuple[int, int, int]],
+                  masks: list[torch.Tensor | None], params: LayerParams) -> torch.Tensor:
+    """Cross-attention of `query [rows, H_q, q_len, D]` on each input's K/V `[inputs, H, width, D]`,
+    read once and attended by all of that input's rows at once as a batch of stride 0 (SDPA computes
+    each row as with its own copy: stock's values, bit for bit). `runs` from `row_runs`, `masks[i]` the
+    mask of run i's rows (or None). Returns `[rows, q_len, H_q, D]`."""
+    rows, heads, q_len, _ = query.shape
     out = query.new_empty(rows, heads, q_len, v.shape[-1])
     for (index, start, end), mask in zip(runs, masks):
         count = end - start
@@ -71,12 +119,10 @@ def attend_inputs(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tenso
     return out.transpose(1, 2)
 
 
-def attend_rows(query: torch.Tensor, pool: torch.Tensor, kv_slots: torch.Tensor, width: int,
-                mask: torch.Tensor | None, params: LayerParams) -> torch.Tensor:
-    """Attention of `query [rows, H_q, q_len, D]` on `width` gathered keys per row (`row_slots`),
-    with a bool `[rows, 1, q_len or 1, width]` or float mask (None: every column); returns
+def attend_rows(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                params: LayerParams) -> torch.Tensor:
+    """Attention of `query [rows, H_q, q_len, D]` on each row's own K/V `[rows, H, width, D]`, with a
+    bool `[rows, 1, q_len or 1, width]` or float mask (None: every column); returns
     `[rows, q_len, H_q, D]`, in stock's layout (one head per query head)."""
-    rows = query.shape[0]
-    k, v = gather_kv(pool, kv_slots, rows, width)
     out, _ = attend(query, k, v, mask, params)
     return out.transpose(1, 2)
