@@ -334,3 +334,41 @@ def test_encoder_decoder_cross_attention_pages(family):
     stats = hf_paged.memory_stats(model)
     assert stats["pages_in_use"] == 0 and all(pair == SCALES for pair in stats["kv_scales"])
     assert len(stats["kv_scales"]) == 4  # 2 self-attention and 2 cross-attention layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim", [128, 16])
+def test_compiled_flashinfer_decode_reads_fp8_pages(monkeypatch, head_dim):
+    """compile=True with the FlashInfer executor (on the stand-in): CUDA-graph decode wrappers planned
+    with kv_data_type fp8 and run with the scales inside the compiled step; a head dim FlashInfer does
+    not read from fp8 runs the torch runner there. Tokens of stock with rounding caches."""
+    pytest.importorskip("flashinfer")
+    import sys
+
+    import transformers
+    from stand_in import fake_flashinfer
+
+    from hf_paged.attention.flashinfer.executor import FlashInferExecutor
+    from hf_paged.integration.compile import compile_decode
+
+    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=head_dim, **tiny.COMMON,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
+    kwargs = dict(**fixed_length(6), num_beams=2)
+    expected = reference(model, input_ids, mask, **kwargs)
+    hf_paged.wrap(model, num_pages=128, page_size=4, compile=True, backend="torch", kv_cache_dtype="fp8_e4m3",
+                  kv_scales=SCALES)
+    executor = model.hf_paged_runtime.executor = FlashInferExecutor()
+    compiled = compile_decode(model, backend="eager")
+    assert torch.equal(tiny.generate(model, input_ids, mask, **kwargs), expected)
+    assert compiled.num_compiled_steps > 0
+    graph = [record for key, record in executor._devices[torch.device("cpu")].wrappers.items() if key[0] == "graph"]
+    if head_dim == 128:
+        assert graph and all(r.wrapper.planned["kv_data_type"] == E4M3 and r.wrapper.runs for r in graph)
+    else:
+        assert not graph  # the torch runner read them
