@@ -112,3 +112,18 @@ def test_a_deep_copy_of_a_returned_cache_continues_as_stocks_does():
     assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
     gc.collect()
     assert hf_paged.memory_stats(paged)["pages_in_use"] == 0
+
+
+def test_an_encoder_decoder_cache_is_released_and_says_so():
+    """Not yet served: continuing from an encoder-decoder model's returned cache (its cross-attention pages)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0)
+    model = hf_paged.wrap(transformers.AutoModelForSeq2SeqLM.from_config(config).eval(), num_pages=64, page_size=4)
+    input_ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+    out = model.generate(input_ids, max_new_tokens=3, return_dict_in_generate=True)
+    assert hf_paged.memory_stats(model)["pages_in_use"] == 0
+    with pytest.raises(RuntimeError, match="encoder-decoder PagedCache was released.*new generate"):
+        model.generate(input_ids, decoder_input_ids=out.sequences, past_key_values=out.past_key_values, max_new_tokens=2)

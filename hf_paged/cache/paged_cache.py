@@ -225,6 +225,12 @@ class PagedCache(ForwardSteps, Cache):
         self.pool.close_cache(self)
 
     def _check_usable(self) -> None:
+        if self.is_released and self.cross is not None:
+            raise RuntimeError(
+                "this encoder-decoder PagedCache was released: generate() releases the cache it creates for an "
+                "encoder-decoder model when it returns, also with return_dict_in_generate=True (continuing from it "
+                "is not supported); run a continuation as a new generate() call"
+            )
         if self.is_released:
             raise RuntimeError(
                 "this PagedCache was released (by release(), or by the generate() call that created it: one "
