@@ -66,28 +66,28 @@ def holes_in(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask.cummax(dim=1).values > mask
 
 
-def needs_dense(runtime, groups, attention_mask: torch.Tensor | None, q_len: int) -> bool:
-    """Whether this forward's padding needs a dense forward (see the module docstring); the other
-    reasons (output_attentions, dense_only) are the caller's."""
-    if attention_mask is None or attention_mask.dim() != 2 or bool(attention_mask.all()):
-        return False
+def needs_dense(runtime, groups, attention_mask: torch.Tensor | None, q_len: int) -> tuple[bool, bool]:
+    """Whether this forward's padding needs a dense forward (see the module docstring; the other
+    reasons, output_attentions and dense_only, are the caller's), and whether the mask has holes."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return False, False
     holes = holes_in(attention_mask)
     hole_rows = holes.any(dim=1)
     if not bool(hole_rows.any()):
-        return False  # left padding only: paged attention is stock's
+        return False, False  # left padding only: paged attention is stock's
     if bool(holes[:, -q_len:].any()) or getattr(runtime.patch, "ALIBI_OVER_PADDED_POSITIONS", False):
-        return True
+        return True, True
     windows = [group.window for group in groups if group.window is not None]
     padded_windows = getattr(runtime.patch, "padded_windows", None)  # a patched family's own windows (GPT-Neo)
     if padded_windows is not None:
         windows += padded_windows(runtime.decoder.config)
     if not windows:
-        return False
+        return False, True
     # A row's stored window covers its padded one while no hole is within a window of its queries.
     mask = attention_mask.to(torch.int8)
     first_real = mask.argmax(dim=1)
     span = attention_mask.shape[1] - first_real
-    return bool((hole_rows & (span > min(windows))).any())
+    return bool((hole_rows & (span > min(windows))).any()), True
 
 
 def plan_dense(group_tables, attention_mask: torch.Tensor | None, batch_size: int, q_len: int,

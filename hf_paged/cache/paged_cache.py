@@ -78,6 +78,7 @@ class PagedCache(ForwardSteps, Cache):
             self.cascade = False
         self.max_tokens_per_row = max_tokens_per_row if self.executor.reads_in_place else None
         self.returned_num_beams: int | None = None  # set when generate() returns this cache (num_beams of that call)
+        self.has_holes = False  # a mask with a pad after a real token has been seen (steps.begin_forward)
         self._init_steps()  # what each forward and layer reads (steps.py)
 
     def returned_by_generate(self, num_beams: int) -> None:
@@ -106,7 +107,7 @@ class PagedCache(ForwardSteps, Cache):
         with self.pool.blocks.lock:
             for mine, theirs in zip(copy.group_tables, self.group_tables):
                 mine.copy_rows_from(theirs)
-        copy.seq_length, copy.recording = self.seq_length, self.recording
+        copy.seq_length, copy.recording, copy.has_holes = self.seq_length, self.recording, self.has_holes
         copy.returned_num_beams = self.returned_num_beams
         if self.returned_num_beams is not None:
             self.pool.returned_caches.add(copy)
@@ -205,6 +206,7 @@ class PagedCache(ForwardSteps, Cache):
     def reset(self) -> None:
         self.pages.release()
         self.seq_length = 0
+        self.has_holes = False
         self._forget_built()
 
     def release(self) -> None:

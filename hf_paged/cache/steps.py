@@ -103,9 +103,12 @@ class ForwardSteps:
                 "use cache.batch_repeat_interleave(n) or batch_select_indices(idx) to change the rows"
             )
         runtime = self.runtime
-        dense = runtime.dense_only or output_attentions or (
-            not self.ragged_prefill and needs_dense(runtime, self.groups, attention_mask, q_len)
-        )
+        dense = runtime.dense_only or output_attentions
+        # A mask's holes are looked for only where they can be new: in a forward with pads among its
+        # new tokens, or once the rows hold holes (`has_holes`; a decode step's token is never a pad).
+        if not dense and attention_mask is not None and not self.ragged_prefill and (new_mask is not None or self.has_holes):
+            dense, holes = needs_dense(runtime, self.groups, attention_mask, q_len)
+            self.has_holes = self.has_holes or holes
         skips = pasts = None
         with self.pool.blocks.lock:  # other caches share the pool: drop and take at once
             if self._has_windows:
