@@ -2,12 +2,13 @@
 forward was given (and, for an encoder-decoder model, its cross-attention pages), and end the forward."""
 
 import functools
+import threading
 
 from transformers.cache_utils import EncoderDecoderCache
 
 from .. import _compat
 from ..cache.paged_cache import PagedCache
-from ..cache.runtime import CACHE_KWARG, Runtime
+from ..cache.runtime import CACHE_KWARG, Runtime, set_stock_masks
 from .interface import ATTN_NAME, _register_functions, follow_implementation_change
 
 
@@ -110,6 +111,40 @@ class _EndForward:
         if isinstance(cache, PagedCache):  # (a compiled step's dispatcher may have swapped in its own)
             cache.end_forward(completed=output is not None)
         return None
+
+
+# Per thread: the mask settings an encoder forward replaced (restored when it ends; encoders may nest).
+_ENCODER_MASKS = threading.local()
+
+
+class _BeginEncoder:
+    """Pre-hook of an encoder-decoder model's encoder, which runs stock: this thread's mask function
+    builds the original implementation's masks while it runs (encoder attention that adds the mask
+    itself, as BigBird-Pegasus' does, never sees hf_paged's lazy mask)."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def __call__(self, module, args):
+        stack = _ENCODER_MASKS.__dict__.setdefault("stack", [])
+        stack.append(set_stock_masks(self.runtime.original_attn_implementation))
+
+
+class _EndEncoder:
+    """Forward hook of the encoder (always called, also on errors): the mask setting it replaced."""
+
+    def __call__(self, module, args, output):
+        stack = _ENCODER_MASKS.__dict__.get("stack")
+        if stack:
+            set_stock_masks(stack.pop())
+
+
+def encoder_hooks(runtime: Runtime, encoder) -> list:
+    """The encoder's hook handles (removed with the decoder's by unwrap)."""
+    return [
+        encoder.register_forward_pre_hook(_BeginEncoder(runtime)),
+        encoder.register_forward_hook(_EndEncoder(), always_call=True),
+    ]
 
 
 def _wants_weights(module, kwargs: dict, arguments: dict) -> bool:

@@ -21,7 +21,7 @@ from ..distributed.tensor_parallel import local_specs, make_pool, tp_group
 from ..errors import UnsupportedModelError
 from ..memory.groups import layer_groups
 from . import refusals, seq2seq
-from .hooks import _make_begin_hook, _make_end_hook
+from .hooks import _make_begin_hook, _make_end_hook, encoder_hooks
 from .interface import ATTN_NAME, _register_functions
 
 SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -217,6 +217,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         base.register_forward_pre_hook(_make_begin_hook(runtime), with_kwargs=True),
         base.register_forward_hook(_make_end_hook(runtime), with_kwargs=True, always_call=True),
     ]
+    if seq2seq_modules is not None and callable(getattr(model, "get_encoder", None)):
+        runtime.handles += encoder_hooks(runtime, model.get_encoder())
     from .generate import make_generate
 
     for owner, _ in runtime.owners:
