@@ -92,16 +92,3 @@ def test_inputs_embeds_give_stock_tokens_without_the_prefix_cache():
         got = model.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=0, **fixed_length(NEW), **mode)
         assert torch.equal(got, tokens), mode
     assert hf_paged.memory_stats(model)["prefix_hits"] == 0
-
-
-def test_output_attentions_gives_stock_tokens_and_no_weights():
-    """README, Limits: output_attentions=True returns no attention weights on the paged path."""
-    claim("README.md", "`output_attentions=True` returns no attention weights on the paged path.")
-    model = tiny_model("llama")
-    input_ids, mask = padded_prompts(batch=2, pads=(0, 4))
-    kwargs = dict(output_attentions=True, return_dict_in_generate=True, **fixed_length(NEW))
-    expected = generate(model, input_ids, mask, **kwargs)
-    hf_paged.wrap(model, num_pages=128, page_size=4)
-    got = generate(model, input_ids, mask, **kwargs)
-    assert torch.equal(got.sequences, expected.sequences)
-    assert all(weights is None for step in got.attentions for weights in step)
