@@ -10,10 +10,6 @@ the shape their main input takes, with an attention mask where the model takes o
 are those of the causal table (pass, refused, not built, error, MISMATCH).
 """
 
-import contextlib
-import io
-import signal
-import warnings
 
 import torch
 import transformers
@@ -136,19 +132,7 @@ def check(matrix, mapping: str, model_type: str) -> tuple[str, str]:
 
 
 def check_with_timeout(matrix, mapping: str, model_type: str, seconds: int) -> tuple[str, str]:
-    def expire(*_):
-        raise TimeoutError(f"took over {seconds} s")
-
-    signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            return check(matrix, mapping, model_type)
-    except TimeoutError as error:
-        return "not built", str(error)
-    finally:
-        signal.alarm(0)
+    return matrix.run_with_timeout(lambda: check(matrix, mapping, model_type), seconds)
 
 
 def table(matrix, rows: list[tuple[str, str, str, str]]) -> str:

@@ -143,10 +143,15 @@ def check(model_type: str) -> tuple[str, str]:
 
 def shared() -> SimpleNamespace:
     """What the encoder-decoder table (scripts/_support_seq2seq.py) shares with the causal one."""
-    return SimpleNamespace(**{name: globals()[name] for name in ("shrink", "one_line", "VOCAB", "SIZES", "MODES", "RESULTS")})
+    return SimpleNamespace(**{name: globals()[name] for name in ("shrink", "one_line", "run_with_timeout", "VOCAB", "SIZES", "MODES", "RESULTS")})
 
 
 def check_with_timeout(model_type: str, seconds: int) -> tuple[str, str]:
+    return run_with_timeout(lambda: check(model_type), seconds)
+
+
+def run_with_timeout(check_row, seconds: int) -> tuple[str, str]:
+    """`check_row()`'s (result, reason), quietly; a row past `seconds` is "not built"."""
     def expire(*_):
         raise TimeoutError(f"took over {seconds} s")
 
@@ -155,7 +160,7 @@ def check_with_timeout(model_type: str, seconds: int) -> tuple[str, str]:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            return check(model_type)
+            return check_row()
     except TimeoutError as error:
         return "not built", str(error)
     finally:

@@ -251,6 +251,18 @@ def test_peak_pool_bytes_about_half_of_bf16_pages(case):
     assert 0 < peaks["fp8_e4m3"] <= 0.52 * peaks["auto"], peaks
 
 
+def _llama_of_head_dim(head_dim: int) -> torch.nn.Module:
+    """A tiny Llama (4 query / 2 KV heads) of head dim `head_dim`, for the FlashInfer fp8 head-dim rule."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=head_dim, **tiny.COMMON,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
 @pytest.mark.parametrize("head_dim", [128, 16])
 def test_flashinfer_executor_reads_fp8_pages_through_its_api(monkeypatch, head_dim):
     """The FlashInfer executor on the stand-in (tests/stand_in.py: the installed FlashInfer's
@@ -260,16 +272,10 @@ def test_flashinfer_executor_reads_fp8_pages_through_its_api(monkeypatch, head_d
     pytest.importorskip("flashinfer")
     import sys
 
-    import transformers
     from stand_in import Comparer, fake_flashinfer
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=head_dim, **tiny.COMMON,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _llama_of_head_dim(head_dim)
     input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
     hf_paged.wrap(model, num_pages=256, page_size=4, backend="torch", kv_cache_dtype="fp8_e5m2")
     comparer = model.hf_paged_runtime.executor = Comparer()
@@ -345,19 +351,13 @@ def test_compiled_flashinfer_decode_reads_fp8_pages(monkeypatch, head_dim):
     pytest.importorskip("flashinfer")
     import sys
 
-    import transformers
     from stand_in import fake_flashinfer
 
     from hf_paged.attention.flashinfer.executor import FlashInferExecutor
     from hf_paged.integration.compile import compile_decode
 
     monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=head_dim, **tiny.COMMON,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = _llama_of_head_dim(head_dim)
     input_ids, mask = padded_prompts(batch=2, length=11, pads=(0, 5))
     kwargs = dict(**fixed_length(6), num_beams=2)
     expected = reference(model, input_ids, mask, **kwargs)

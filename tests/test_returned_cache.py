@@ -27,6 +27,14 @@ def _next_prompt(sequences, mask, turn: int):
     return input_ids, torch.cat([mask, torch.ones(mask.shape[0], input_ids.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
 
 
+def _first_turn_and_next_prompt(model, input_ids, mask):
+    """A first turn, then the conversation so far plus a new user turn, with the prompt's padding kept."""
+    first = _turn(model, input_ids, mask)
+    ids, new_mask = _next_prompt(first.sequences, torch.ones_like(first.sequences), 0)
+    new_mask[:, : mask.shape[1]] = mask
+    return first, ids, new_mask
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(do_sample=True, top_k=20)], ids=["greedy", "sample"])
 def test_a_three_turn_chat_continues_from_returned_caches(family, kwargs):
@@ -66,9 +74,7 @@ def test_continuing_from_inputs_embeds():
     input_ids, mask = padded_prompts()
     results = []
     for model in (stock, paged):
-        first = _turn(model, input_ids, mask)
-        ids, new_mask = _next_prompt(first.sequences, torch.ones_like(first.sequences), 0)
-        new_mask[:, : mask.shape[1]] = mask
+        first, ids, new_mask = _first_turn_and_next_prompt(model, input_ids, mask)
         embeds = model.get_input_embeddings()(ids)
         second = model.generate(
             inputs_embeds=embeds, attention_mask=new_mask, past_key_values=first.past_key_values, pad_token_id=0,
@@ -103,9 +109,7 @@ def test_a_deep_copy_of_a_returned_cache_continues_as_stocks_does():
     input_ids, mask = padded_prompts()
     results = []
     for model in (stock, paged):
-        first = _turn(model, input_ids, mask)
-        ids, new_mask = _next_prompt(first.sequences, torch.ones_like(first.sequences), 0)
-        new_mask[:, : mask.shape[1]] = mask
+        first, ids, new_mask = _first_turn_and_next_prompt(model, input_ids, mask)
         copied = copy.deepcopy(first.past_key_values)
         results.append([_turn(model, ids, new_mask, cache).sequences for cache in (copied, first.past_key_values)])
         del first, copied
