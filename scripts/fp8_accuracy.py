@@ -13,10 +13,17 @@ The model in bf16 runs the built-in task's prompts (hf_paged/data/stdlib_functio
   `residual_length` = 128 tokens kept unquantized: with 32 new tokens, the prompt is quantized and the
   generated tokens are not).
 
+- stock's DynamicCache with K/V rounded to fewer mantissa bits (`--mantissa-bits`, default 6, 5, 4, 3;
+  bf16 keeps 7, e4m3 3, e5m2 2), every exponent kept: how far the model's tokens move with the
+  precision of the stored K/V alone, with no scale or range involved. The bound this puts on any
+  KV format of that precision is in docs/fp8.md.
+
 Agreement: the fraction of prompts whose every generated token equals the reference's, greedy and
 with 4 beams (QuantizedCache: greedy only). Logit error: mean |logit - fp32 logit| over the
 vocabulary along the fp32 model's greedy path, each store forced along it
-(hf_paged.evaluation.logit_error, as eval.py --compare). A backend that does not import is listed
+(hf_paged.evaluation.logit_error, as eval.py --compare); top-1: along that forced path, the fraction
+of steps where the store's highest logit is the fp32 model's token (a per-token agreement that one
+flipped near-tie does not end, as it ends a prompt's). A backend that does not import is listed
 as skipped with the reason.
 """
 
@@ -25,13 +32,13 @@ import json
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import hf_paged
 from hf_paged.evaluation import default_model_path
 from hf_paged.evaluation.data import BUILTIN_TASK, bundled_data_files, load_rows, make_samples
 from hf_paged.evaluation.logit_error import fp32_copy, fp32_paths, mean_abs_error
-from hf_paged.evaluation.runner import _pad_left, encode_prompts, make_batches
+from hf_paged.evaluation.runner import _pad, encode_prompts, make_batches
 
 PAGED = ("auto", "fp8_e4m3", "fp8_e5m2")
 QUANTIZED = {"fp8": {}, "quanto": {"nbits": 4}, "hqq": {"nbits": 4}}
@@ -51,11 +58,39 @@ class WithCache:
         return self.model.generate(past_key_values=cache, **kwargs)
 
 
+class RoundedCache(DynamicCache):
+    """Stock's DynamicCache whose every K/V update is rounded to `bits` mantissa bits (to nearest,
+    ties to even; exponent unbounded) before it is stored and attended: a KV store of that precision."""
+
+    def __init__(self, config, bits: int):
+        super().__init__(config=config)
+        self.bits = bits
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        fraction, exponent = torch.frexp(x.float())  # x = fraction * 2**exponent, |fraction| in [0.5, 1)
+        steps = 2.0 ** (self.bits + 1)  # the leading bit and `bits` more
+        return torch.ldexp(torch.round(fraction * steps) / steps, exponent).to(x.dtype)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(self._round(key_states), self._round(value_states), layer_idx, *args, **kwargs)
+
+
+class WithRounding(WithCache):
+    """`model` whose generate() gets a fresh RoundedCache(bits) per call."""
+
+    def __init__(self, model, bits: int):
+        self.model, self.bits = model, bits
+        self.generation_config = model.generation_config
+
+    def generate(self, **kwargs):
+        return self.model.generate(past_key_values=RoundedCache(self.model.config, self.bits), **kwargs)
+
+
 def generated(model, batches, pad_id: int, max_new: int, num_beams: int) -> list[list[int]]:
     """Every prompt's generated ids (batch order), greedy or beam search, fixed length."""
     rows = []
     for batch in batches:
-        input_ids, mask = _pad_left(batch.prompt_ids, pad_id, torch.device("cpu"))
+        input_ids, mask = _pad(batch.prompt_ids, pad_id, torch.device("cpu"))
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
                              do_sample=False, num_beams=num_beams, pad_token_id=pad_id)
         rows += out[:, input_ids.shape[1]:].tolist()
@@ -84,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mantissa-bits", default="6,5,4,3", metavar="B,B",
+                        help="stock with K/V rounded to each of these mantissa bits ('' for none)")
     parser.add_argument("--json", metavar="PATH", help="write every number as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -106,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
             skipped[f"QuantizedCache {backend}"] = reason
         else:
             stores[f"QuantizedCache {backend}"] = WithCache(model, backend)
+    for bits in [int(b) for b in args.mantissa_bits.split(",") if b.strip()]:
+        stores[f"stock, K/V {bits} mantissa bits"] = WithRounding(model, bits)
     results = {}
-    for name in ["stock", *(f"pages {d}" for d in PAGED), *(s for s in stores if s.startswith("Quantized"))]:
+    for name in ["stock", *(f"pages {d}" for d in PAGED), *(s for s in stores if s != "stock")]:
         if name.startswith("pages"):
             hf_paged.wrap(model, kv_cache_dtype=name.split()[1], max_memory=1 << 28, backend="torch")
             store = model
@@ -118,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"greedy": generated(store, batches, pad, new, 1)}
         if not name.startswith("Quantized"):
             entry["beam4"] = generated(store, batches, pad, new, 4)
-        entry["logit_error"] = mean_abs_error(store, reference, batches, paths, pad, torch.device("cpu"), new)["mean_abs"]
+        errors = mean_abs_error(store, reference, batches, paths, pad, torch.device("cpu"), new)
+        entry["logit_error"], entry["top1"] = errors["mean_abs"], errors["top1"]
         if name.startswith("pages"):
             stats = hf_paged.memory_stats(model)
             entry["page_bytes"], entry["clamped"] = stats["page_bytes"], stats.get("kv_clamped_values", 0)
@@ -128,21 +168,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     table = []
     for name, entry in results.items():
-        row = {"store": name, "logit_error": entry["logit_error"], "page_bytes": entry.get("page_bytes"),
+        row = {"store": name, "logit_error": entry["logit_error"], "top1_vs_fp32": entry["top1"], "page_bytes": entry.get("page_bytes"),
                "clamped": entry.get("clamped")}
         for mode in ("greedy", "beam4"):
             if mode in entry:
                 row[f"{mode}_vs_stock"] = agreement(entry[mode], results["stock"][mode])
                 row[f"{mode}_vs_bf16_pages"] = agreement(entry[mode], results["pages auto"][mode])
         table.append(row)
-    header = f"{'store':<24}{'greedy=stock':>13}{'greedy=bf16p':>13}{'beam4=stock':>12}{'beam4=bf16p':>12}{'logit err':>11}"
+    header = f"{'store':<30}{'greedy=stock':>13}{'greedy=bf16p':>13}{'beam4=stock':>12}{'beam4=bf16p':>12}{'logit err':>11}{'top-1=fp32':>11}"
     print(f"\n{len(samples)} prompts, {new} new tokens, bf16 weights, CPU ({time.time() - started:.0f} s)")
     print(header)
     print("-" * len(header))
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for row in table:
-        print(f"{row['store']:<24}{fmt(row.get('greedy_vs_stock')):>13}{fmt(row.get('greedy_vs_bf16_pages')):>13}"
-              f"{fmt(row.get('beam4_vs_stock')):>12}{fmt(row.get('beam4_vs_bf16_pages')):>12}{row['logit_error']:>11.5f}")
+        print(f"{row['store']:<30}{fmt(row.get('greedy_vs_stock')):>13}{fmt(row.get('greedy_vs_bf16_pages')):>13}"
+              f"{fmt(row.get('beam4_vs_stock')):>12}{fmt(row.get('beam4_vs_bf16_pages')):>12}{row['logit_error']:>11.5f}{row['top1_vs_fp32']:>11.4f}")
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
     document = {"prompts": len(samples), "max_new_tokens": new, "table": table, "skipped": skipped,

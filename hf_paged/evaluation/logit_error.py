@@ -57,12 +57,13 @@ def fp32_paths(reference: torch.nn.Module, batches: list[Batch], pad_id: int, de
 
 @torch.no_grad()
 def mean_abs_error(model, reference: torch.nn.Module, batches: list[Batch], paths: list[list[list[int]]], pad_id: int, device: torch.device, max_new: int) -> dict:
-    """{"mean_abs": mean |logit - fp32 logit| over the path's steps and the vocabulary, "num_tokens"}.
+    """{"mean_abs": mean |logit - fp32 logit| over the path's steps and the vocabulary, "num_tokens",
+    "top1": the fraction of the path's steps where `model`'s highest logit is the fp32 model's}.
 
     `model` (half precision, wrapped or not) is forced along `paths`; `reference` (fp32) generates
     them again here, batch by batch, so no more than one batch of fp32 logits is held at a time.
     """
-    total, count, tokens = 0.0, 0, 0
+    total, count, tokens, top1 = 0.0, 0, 0, 0
     for batch, batch_paths in zip(batches, paths):
         _, expected = _step_logits(reference, batch, pad_id, device, None, max_new)
         _, actual = _step_logits(model, batch, pad_id, device, batch_paths, max_new)
@@ -71,7 +72,8 @@ def mean_abs_error(model, reference: torch.nn.Module, batches: list[Batch], path
             total += float(difference.sum(dtype=torch.float64))
             count += difference.numel()
             tokens += len(path)
-    return {"mean_abs": total / count if count else 0.0, "num_tokens": tokens}
+            top1 += int((actual[row, : len(path)].argmax(-1) == expected[row, : len(path)].argmax(-1)).sum())
+    return {"mean_abs": total / count if count else 0.0, "num_tokens": tokens, "top1": top1 / tokens if tokens else 1.0}
 
 
 def fp32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
