@@ -14,7 +14,10 @@ row's own decoder tokens: rows x target + inputs x source; the workload prints l
 Stock KV is the most its EncoderDecoderCache (self- plus cross-attention) held after any forward
 (a forward hook, as for the causal workloads); the pool peak is what the wrapped model's page ids
 reserved at one instant, inside forwards too (`memory_stats()["peak_pool_bytes"]`). Times are
-medians of stock and paged alternated in this process; tokens must be the same.
+medians of stock and paged alternated in this process; tokens must be the same. With
+`--kv-cache-dtype fp8_e4m3` / `fp8_e5m2` the pages (self- and cross-attention) hold fp8: the pool
+peak halves (against bf16 pages; a quarter of fp32's), tokens may differ from stock's (rounded K/V)
+and the targets are not applied.
 """
 
 import copy
@@ -140,7 +143,8 @@ def measure_seq2seq(workload: Seq2SeqWorkload, args, is_quick: bool, apply_targe
     stock, paged = build_pair(workload, sizes, args.seed)
     inputs, kwargs = make_inputs(workload, sizes["vocab"], args.seed), generate_kwargs(workload)
     stock_tokens, stock_kv = stock_peak_kv(stock, inputs, kwargs, args.seed)
-    hf_paged.wrap(paged, page_size=args.page_size, num_pages=args.num_pages or pages_needed(workload, args.page_size))
+    hf_paged.wrap(paged, page_size=args.page_size, num_pages=args.num_pages or pages_needed(workload, args.page_size),
+                  kv_cache_dtype=args.kv_cache_dtype)
     paged_tokens, _ = timed_generate(paged, inputs, kwargs, args.seed, torch.device("cpu"))
     stats = hf_paged.memory_stats(paged)
     times = {"stock": [], "paged": []}
@@ -163,6 +167,7 @@ def measure_seq2seq(workload: Seq2SeqWorkload, args, is_quick: bool, apply_targe
         "pool_ratio": pool_ratio,
         "limit": workload.limit,
         "page_size": stats["page_size"],
+        "kv_cache_dtype": args.kv_cache_dtype,
         # memory_stats() counts the two kinds apart (None where a release of hf_paged does not)
         "peak_self_attention_pages": stats.get("peak_self_attention_pages"),
         "peak_cross_attention_pages": stats.get("peak_cross_attention_pages"),
@@ -177,7 +182,8 @@ def measure_seq2seq(workload: Seq2SeqWorkload, args, is_quick: bool, apply_targe
 
 
 def print_seq2seq(results: list[dict]) -> None:
-    print("\nencoder-decoder models (cross-attention K/V once per input)")
+    pages = results[0]["kv_cache_dtype"] if results else "auto"
+    print(f"\nencoder-decoder models (cross-attention K/V once per input; pages: {pages})")
     header = (f"{'workload':<14}{'shape (src/tgt/beams x inputs)':<32}{'stock KV':>10}{'pool peak':>11}{'pool/stock':>11}"
               f"{'limit':>7}{'stock s':>9}{'paged s':>9}{'t ratio':>8}  match  ok")
     print(header)

@@ -64,3 +64,18 @@ def test_quick_run_reports_the_pool_against_stock_and_the_limit(tmp_path):
         assert run["pool_ratio"] == run["paged_pool_bytes"] / run["stock_kv_bytes"]
         assert run["seconds"]["stock"] > 0 and run["seconds"]["paged"] > 0
     assert "encoder-decoder models" in output["stdout"] and "limit" in output["stdout"]
+
+
+def test_kv_cache_dtype_reaches_the_seq2seq_pool():
+    """`bench.py --seq2seq --kv-cache-dtype fp8_e4m3`: the wrapped model's pages (self- and
+    cross-attention) hold one byte per value, a quarter of fp32's page bytes; no target applies."""
+    from argparse import Namespace
+
+    workload = seq2seq.SEQ2SEQ[0]
+    runs = {dtype: seq2seq.measure_seq2seq(workload, Namespace(seed=0, page_size=4, num_pages=0, reps=1, kv_cache_dtype=dtype),
+                                           is_quick=True, apply_target=False)
+            for dtype in ("auto", "fp8_e4m3")}
+    assert runs["fp8_e4m3"]["kv_cache_dtype"] == runs["fp8_e4m3"]["memory_stats"]["kv_cache_dtype"] == "fp8_e4m3"
+    assert runs["fp8_e4m3"]["memory_stats"]["peak_cross_attention_pages"] > 0
+    assert runs["auto"]["page_bytes"] == 4 * runs["fp8_e4m3"]["page_bytes"]
+    assert runs["fp8_e4m3"]["meets_target"] is None
