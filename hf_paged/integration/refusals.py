@@ -8,6 +8,7 @@ what each refuses.
 
 import torch
 
+from .. import _compat
 from ..errors import UnsupportedModelError
 
 
@@ -47,6 +48,13 @@ def check(model: torch.nn.Module, modules: dict[int, torch.nn.Module], patched: 
     if getattr(config, "mm_tokens_per_image", None):
         raise UnsupportedModelError(
             name, "image tokens attend bidirectionally through a per-layer mask mapping, which the paged path ignores"
+        )
+    if patched and text_config.model_type == "falcon" and text_config.alibi and text_config.new_decoder_architecture:
+        # The releases before 5.25 (hf_paged.patches serves Falcon there) repeat grouped K/V heads
+        # before caching them on the ALiBi path, so the pool would get other shapes than it holds.
+        raise UnsupportedModelError(
+            name, "Falcon with ALiBi and new_decoder_architecture (grouped K/V) is supported from transformers 5.25; "
+            f"this is {_compat.TRANSFORMERS_VERSION}: upgrade transformers, or use the model unwrapped"
         )
     for module in modules.values():
         reason = _attention_reason(module, patched)
