@@ -35,6 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import hf_paged
+from hf_paged import _compat
 from hf_paged.evaluation import default_model_path
 from hf_paged.evaluation.data import BUILTIN_TASK, bundled_data_files, load_rows, make_samples
 from hf_paged.evaluation.logit_error import fp32_copy, fp32_paths, mean_abs_error
@@ -55,7 +56,7 @@ class WithCache:
         from transformers.cache_utils import QuantizedCache
 
         cache = QuantizedCache(self.backend, self.model.config, **QUANTIZED[self.backend])
-        return self.model.generate(past_key_values=cache, **kwargs)
+        return self.model.generate(**{_compat.model_cache_arg(self.model): cache}, **kwargs)
 
 
 class RoundedCache(DynamicCache):
@@ -83,7 +84,8 @@ class WithRounding(WithCache):
         self.generation_config = model.generation_config
 
     def generate(self, **kwargs):
-        return self.model.generate(past_key_values=RoundedCache(self.model.config, self.bits), **kwargs)
+        cache = RoundedCache(self.model.config, self.bits)
+        return self.model.generate(**{_compat.model_cache_arg(self.model): cache}, **kwargs)
 
 
 def generated(model, batches, pad_id: int, max_new: int, num_beams: int) -> list[list[int]]:
