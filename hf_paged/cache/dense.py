@@ -96,24 +96,30 @@ def plan_dense(group_tables, attention_mask: torch.Tensor | None, batch_size: in
     forward's tokens are placed). A row's stored tokens are the mask's real past positions, the
     earliest of which a sliding window may have let go of; without such a mask (or one that
     disagrees with the pages), the row's stored tokens are taken to be its last padded positions."""
+    # One host copy of the mask's real past positions; per row, tensor ops only (no Python per token).
+    real_past = None
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == past_length + q_len:
+        real_past = attention_mask[:, :past_length].to("cpu", torch.bool)
     pasts = []
     for tables in group_tables:
         rows, positions, slots = [], [], []
         page_size = tables.page_size
         for row in range(batch_size):
-            table, num_tokens = tables.page_tables[row], tables.num_tokens[row]
+            num_tokens = tables.num_tokens[row]
             first = tables.num_leading_holes[row] * page_size  # tokens a window let go of, whole pages
-            held = range(first, num_tokens)
             real = None
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == past_length + q_len:
-                real = attention_mask[row, :past_length].nonzero().squeeze(1).tolist()
-                real = real if len(real) == num_tokens else None
+            if real_past is not None:
+                real = real_past[row].nonzero().squeeze(1)
+                real = real if real.numel() == num_tokens else None
             if real is None:
-                real = list(range(past_length - num_tokens, past_length))
-            rows.extend([row] * len(held))
-            positions.extend(real[first:])
-            slots.extend(table[t // page_size] * page_size + t % page_size for t in held)
-        pasts.append(DensePast(*(torch.tensor(v, dtype=torch.int64, device=device) for v in (rows, positions, slots))))
+                real = torch.arange(past_length - num_tokens, past_length)
+            held = torch.arange(first, num_tokens)
+            table = torch.tensor(tables.page_tables[row][first // page_size:], dtype=torch.int64)
+            rows.append(torch.full((held.numel(),), row, dtype=torch.int64))
+            positions.append(real[first:])
+            slots.append(table[held // page_size - first // page_size] * page_size + held % page_size)
+        pasts.append(DensePast(*(torch.cat(v).to(device) if v else torch.zeros(0, dtype=torch.int64, device=device)
+                                 for v in (rows, positions, slots))))
     return DenseForward(past_length, q_len, pasts, windows)
 
 
