@@ -170,3 +170,29 @@ def test_the_perplexity_script_reports_held_out_and_installed_package_code(tmp_p
     assert results["random weights (first 3 held-out files)"]["perplexity"] > vocab / 4
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         script.main(["--modules", "os"])  # trained on: not held out
+
+
+@pytest.mark.slow  # ~15 s alone
+@pytest.mark.subprocess
+def test_the_training_script_dry_run_writes_a_model_of_the_shipped_shape(tmp_path):
+    """scripts/train_default_model.py --dry-run (3 steps on 40 files): the command docs/default_model.md
+    gives still runs end to end and writes what ships, a model of the shipped config that wrap() serves."""
+    import copy
+
+    import hf_paged
+    from script_runs import CHECKOUT
+
+    out = tmp_path / "model"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_default_model.py"), "--dry-run", "--output-dir", str(out)],
+                         capture_output=True, text=True, env={**os.environ, **CHECKOUT, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(SHIPPED)
+    assert json.loads((out / "config.json").read_text()) == json.loads((FOLDER / "config.json").read_text())
+    training = json.loads((out / "training.json").read_text())
+    assert training["settings"]["dry_run"] is True and training["settings"]["steps"] == 3
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["def add(a, b):\n"], return_tensors="pt")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2, pad_token_id=tokenizer.pad_token_id)
+    expected = stock.generate(**batch, **kwargs)
+    assert torch.equal(hf_paged.wrap(copy.deepcopy(stock)).generate(**batch, **kwargs), expected)
