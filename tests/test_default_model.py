@@ -187,7 +187,8 @@ def test_the_training_script_dry_run_writes_a_model_of_the_shipped_shape(tmp_pat
                          capture_output=True, text=True, env={**os.environ, **CHECKOUT, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(SHIPPED)
-    assert json.loads((out / "config.json").read_text()) == json.loads((FOLDER / "config.json").read_text())
+    written, shipped = (json.loads((folder / "config.json").read_text()) for folder in (out, FOLDER))
+    assert {**written, "transformers_version": None} == {**shipped, "transformers_version": None}  # saved by another release
     training = json.loads((out / "training.json").read_text())
     assert training["settings"]["dry_run"] is True and training["settings"]["steps"] == 3
     stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -57,6 +57,7 @@ def test_compare_in_half_precision_puts_stock_attention_agreement_next_to_hf_pag
     assert 0 < error["paged"] < 1 and 0 < error["stock"] < 1
     assert error["ratio"] == error["paged"] / error["stock"] and 0.5 < error["ratio"] < 2
     assert 4 <= error["num_tokens"] <= 4 * 4  # 4 samples, up to 4 new tokens each (fewer after an EOS)
+    assert 0.5 <= error["top1_paged"] <= 1 and 0.5 <= error["top1_stock"] <= 1 and "top-1 = fp32 (per step)" in out
     assert eval_main([*args, "--dtype", "float32", "--output-dir", str(tmp_path / "fp32")]) == 0
     fp32 = json.loads((tmp_path / "fp32" / "summary.json").read_text())
     assert "stock_attention_agreement" not in fp32 and "logit_error_vs_fp32" not in fp32

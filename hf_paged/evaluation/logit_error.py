@@ -87,12 +87,14 @@ def fp32_copy(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def combine(per_process: list[dict]) -> dict:
     """One report from each process's {"paged": mean_abs_error(...), "stock": ...}: the means over all
-    processes' logits, their ratio (paged / stock) and the tokens of the path."""
+    processes' logits, their ratio (paged / stock), the tokens of the path, and each side's top-1
+    (the fraction of the path's steps whose best token is the fp32 model's)."""
 
-    def mean(part: str) -> float:
+    def mean(part: str, key: str = "mean_abs") -> float:
         tokens = sum(errors[part]["num_tokens"] for errors in per_process)
-        return sum(errors[part]["mean_abs"] * errors[part]["num_tokens"] for errors in per_process) / tokens if tokens else 0.0
+        return sum(errors[part][key] * errors[part]["num_tokens"] for errors in per_process) / tokens if tokens else 0.0
 
     paged, stock = mean("paged"), mean("stock")
     return {"paged": paged, "stock": stock, "ratio": paged / stock if stock else None,
-            "num_tokens": sum(errors["paged"]["num_tokens"] for errors in per_process)}
+            "num_tokens": sum(errors["paged"]["num_tokens"] for errors in per_process),
+            "top1_paged": mean("paged", "top1"), "top1_stock": mean("stock", "top1")}

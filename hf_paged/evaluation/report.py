@@ -101,6 +101,8 @@ def table(summary: dict) -> str:
         if error is not None:  # half precision: mean |logit - fp32 logit| along the fp32 model's greedy path
             lines.append(["logit error vs fp32 (mean abs)", _format(error["paged"]), _format(error["stock"]),
                           _format(error["ratio"])])
+            if "top1_paged" in error:  # per step: one near-tie flips one step here, not a whole sample
+                lines.append(["top-1 = fp32 (per step)", _format(error["top1_paged"]), _format(error["top1_stock"]), ""])
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(line, widths))) for line in lines]
     return os.linesep.join(text)
