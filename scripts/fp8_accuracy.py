@@ -28,6 +28,7 @@ as skipped with the reason.
 """
 
 import argparse
+import functools
 import json
 import time
 
@@ -46,46 +47,40 @@ QUANTIZED = {"fp8": {}, "quanto": {"nbits": 4}, "hqq": {"nbits": 4}}
 
 
 class WithCache:
-    """`model` whose generate() gets a fresh transformers QuantizedCache(backend) per call."""
+    """`model` whose generate() gets a fresh cache from `make_cache()` per call."""
 
-    def __init__(self, model, backend: str):
-        self.model, self.backend = model, backend
+    def __init__(self, model, make_cache):
+        self.model, self.make_cache = model, make_cache
         self.generation_config = model.generation_config
 
     def generate(self, **kwargs):
-        from transformers.cache_utils import QuantizedCache
+        return self.model.generate(**{_compat.model_cache_arg(self.model): self.make_cache()}, **kwargs)
 
-        cache = QuantizedCache(self.backend, self.model.config, **QUANTIZED[self.backend])
-        return self.model.generate(**{_compat.model_cache_arg(self.model): cache}, **kwargs)
+
+def quantized_cache(model, backend: str):
+    from transformers.cache_utils import QuantizedCache
+
+    return QuantizedCache(backend, model.config, **QUANTIZED[backend])
+
+
+def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`x` rounded to `bits` mantissa bits (to nearest, ties to even; the exponent unbounded), in its dtype."""
+    fraction, exponent = torch.frexp(x.float())  # x = fraction * 2**exponent, |fraction| in [0.5, 1)
+    steps = 2.0 ** (bits + 1)  # the leading bit and `bits` more
+    return torch.ldexp(torch.round(fraction * steps) / steps, exponent).to(x.dtype)
 
 
 class RoundedCache(DynamicCache):
-    """Stock's DynamicCache whose every K/V update is rounded to `bits` mantissa bits (to nearest,
-    ties to even; exponent unbounded) before it is stored and attended: a KV store of that precision."""
+    """Stock's DynamicCache whose every K/V update is rounded to `bits` mantissa bits before it is
+    stored and attended: a KV store of that precision."""
 
     def __init__(self, config, bits: int):
         super().__init__(config=config)
         self.bits = bits
 
-    def _round(self, x: torch.Tensor) -> torch.Tensor:
-        fraction, exponent = torch.frexp(x.float())  # x = fraction * 2**exponent, |fraction| in [0.5, 1)
-        steps = 2.0 ** (self.bits + 1)  # the leading bit and `bits` more
-        return torch.ldexp(torch.round(fraction * steps) / steps, exponent).to(x.dtype)
-
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return super().update(self._round(key_states), self._round(value_states), layer_idx, *args, **kwargs)
-
-
-class WithRounding(WithCache):
-    """`model` whose generate() gets a fresh RoundedCache(bits) per call."""
-
-    def __init__(self, model, bits: int):
-        self.model, self.bits = model, bits
-        self.generation_config = model.generation_config
-
-    def generate(self, **kwargs):
-        cache = RoundedCache(self.model.config, self.bits)
-        return self.model.generate(**{_compat.model_cache_arg(self.model): cache}, **kwargs)
+        key_states, value_states = round_mantissa(key_states, self.bits), round_mantissa(value_states, self.bits)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
 def generated(model, batches, pad_id: int, max_new: int, num_beams: int) -> list[list[int]]:
@@ -144,9 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         if reason:
             skipped[f"QuantizedCache {backend}"] = reason
         else:
-            stores[f"QuantizedCache {backend}"] = WithCache(model, backend)
+            stores[f"QuantizedCache {backend}"] = WithCache(model, functools.partial(quantized_cache, model, backend))
     for bits in [int(b) for b in args.mantissa_bits.split(",") if b.strip()]:
-        stores[f"stock, K/V {bits} mantissa bits"] = WithRounding(model, bits)
+        stores[f"stock, K/V {bits} mantissa bits"] = WithCache(model, functools.partial(RoundedCache, model.config, bits))
     results = {}
     for name in ["stock", *(f"pages {d}" for d in PAGED), *(s for s in stores if s != "stock")]:
         if name.startswith("pages"):

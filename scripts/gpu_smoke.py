@@ -82,6 +82,26 @@ def rows_equal(a: torch.Tensor, b: torch.Tensor) -> float:
     return sum(torch.equal(x, y) for x, y in zip(a, b)) / len(a)
 
 
+def run_sides(title: str, model, batch, pad_id: int, new_tokens: int, num_beams: int, sides: dict, reference: str) -> dict:
+    """Each side (a wrap() setting, None: stock) in turn; one failing does not hide the others. Every
+    side that ran gets the fraction of its rows equal to side `reference`'s."""
+    results = {}
+    for name, wrap in sides.items():
+        try:
+            results[name] = run_side(model, batch, pad_id, new_tokens, num_beams, wrap)
+        except Exception as error:  # noqa: BLE001 - reported in the output
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        print(f"{title}, beams {num_beams}, {name}: { {k: v for k, v in results[name].items() if k != 'tokens'} }", flush=True)
+    if hasattr(model, "hf_paged_runtime"):
+        hf_paged.unwrap(model)
+    expected = results[reference].get("tokens")
+    for side in results.values():
+        tokens = side.pop("tokens", None)
+        if tokens is not None and expected is not None:
+            side[f"rows_equal_{reference.replace(' ', '_')}"] = rows_equal(tokens, expected)
+    return {"model": title, "num_beams": num_beams, "sides": results}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,38 +125,14 @@ def main(argv: list[str] | None = None) -> dict:
         sides["flashinfer pages"] = dict(backend="flashinfer")
     sides["fp8_e4m3 pages (auto backend)"] = dict(kv_cache_dtype="fp8_e4m3")
     for num_beams in (1, 4):
-        results = {}
-        for name, wrap in sides.items():
-            try:
-                results[name] = run_side(model, batch, pad_id, args.new_tokens, num_beams, wrap)
-            except Exception as error:  # noqa: BLE001 - one side failing must not hide the others
-                results[name] = {"error": f"{type(error).__name__}: {error}"}
-            print(f"default model, beams {num_beams}, {name}: "
-                  f"{ {k: v for k, v in results[name].items() if k != 'tokens'} }", flush=True)
-        reference = results["torch pages"].get("tokens")
-        for name, side in results.items():
-            if reference is not None and "tokens" in side:
-                side["rows_equal_torch_pages"] = rows_equal(side.pop("tokens"), reference)
-        report["runs"].append({"model": "default (bf16, head dim 64)", "num_beams": num_beams, "sides": results})
-    if hasattr(model, "hf_paged_runtime"):
-        hf_paged.unwrap(model)
+        report["runs"].append(run_sides("default (bf16, head dim 64)", model, batch, pad_id, args.new_tokens, num_beams,
+                                        sides, reference="torch pages"))
     if cuda:  # FlashInfer's own fp8 path: head dim 128
         model, batch, pad_id = head_dim_128_llama(device)
-        results = {}
-        for name, wrap in {"torch fp8 pages": dict(backend="torch", kv_cache_dtype="fp8_e4m3"),
-                           "flashinfer fp8 pages": dict(backend="flashinfer", kv_cache_dtype="fp8_e4m3")}.items():
-            try:
-                results[name] = run_side(model, batch, pad_id, args.new_tokens, 1, wrap)
-            except Exception as error:  # noqa: BLE001
-                results[name] = {"error": f"{type(error).__name__}: {error}"}
-            print(f"head dim 128, fp8, {name}: { {k: v for k, v in results[name].items() if k != 'tokens'} }", flush=True)
-        if all("tokens" in side for side in results.values()):
-            results["flashinfer fp8 pages"]["rows_equal_torch_pages"] = rows_equal(
-                results["flashinfer fp8 pages"].pop("tokens"), results["torch fp8 pages"].pop("tokens"))
-        report["runs"].append({"model": "random Llama (bf16, head dim 128)", "num_beams": 1, "sides": results})
-    for run in report["runs"]:
-        for side in run["sides"].values():
-            side.pop("tokens", None)
+        sides = {"torch fp8 pages": dict(backend="torch", kv_cache_dtype="fp8_e4m3"),
+                 "flashinfer fp8 pages": dict(backend="flashinfer", kv_cache_dtype="fp8_e4m3")}
+        report["runs"].append(run_sides("random Llama (bf16, head dim 128)", model, batch, pad_id, args.new_tokens, 1,
+                                        sides, reference="torch fp8 pages"))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=1)

@@ -8,16 +8,10 @@ from script_runs import ROOT, load_script
 fp8_accuracy = load_script(ROOT / "scripts" / "fp8_accuracy.py", "hf_paged_fp8_accuracy_script")
 
 
-def _rounded(x: torch.Tensor, bits: int) -> torch.Tensor:
-    cache = object.__new__(fp8_accuracy.RoundedCache)
-    cache.bits = bits
-    return cache._round(x)
-
-
 def test_seven_mantissa_bits_leave_bf16_alone():
     x = torch.randn(4096, dtype=torch.float32).mul_(100).to(torch.bfloat16)
-    assert torch.equal(_rounded(x, 7), x)
-    assert not torch.equal(_rounded(x, 6), x)
+    assert torch.equal(fp8_accuracy.round_mantissa(x, 7), x)
+    assert not torch.equal(fp8_accuracy.round_mantissa(x, 6), x)
 
 
 @pytest.mark.parametrize("bits, dtype", [(3, torch.float8_e4m3fn), (2, torch.float8_e5m2)])
@@ -26,7 +20,7 @@ def test_fp8_mantissa_bits_round_as_fp8_in_its_normal_range(bits, dtype):
     info = torch.finfo(dtype)
     x = torch.empty(100_000).uniform_(-1, 1).mul_(torch.finfo(dtype).max / 2)
     x = x[x.abs() >= info.tiny]
-    assert torch.equal(_rounded(x, bits), x.to(dtype).float())
+    assert torch.equal(fp8_accuracy.round_mantissa(x, bits), x.to(dtype).float())
 
 
 def test_the_table_runs_on_two_prompts(tmp_path):

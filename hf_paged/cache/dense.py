@@ -96,10 +96,11 @@ def plan_dense(group_tables, attention_mask: torch.Tensor | None, batch_size: in
     forward's tokens are placed). A row's stored tokens are the mask's real past positions, the
     earliest of which a sliding window may have let go of; without such a mask (or one that
     disagrees with the pages), the row's stored tokens are taken to be its last padded positions."""
-    # One host copy of the mask's real past positions; per row, tensor ops only (no Python per token).
-    real_past = None
+    # Each row's real past positions from one host copy of the mask (shared by every group); per row,
+    # tensor ops only (no Python per token).
+    reals = [None] * batch_size
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] == past_length + q_len:
-        real_past = attention_mask[:, :past_length].to("cpu", torch.bool)
+        reals = [row.nonzero().squeeze(1) for row in attention_mask[:, :past_length].to("cpu", torch.bool)]
     pasts = []
     for tables in group_tables:
         rows, positions, slots = [], [], []
@@ -107,11 +108,8 @@ def plan_dense(group_tables, attention_mask: torch.Tensor | None, batch_size: in
         for row in range(batch_size):
             num_tokens = tables.num_tokens[row]
             first = tables.num_leading_holes[row] * page_size  # tokens a window let go of, whole pages
-            real = None
-            if real_past is not None:
-                real = real_past[row].nonzero().squeeze(1)
-                real = real if real.numel() == num_tokens else None
-            if real is None:
+            real = reals[row]
+            if real is None or real.numel() != num_tokens:
                 real = torch.arange(past_length - num_tokens, past_length)
             held = torch.arange(first, num_tokens)
             table = torch.tensor(tables.page_tables[row][first // page_size:], dtype=torch.int64)
