@@ -16,19 +16,19 @@ A family module (one per model type, listed in FAMILIES) provides:
 A module may set `METHOD` (default "forward") to replace a smaller piece that computes scores
 (GPT-J's `_attn`); `paged_forward` then takes that method's arguments.
 
-`install` gives each attention module an instance attribute named METHOD (a bound `_dispatch`)
+`install` gives each attention module an instance attribute named METHOD (a `_Dispatch`)
 that runs the paged version while a PagedCache drives the model and the class's own method
 otherwise; `remove` deletes it, so the class's method is what the module runs again, bit for bit.
 """
 
 import importlib
 from collections.abc import Callable
-from types import MethodType, ModuleType
+from types import ModuleType
 
 import torch
 
 from hf_paged import _compat
-from hf_paged.cache.runtime import CACHE_KWARG
+from hf_paged.cache.runtime import CACHE_KWARG, BackRef, find_runtime
 
 # model_type -> module of this package. A family is patched only where the installed release's
 # modeling code does not route it through the attention interface (GPT-J and CodeGen do from 5.24).
@@ -58,12 +58,12 @@ def find_patch(model: torch.nn.Module) -> ModuleType | None:
 def install(patch: ModuleType, modules: list[torch.nn.Module]) -> None:
     """Replace each module's forward by the paged dispatch (each module already has `hf_paged_runtime`)."""
     for module in modules:
-        setattr(module, method_name(patch), MethodType(_dispatch, module))
+        setattr(module, method_name(patch), _Dispatch(module))
 
 
 def remove(modules: list[torch.nn.Module]) -> None:
     """Undo `install`: the modules run their class's methods again."""
-    runtime = modules[0].hf_paged_runtime if modules else None
+    runtime = find_runtime(modules[0]) if modules else None
     if runtime is None or runtime.patch is None:
         return
     for module in modules:
@@ -74,8 +74,20 @@ def method_name(patch: ModuleType) -> str:
     return getattr(patch, "METHOD", "forward")
 
 
+class _Dispatch:
+    """A module's patched method: `module.<method>(...)` runs `_dispatch(module, ...)`. It links to the
+    module weakly (a bound method stored on its own module is a reference cycle, which would keep the
+    model's weights until a garbage collection); a copy of the module carries one bound to the copy."""
+
+    def __init__(self, module: torch.nn.Module):
+        self._module = BackRef(module)
+
+    def __call__(self, *args, **kwargs):
+        return _dispatch(self._module(), *args, **kwargs)
+
+
 def _dispatch(self: torch.nn.Module, *args, **kwargs):
-    runtime = self.hf_paged_runtime
+    runtime = find_runtime(self)
     kwargs.pop(CACHE_KWARG, None)  # families that pass keywords down: the same cache as below
     cache = runtime.forward_cache()
     # No PagedCache in this forward (training, a DynamicCache), or a dense one (hf_paged/cache/dense.py:

@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     state = PartialState(cpu=on_cpu)
     try:
         evaluate(args, state)
+        state.wait_for_everyone()  # no rank tears its group down while another still works
     except EvalError as error:
         if state.is_main_process:
             print("error: " + " ".join(str(error).split()), file=sys.stderr)
@@ -337,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Tear the process group down before the interpreter exits: a gloo group still alive at exit can
-    abort a rank ("terminate called without an active exception", SIGABRT) after its work is done."""
+    abort a rank ("terminate called without an active exception", SIGABRT) after its work is done.
+    Whatever reference cycles still hold (the model, its collectives' work) is collected first, while
+    the interpreter is whole: a collection during its exit is where gloo can abort."""
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

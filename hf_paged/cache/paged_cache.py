@@ -97,7 +97,7 @@ class PagedCache(ForwardSteps, Cache):
                 "a PagedCache can be copied only between forwards and for decoder-only models "
                 "(an encoder-decoder cache's cross-attention pages are not copied)"
             )
-        owner = self.runtime.owners[0][0] if self.runtime.owners else None
+        owner = self.runtime.model()
         if owner is None:
             raise TypeError("this PagedCache's model is no longer wrapped: it cannot be copied")
         copy = type(self)(owner)

@@ -11,8 +11,10 @@ attribute is where wrap() puts it); everything below that gets the runtime, or t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -87,6 +89,30 @@ def layer_specs(text_config: Any, modules: list[torch.nn.Module]) -> list[LayerS
     return specs
 
 
+class BackRef:
+    """A weak reference from inside a wrapped model back to the model or its runtime, which deepcopy
+    and pickle carry as the object itself (so the links of a copy point into the copy).
+
+    wrap() links hooks, generate() and attention modules back to the model and its runtime. Strong
+    links would put the model, its weights and the page pool in reference cycles, which only the
+    garbage collector frees: `del model` would keep the pool's memory until a collection runs.
+    """
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, obj: object):
+        self._ref = weakref.ref(obj)
+
+    def __call__(self) -> Any:
+        obj = self._ref()
+        if obj is None:
+            raise ReferenceError("the wrapped model this belonged to no longer exists")
+        return obj
+
+    def __reduce__(self):
+        return BackRef, (self(),)
+
+
 @dataclass(eq=False)
 class Runtime:
     """The pool, executor and hooks of one wrapped model.
@@ -108,10 +134,10 @@ class Runtime:
     # hf_paged.integration.compile.CompiledDecode, made on the first compiled generate() (not imported: compile
     # sits above the runtime).
     compiled: Any = None
-    # (model object, the `generate` the user had set on that instance or None) for each object wrap()
-    # put the runtime and its generate() on: the model given, and the model a PEFT model wraps
-    # (wrap.model_objects); unwrap() restores each.
-    owners: list[tuple[torch.nn.Module, Any]] = field(default_factory=list)
+    # (BackRef to the model object, the `generate` the user had set on that instance or None) for each
+    # object wrap() put the runtime and its generate() on: the model given, and the model a PEFT model
+    # wraps (wrap.model_objects); unwrap() restores each.
+    owners: list[tuple[BackRef, Any]] = field(default_factory=list)
     last_peak_pages: int = 0  # of the generate() call that finished last (each call counts its own)
     last_peak_shared_pages: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
@@ -152,10 +178,14 @@ class Runtime:
         state = {name: value for name, value in self.__dict__.items() if name not in self.NOT_COPIED}
         if "kv_shapes" not in state:  # (num_kv_heads, head_dim) per layer: what the copy's pool needs
             state["kv_shapes"] = [(spec.num_kv_heads, spec.head_dim) for spec in self.pool.specs]
+        if self.patch is not None:  # a module object neither pickles nor deep-copies: its name does
+            state["patch"] = self.patch.__name__
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        if isinstance(self.patch, str):
+            self.patch = importlib.import_module(self.patch)
         self.compiled = None
         self.tp = None
         self.lock = threading.RLock()
@@ -171,6 +201,12 @@ class Runtime:
         self.pool = make_pool(self.config, specs, self.groups, self.tp)
         self.groups[:] = self.pool.groups
         return getattr(self, name)
+
+    def model(self) -> torch.nn.Module | None:
+        """The wrapped model (the object given to wrap()), or None once it is gone or unwrapped."""
+        if not self.owners:
+            return None
+        return self.owners[0][0]._ref()
 
     def forward_cache(self) -> Any:
         """The cache of this thread's running forward (None outside one)."""
@@ -252,6 +288,8 @@ def _first_weight_slot(module: torch.nn.Module) -> tuple[torch.nn.Module, str]:
 def find_runtime(model: torch.nn.Module) -> Runtime | None:
     """The Runtime of a wrapped model, or None."""
     runtime = getattr(model, RUNTIME_ATTR, None)
+    if isinstance(runtime, BackRef):  # an attention module's link (wrap.py)
+        runtime = runtime._ref()
     return runtime if isinstance(runtime, Runtime) else None
 
 

@@ -8,19 +8,25 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from .. import _compat
 from ..cache.paged_cache import PagedCache
-from ..cache.runtime import CACHE_KWARG, Runtime, set_stock_masks
+from ..cache.runtime import CACHE_KWARG, BackRef, Runtime, set_stock_masks
 from .interface import ATTN_NAME, _register_functions, follow_implementation_change
 
 
-class _BeginForward:
-    """Pre-hook of the decoder: places this forward's tokens in the PagedCache it was given.
-
-    A class rather than a closure so that a deepcopy or pickle of the model carries a hook bound to
-    the copy's runtime.
-    """
+class _RuntimeHook:
+    """A hook of the model's runtime. A class rather than a closure so that a deepcopy or pickle of
+    the model carries a hook bound to the copy's runtime; the link is weak (BackRef), so the hook
+    keeps neither the runtime nor its pool alive: the model holds them."""
 
     def __init__(self, runtime: Runtime):
-        self.runtime = runtime
+        self._runtime = BackRef(runtime)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime()
+
+
+class _BeginForward(_RuntimeHook):
+    """Pre-hook of the decoder: places this forward's tokens in the PagedCache it was given."""
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -99,11 +105,8 @@ class _BeginForward:
         return args, kwargs
 
 
-class _EndForward:
+class _EndForward(_RuntimeHook):
     """Forward hook of the decoder (always called, also on errors): ends the forward in the cache."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
 
     def __call__(self, module, args, kwargs, output):
         self.runtime.set_forward_cache(None)
@@ -117,13 +120,10 @@ class _EndForward:
 _ENCODER_MASKS = threading.local()
 
 
-class _BeginEncoder:
+class _BeginEncoder(_RuntimeHook):
     """Pre-hook of an encoder-decoder model's encoder, which runs stock: this thread's mask function
     builds the original implementation's masks while it runs (encoder attention that adds the mask
     itself, as BigBird-Pegasus' does, never sees hf_paged's lazy mask)."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
 
     def __call__(self, module, args):
         stack = _ENCODER_MASKS.__dict__.setdefault("stack", [])

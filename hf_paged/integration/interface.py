@@ -120,7 +120,7 @@ def follow_implementation_change(runtime) -> None:
     their own implementation: nothing to follow."""
     if runtime.patch is not None:
         return
-    model = runtime.owners[0][0] if runtime.owners else None
+    model = runtime.model()
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current is None or current == ATTN_NAME:

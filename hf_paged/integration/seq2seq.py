@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from ..cache.cross import PagedEncoderDecoderCache
 from ..cache.paged_cache import PagedCache
+from ..cache.runtime import BackRef
 from ..errors import UnsupportedModelError
 from ..memory.groups import GroupSpec
 from ..memory.pool import LayerSpec
@@ -188,7 +189,11 @@ class PreparePagedCache:
     holding the model (not a closure), so that a copy of the model carries one bound to the copy."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self._model = BackRef(model)  # weak: the model holds this object (runtime.BackRef)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def __call__(self, generation_config, model_kwargs: dict, *args, **kwargs):
         model = self.model
@@ -226,7 +231,11 @@ class EmptyOutputCache:
     EncoderDecoderCache with no tokens instead (its pages go back to the pool when the call ends)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        self._model = BackRef(model)  # weak: the model holds this object (runtime.BackRef)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def __call__(self, seek_outputs, *args, **kwargs):
         model = self.model

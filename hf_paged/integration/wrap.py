@@ -12,6 +12,7 @@ from ..cache.runtime import (
     BIAS_ATTR,
     CROSS_ATTR,
     RUNTIME_ATTR,
+    BackRef,
     Runtime,
     find_runtime,
     layer_specs,
@@ -176,7 +177,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
         forward_signature=inspect.signature(base.forward),
         decoder=base,
         attention_modules=attention_modules,
-        owners=[(owner, owner.__dict__.get("generate")) for owner in model_objects(model)],
+        owners=[(BackRef(owner), owner.__dict__.get("generate")) for owner in model_objects(model)],
         groups=groups,
         cache_windows=cache_windows,
         patch=patch,
@@ -201,7 +202,7 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
             del mapping[ATTN_NAME]
         raise
     for module in attention_modules + runtime.other_modules:
-        setattr(module, RUNTIME_ATTR, runtime)  # read only by forwards without a PagedCache
+        setattr(module, RUNTIME_ATTR, BackRef(runtime))  # read only by forwards without a PagedCache
     if seq2seq_modules is not None:
         for layer, module in enumerate(seq2seq_modules.cross_modules):
             setattr(module, CROSS_ATTR, layer)
@@ -222,7 +223,8 @@ def wrap(model: torch.nn.Module, config: PagedConfig | Mapping | None = None, **
     from .generate import make_generate
 
     for owner, _ in runtime.owners:
-        setattr(owner, RUNTIME_ATTR, runtime)
+        owner = owner()
+        setattr(owner, RUNTIME_ATTR, runtime)  # the one strong link to the runtime
         owner.generate = make_generate(owner)
     return model
 
@@ -293,7 +295,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(model.__dict__.get(name), kind):
             delattr(model, name)
     model.set_attn_implementation(runtime.original_attn_implementation)
-    for owner, generate in runtime.owners or [(model, None)]:
+    for owner, generate in [(ref._ref(), generate) for ref, generate in runtime.owners] or [(model, None)]:
+        if owner is None:
+            continue
         if owner.__dict__.get(RUNTIME_ATTR) is runtime:
             delattr(owner, RUNTIME_ATTR)
         if generate is not None:
