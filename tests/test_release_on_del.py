@@ -107,3 +107,20 @@ def test_a_returned_cache_keeps_the_pool_until_it_is_dropped():
         assert model_ref() is None and pool() is not None
         del out
         assert pool() is None
+
+
+@pytest.mark.slow
+def test_a_compiled_model_goes_with_del_and_its_pool_with_the_next_collection():
+    """compile=True: the model and its runtime go with `del model`. torch.compile's leftover tracing
+    objects (dynamo's variable trackers) hold the compiled step's cache, and through it the pool, in
+    reference cycles of their own: the pool goes at the next collection (`gc.collect()`)."""
+    with no_collector():
+        model = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4, compile=True)
+        input_ids, _ = padded_prompts()
+        model.generate(input_ids[:1, 4:], max_new_tokens=6, pad_token_id=0, num_beams=2)
+        assert model.hf_paged_runtime.compiled.num_compiled_steps > 0
+        model_refs, pool_refs = watch(model)[:3], watch(model)[3:]
+        del model
+        assert [ref() is None for ref in model_refs] == [True] * len(model_refs)
+        gc.collect()
+        assert [ref() is None for ref in pool_refs] == [True] * len(pool_refs)

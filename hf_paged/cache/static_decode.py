@@ -6,8 +6,6 @@ them, so nothing the compiled code reads changes from step to step except tensor
 (integration/compile.py explains the design).
 """
 
-from collections.abc import Callable
-
 import torch
 from transformers.cache_utils import Cache
 
@@ -76,7 +74,7 @@ class StaticDecodeCache(Cache):
 
     def __init__(
         self, pools: list[torch.Tensor], buffers: DecodeBuffers, backend: str,
-        layer_window: Callable[[int], int | None] | None = None, kv_quant: KVQuant | None = None,
+        layer_windows: list[int | None] | None = None, kv_quant: KVQuant | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__(layers=[])
@@ -86,11 +84,13 @@ class StaticDecodeCache(Cache):
         self.buffers = buffers
         self.backend = backend
         self.num_layers = len(pools)
-        self._layer_window = layer_window
+        # Each layer's window (None: full), as a list rather than the runtime's method: the runtime
+        # holds this cache, and a link back would be a reference cycle (runtime.BackRef).
+        self._layer_windows = layer_windows
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of a layer, for models that do not pass it to the attention function."""
-        return self._layer_window(layer_idx) if self._layer_window is not None else None
+        return self._layer_windows[layer_idx] if self._layer_windows is not None else None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write the new K/V `[rows, H_kv, 1, D]` into their slots. Returns the inputs unchanged."""

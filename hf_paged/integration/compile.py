@@ -166,8 +166,9 @@ class CompiledDecode:
         if static is None:
             pool = self.runtime.pool
             buffers = DecodeBuffers(meta.num_rows, self.pages_per_row, pool.page_size, pool.zero_page_id, self.device)
+            windows = [self.runtime.layer_window(layer) for layer in range(len(pool.specs))]
             static = self.caches[key] = StaticDecodeCache(
-                pool.pools, buffers, self.backend, self.runtime.layer_window, pool.kv_quant, pool.specs[0].dtype
+                pool.pools, buffers, self.backend, windows, pool.kv_quant, pool.specs[0].dtype
             )
         return static if static.buffers.fits(meta) else None
 
