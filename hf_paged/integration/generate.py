@@ -13,7 +13,7 @@ from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
 from . import seq2seq
 from .compile import generate_max_tokens, maybe_compiled_decode
-from .interface import follow_implementation_change
+from .interface import follow_implementation_change, original_implementation
 from .prefill import can_use_prefix_cache, forward_parameters, prefill_with_prefix_cache
 
 
@@ -161,6 +161,11 @@ class PagedGenerate:
         settings = _compat.resolve_generation_config(model, generation_config, kwargs)
         if _compat.user_cache(kwargs) is not None:
             return original(model, inputs, generation_config, **kwargs)
+        if kwargs.get("cache_implementation") == "paged":  # read where stock reads it: kwargs only
+            # transformers' continuous batching: its own paged cache, and attention it picks from the
+            # model's implementation, which must name the original one while it runs.
+            with original_implementation(runtime):
+                return original(model, inputs, generation_config, **kwargs)
         # As another model's assistant_model, transformers calls this generate() once per round and
         # passes the cache it returned back in (cropped): a cache this call created would be released
         # by then. The assistant's rounds run the stock way, on its own cache (is_assistant: set by

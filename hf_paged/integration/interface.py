@@ -2,7 +2,9 @@
 serves a forward's layers from its PagedCache (or falls back to stock attention without one), and
 the mask function, which builds no mask unless a stock path asks for it."""
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from transformers import AttentionInterface
@@ -131,6 +133,24 @@ def follow_implementation_change(runtime) -> None:
             model.set_attn_implementation(ATTN_NAME)
         except (ValueError, ImportError):  # a model that checks implementation names: set the config's
             config._attn_implementation = ATTN_NAME
+
+
+@contextlib.contextmanager
+def original_implementation(runtime) -> Iterator[None]:
+    """Inside this block the wrapped model's config names its original attention implementation (for
+    transformers' continuous batching, which picks its attention from it and refuses "hf_paged");
+    "hf_paged" again after. Patched families never change theirs: nothing to do."""
+    model = runtime.model()
+    if runtime.patch is not None or model is None:
+        yield
+        return
+    with runtime.lock:
+        model.set_attn_implementation(runtime.original_attn_implementation)
+    try:
+        yield
+    finally:
+        with runtime.lock:
+            model.set_attn_implementation(ATTN_NAME)
 
 
 def _register_functions() -> list[dict]:
