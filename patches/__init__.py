@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from hf_paged import _compat
-from hf_paged.cache.runtime import CACHE_KWARG, BackRef, find_runtime
+from hf_paged.cache.runtime import CACHE_KWARG, BackRefAttribute, find_runtime
 
 # model_type -> module of this package. A family is patched only where the installed release's
 # modeling code does not route it through the attention interface (GPT-J and CodeGen do from 5.24).
@@ -79,11 +79,13 @@ class _Dispatch:
     module weakly (a bound method stored on its own module is a reference cycle, which would keep the
     model's weights until a garbage collection); a copy of the module carries one bound to the copy."""
 
+    module = BackRefAttribute()
+
     def __init__(self, module: torch.nn.Module):
-        self._module = BackRef(module)
+        self.module = module
 
     def __call__(self, *args, **kwargs):
-        return _dispatch(self._module(), *args, **kwargs)
+        return _dispatch(self.module, *args, **kwargs)
 
 
 def _dispatch(self: torch.nn.Module, *args, **kwargs):

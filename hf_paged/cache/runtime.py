@@ -113,6 +113,20 @@ class BackRef:
         return BackRef, (self(),)
 
 
+class BackRefAttribute:
+    """A class attribute that keeps what is assigned to it as a BackRef and gives the object back:
+    `model = BackRefAttribute()` in a class body, then `self.model = model` and `self.model` as usual."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.slot]()
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.slot] = BackRef(value)
+
+
 @dataclass(eq=False)
 class Runtime:
     """The pool, executor and hooks of one wrapped model.

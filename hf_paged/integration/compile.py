@@ -39,7 +39,7 @@ import torch
 
 from .. import _compat
 from ..attention import ops  # registers torch.ops.hf_paged.*
-from ..cache.runtime import CACHE_KWARG, BackRef, runtime_of
+from ..cache.runtime import CACHE_KWARG, BackRefAttribute, runtime_of
 from ..cache.static_decode import DecodeBuffers, StaticDecodeCache
 from ..memory.reservations import num_pages_for
 
@@ -55,9 +55,11 @@ class CompiledDecode:
     forward runs at a time through the dispatcher (`KVPool.write_lock`).
     """
 
+    runtime = BackRefAttribute()  # weak: the runtime holds this object
+
     def __init__(self, model: torch.nn.Module, **compile_options):
         runtime = runtime_of(model, "compile_decode(model)")
-        self._runtime = BackRef(runtime)  # weak: the runtime holds this object
+        self.runtime = runtime
         self.base = runtime.decoder
         forward = self.base.forward
         self.forward = forward.forward if isinstance(forward, CompiledDecode) else forward
@@ -83,10 +85,6 @@ class CompiledDecode:
         self.device = pools[0].device if len({p.device for p in pools}) == 1 else None
         for pool in pools:
             torch._dynamo.mark_static_address(pool)
-
-    @property
-    def runtime(self):
-        return self._runtime()
 
     @property
     def pages_per_row(self) -> int | None:

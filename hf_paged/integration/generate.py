@@ -8,7 +8,7 @@ import torch
 from .. import _compat
 from ..cache.dense import holes_in
 from ..cache.paged_cache import PagedCache
-from ..cache.runtime import BackRef, stock_masks
+from ..cache.runtime import BackRefAttribute, stock_masks
 from ..memory.prefix_cache import PrefixCache
 from ..model_state import model_state_key
 from . import seq2seq
@@ -133,6 +133,8 @@ class PagedGenerate:
     model carries a generate() bound to the copy (issue 15: a copy generated with the original).
     """
 
+    model = BackRefAttribute()  # weak: the model holds this object
+
     def __init__(self, model):
         self.__setstate__({"model": model})
 
@@ -140,12 +142,8 @@ class PagedGenerate:
         return {"model": self.model}  # the rest is generate()'s name, docs and signature, set again on load
 
     def __setstate__(self, state: dict) -> None:
-        self._model = BackRef(state["model"])  # weak: the model holds this object (runtime.BackRef)
+        self.model = state["model"]
         functools.update_wrapper(self, type(self.model).generate)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model()
 
     def __call__(self, inputs=None, generation_config=None, **kwargs):
         """Calls may run concurrently (several threads, one model): each owns its PagedCache on the

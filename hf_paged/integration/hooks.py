@@ -8,7 +8,7 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from .. import _compat
 from ..cache.paged_cache import PagedCache
-from ..cache.runtime import CACHE_KWARG, BackRef, Runtime, set_stock_masks
+from ..cache.runtime import CACHE_KWARG, BackRefAttribute, Runtime, set_stock_masks
 from .interface import ATTN_NAME, _register_functions, follow_implementation_change
 
 
@@ -17,12 +17,10 @@ class _RuntimeHook:
     the model carries a hook bound to the copy's runtime; the link is weak (BackRef), so the hook
     keeps neither the runtime nor its pool alive: the model holds them."""
 
-    def __init__(self, runtime: Runtime):
-        self._runtime = BackRef(runtime)
+    runtime = BackRefAttribute()
 
-    @property
-    def runtime(self) -> Runtime:
-        return self._runtime()
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
 
 class _BeginForward(_RuntimeHook):

@@ -22,7 +22,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from ..cache.cross import PagedEncoderDecoderCache
 from ..cache.paged_cache import PagedCache
-from ..cache.runtime import BackRef
+from ..cache.runtime import BackRefAttribute
 from ..errors import UnsupportedModelError
 from ..memory.groups import GroupSpec
 from ..memory.pool import LayerSpec
@@ -188,12 +188,10 @@ class PreparePagedCache:
     wrapped generate() call, its EncoderDecoderCache replaced by a PagedEncoderDecoderCache. An object
     holding the model (not a closure), so that a copy of the model carries one bound to the copy."""
 
-    def __init__(self, model: torch.nn.Module):
-        self._model = BackRef(model)  # weak: the model holds this object (runtime.BackRef)
+    model = BackRefAttribute()  # weak: the model holds this object
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model()
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
 
     def __call__(self, generation_config, model_kwargs: dict, *args, **kwargs):
         model = self.model
@@ -230,12 +228,10 @@ class EmptyOutputCache:
     each stock run's output by batch row (reading its K/V tensors); a paged run's output carries an
     EncoderDecoderCache with no tokens instead (its pages go back to the pool when the call ends)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self._model = BackRef(model)  # weak: the model holds this object (runtime.BackRef)
+    model = BackRefAttribute()  # weak: the model holds this object
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model()
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
 
     def __call__(self, seek_outputs, *args, **kwargs):
         model = self.model
