@@ -124,3 +124,12 @@ def test_a_compiled_model_goes_with_del_and_its_pool_with_the_next_collection():
         assert [ref() is None for ref in model_refs] == [True] * len(model_refs)
         gc.collect()
         assert [ref() is None for ref in pool_refs] == [True] * len(pool_refs)
+
+
+def test_a_generate_kept_without_its_model_says_to_keep_the_model():
+    """The one behaviour the weak links change: stock's bound `model.generate` keeps its model alive,
+    a wrapped model's does not. Calling it after the model is gone raises, saying what to do."""
+    generate = hf_paged.wrap(tiny_model("llama"), num_pages=64, page_size=4).generate
+    input_ids, mask = padded_prompts()
+    with pytest.raises(ReferenceError, match="keep a reference to the model"):
+        generate(input_ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)

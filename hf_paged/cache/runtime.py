@@ -106,7 +106,11 @@ class BackRef:
     def __call__(self) -> Any:
         obj = self._ref()
         if obj is None:
-            raise ReferenceError("the wrapped model this belonged to no longer exists")
+            raise ReferenceError(
+                "the wrapped model this belongs to was freed: keep a reference to the model while you use its "
+                "generate() (hf_paged links generate() to the model weakly, so that `del model` frees the model "
+                "and its page pool at once; a stock model's bound generate keeps the model alive)"
+            )
         return obj
 
     def __reduce__(self):
