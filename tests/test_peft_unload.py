@@ -2,6 +2,7 @@
 its generate() is paged and gives stock's tokens, unwrap() restores it, wrap() again works."""
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -71,3 +72,24 @@ def test_unwrapping_the_peft_model_unwraps_the_model_it_wraps():
     assert torch.equal(generate(peft_model), expected)
     hf_paged.wrap(peft_model, num_pages=32, page_size=4)  # re-wrapped with other settings
     assert hf_paged.memory_stats(peft_model.merge_and_unload())["num_pages"] == 32
+
+
+def test_the_merged_model_stays_wrapped_after_the_peft_model_is_gone():
+    """wrap() links its runtime to both models weakly: once the PEFT model is freed, the merged model
+    it returned is the runtime's model (a returned cache copies onto it; a changed attention
+    implementation on it is followed)."""
+    peft_model = lora_model()
+    expected = generate(copy.deepcopy(peft_model).merge_and_unload(), num_beams=3)
+    hf_paged.wrap(peft_model, num_pages=64, page_size=4)
+    base = peft_model.merge_and_unload()
+    del peft_model
+    gc.collect()
+    assert torch.equal(generate(base, num_beams=3), expected)
+    input_ids, mask = padded_prompts()
+    out = base.generate(input_ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, return_dict_in_generate=True)
+    copy.deepcopy(out.past_key_values).release()  # PagedCache copies onto the runtime's model
+    out.past_key_values.release()
+    base.config._attn_implementation = "eager"
+    assert torch.equal(generate(base, num_beams=3), expected)
+    assert base.hf_paged_runtime.original_attn_implementation == "eager"
+    assert hf_paged.memory_stats(base)["pages_in_use"] == 0

@@ -221,10 +221,9 @@ class Runtime:
         return getattr(self, name)
 
     def model(self) -> torch.nn.Module | None:
-        """The wrapped model (the object given to wrap()), or None once it is gone or unwrapped."""
-        if not self.owners:
-            return None
-        return self.owners[0][0]._ref()
+        """The wrapped model: the object given to wrap() or, once that is gone, the model a PEFT model
+        wrapped (what `merge_and_unload()` returns); None once all are gone or unwrapped."""
+        return next((model for model in (ref._ref() for ref, _ in self.owners) if model is not None), None)
 
     def forward_cache(self) -> Any:
         """The cache of this thread's running forward (None outside one)."""
