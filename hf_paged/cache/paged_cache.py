@@ -99,7 +99,7 @@ class PagedCache(ForwardSteps, Cache):
             )
         owner = self.runtime.model()
         if owner is None:
-            raise TypeError("this PagedCache's model is no longer wrapped: it cannot be copied")
+            raise TypeError("this PagedCache's model is no longer wrapped (or no longer exists): it cannot be copied")
         copy = type(self)(owner)
         if copy.pool is not self.pool:  # the model's dtype or device changed since: other pages
             copy.release()

@@ -103,6 +103,10 @@ class BackRef:
     def __init__(self, obj: object):
         self._ref = weakref.ref(obj)
 
+    def get(self) -> Any:
+        """The object, or None once it is gone."""
+        return self._ref()
+
     def __call__(self) -> Any:
         obj = self._ref()
         if obj is None:
@@ -223,7 +227,7 @@ class Runtime:
     def model(self) -> torch.nn.Module | None:
         """The wrapped model: the object given to wrap() or, once that is gone, the model a PEFT model
         wrapped (what `merge_and_unload()` returns); None once all are gone or unwrapped."""
-        return next((model for model in (ref._ref() for ref, _ in self.owners) if model is not None), None)
+        return next((model for model in (ref.get() for ref, _ in self.owners) if model is not None), None)
 
     def forward_cache(self) -> Any:
         """The cache of this thread's running forward (None outside one)."""
@@ -306,7 +310,7 @@ def find_runtime(model: torch.nn.Module) -> Runtime | None:
     """The Runtime of a wrapped model, or None."""
     runtime = getattr(model, RUNTIME_ATTR, None)
     if isinstance(runtime, BackRef):  # an attention module's link (wrap.py)
-        runtime = runtime._ref()
+        runtime = runtime.get()
     return runtime if isinstance(runtime, Runtime) else None
 
 

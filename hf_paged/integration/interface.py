@@ -129,10 +129,7 @@ def follow_implementation_change(runtime) -> None:
         return
     with runtime.lock:
         runtime.original_attn_implementation = current
-        try:
-            model.set_attn_implementation(ATTN_NAME)
-        except (ValueError, ImportError):  # a model that checks implementation names: set the config's
-            config._attn_implementation = ATTN_NAME
+        _select(model, ATTN_NAME)
 
 
 @contextlib.contextmanager
@@ -150,7 +147,16 @@ def original_implementation(runtime) -> Iterator[None]:
         yield
     finally:
         with runtime.lock:
-            model.set_attn_implementation(ATTN_NAME)
+            _select(model, ATTN_NAME)
+
+
+def _select(model, implementation: str) -> None:
+    """`model.set_attn_implementation(implementation)`; on a model that checks implementation names
+    against its own list (and refuses "hf_paged"), the config's setting directly."""
+    try:
+        model.set_attn_implementation(implementation)
+    except (ValueError, ImportError):
+        model.config._attn_implementation = implementation
 
 
 def _register_functions() -> list[dict]:

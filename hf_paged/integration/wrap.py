@@ -295,7 +295,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(model.__dict__.get(name), kind):
             delattr(model, name)
     model.set_attn_implementation(runtime.original_attn_implementation)
-    for owner, generate in [(ref._ref(), generate) for ref, generate in runtime.owners] or [(model, None)]:
+    for owner, generate in [(ref.get(), generate) for ref, generate in runtime.owners] or [(model, None)]:
         if owner is None:
             continue
         if owner.__dict__.get(RUNTIME_ATTR) is runtime:
